@@ -1,0 +1,641 @@
+"""BlockAllocator: hands out an engine's block ids and keeps exactly the pages they need mapped.
+
+Ownership: the allocator owns every decision about *which* blocks are live and *when* a page is mapped or
+unmapped; the :class:`~elastikv.space.KVSpace` does the mapping; a :class:`Budget` books the bytes (the
+local limit here, the cross-process ledger later). The engine owns the blocks it was given until it frees them.
+
+Invariants (DESIGN.md; the property-based test checks them after every step):
+
+1. A block is handed out at most once until it is freed; freeing a block that is not allocated (never
+   allocated, already freed, a null block, out of range) raises ``InvalidBlockError`` and changes nothing.
+2. Every allocated block lies in a mapped page; a page with a live block is never unmapped.
+3. Mapped bytes never exceed the budget's limit: bytes are booked *before* a page is mapped, in the same
+   step that checks the limit, and a page whose booking fails is never mapped.
+4. A failed map (driver out of memory) rolls back every chunk of that page (``KVSpace.map_page``) and its
+   booking; the allocation is refused and state is as before.
+5. A page is unmapped only after a fence recorded *after* it became empty has completed, so GPU work that
+   read its blocks (enqueued before they were freed) is done.
+
+Hot path: ``allocate`` from mapped pages and ``free`` are pure bookkeeping under one lock, no driver call.
+A background thread (``maintain``) keeps a reserve of free mapped blocks ahead of demand (``reserve.py``)
+and unmaps surplus empty pages in batches, fenced. A request larger than the reserve maps the pages it
+lacks on the caller's thread and never waits for an unmapping, except when the limit leaves no other way.
+
+Placement: best fit into the fullest mapped page (pages are bucketed by free count), so that live blocks
+stay packed and emptied pages can really be given back.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from elastikv.config import format_bytes
+from elastikv.errors import (
+    AllocationRefused,
+    ConfigError,
+    ElastikvError,
+    InvalidBlockError,
+    LimitExceeded,
+    OutOfMemory,
+)
+from elastikv.reserve import ReservePolicy
+from elastikv.space import KVSpace
+
+log = logging.getLogger(__name__)
+
+UNMAPPED, MAPPING, MAPPED, UNMAPPING, LOST = 0, 1, 2, 3, 4
+_STATE_NAMES = ("unmapped", "mapping", "mapped", "unmapping", "lost")
+
+
+class Budget(Protocol):
+    """Where mapped bytes are booked. Implementations are thread-safe and never call the allocator back.
+
+    ``try_book`` is atomic: it checks the limit and books in one step, so two callers can never both pass
+    a check and then overshoot together.
+    """
+
+    @property
+    def limit(self) -> int: ...
+
+    @property
+    def booked(self) -> int: ...
+
+    def try_book(self, nbytes: int) -> bool: ...
+
+    def release(self, nbytes: int) -> None: ...
+
+    def set_limit(self, nbytes: int) -> None: ...
+
+
+class LocalBudget:
+    """A limit for one allocator in one process."""
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ConfigError(f"the memory limit must be positive, got {limit}")
+        self._limit = limit
+        self._booked = 0
+        self._lock = threading.Lock()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def booked(self) -> int:
+        return self._booked
+
+    def try_book(self, nbytes: int) -> bool:
+        with self._lock:
+            if self._booked + nbytes > self._limit:
+                return False
+            self._booked += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            if nbytes > self._booked:
+                raise AssertionError(f"releasing {nbytes} bytes but only {self._booked} are booked")
+            self._booked -= nbytes
+
+    def set_limit(self, nbytes: int) -> None:
+        if nbytes <= 0:
+            raise ConfigError(f"the memory limit must be positive, got {nbytes}")
+        with self._lock:
+            self._limit = nbytes
+
+
+class MapFailed(AllocationRefused):
+    """The driver refused to map a page for a reason other than memory; the page was rolled back."""
+
+    reason = "map_failed"
+
+
+@dataclass(frozen=True)
+class AllocatorStats:
+    num_blocks: int
+    """Blocks the engine may ever hold (virtual capacity, null blocks excluded)."""
+    blocks_in_use: int
+    blocks_free_mapped: int
+    """Free blocks in mapped pages: allocatable with no driver call."""
+    blocks_available: int
+    """What ``allocate`` could give right now, mapping more pages within the limit."""
+    pages_mapped: int
+    pages_empty: int
+    page_bytes: int
+    mapped_bytes: int
+    limit_bytes: int
+    reserve_target_blocks: int
+    pages_mapped_total: int
+    pages_unmapped_total: int
+    pages_mapped_by_caller: int
+    """Pages an ``allocate`` call had to map itself because the reserve was short."""
+    refusals: int
+
+
+class BlockAllocator:
+    """Block ids of one :class:`KVSpace`, backed by exactly the pages they need (plus a reserve).
+
+    ``limit`` (bytes; default: the whole virtual capacity) bounds mapped memory unless a ``budget`` is given.
+    ``reserve_bytes`` is the minimum reserve of free mapped memory kept ready; the policy grows it with
+    recent demand. ``background=False`` runs no thread: call :meth:`maintain` yourself (tests do).
+    """
+
+    def __init__(
+        self,
+        space: KVSpace,
+        *,
+        limit: int | None = None,
+        budget: Budget | None = None,
+        reserve_bytes: int = 256 * 1024**2,
+        max_reserve_bytes: int | None = None,
+        background: bool = True,
+        tick: float = 0.02,
+        trim_delay: float = 0.25,
+    ) -> None:
+        if limit is not None and budget is not None:
+            raise ConfigError("give either a limit or a budget, not both (the budget holds the limit)")
+        if reserve_bytes < 0:
+            raise ConfigError(f"reserve_bytes must not be negative, got {reserve_bytes}")
+        self.space = space
+        bpp = self.blocks_per_page = space.blocks_per_page
+        self.page_bytes = space.page_bytes
+        self.capacity_bytes = space.num_pages * space.page_bytes
+        if budget is None:
+            budget = LocalBudget(self._clamp_limit(self.capacity_bytes if limit is None else limit))
+        self._budget = budget
+        self._null = space.null_blocks
+        self.num_blocks = space.num_blocks - self._null
+
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        # Per page: state, free block ids (a stack; None unless mapped), epoch at which it last became empty.
+        self._state = bytearray(space.num_pages)
+        self._free: list[list[int] | None] = [None] * space.num_pages
+        self._freed_epoch = [0] * space.num_pages
+        self._unmapped = list(range(space.num_pages))  # a min-heap: map low pages first
+        # _buckets[k]: mapped pages with exactly k free blocks (k >= 1), oldest first. _min_k: no bucket
+        # below it is non-empty. _buckets[bpp] holds the empty pages: the reserve.
+        self._buckets: list[dict[int, None]] = [{} for _ in range(bpp + 1)]
+        self._min_k = bpp
+        self._allocated = bytearray(space.num_blocks)
+        self._free_total = 0
+        self._mapped_pages = 0
+        self._mapping = 0  # pages being mapped right now (booked, not yet usable)
+        self._unmapping = 0
+        self._epoch = 1  # bumped each time a fence is recorded; see invariant 5
+
+        self._policy = ReservePolicy(
+            min_blocks=math.ceil(reserve_bytes / self.page_bytes) * bpp,
+            max_blocks=max(
+                math.ceil(reserve_bytes / self.page_bytes) * bpp,
+                (max_reserve_bytes // self.page_bytes if max_reserve_bytes is not None else space.num_pages // 16)
+                * bpp,
+            ),
+        )
+        self._target = self._policy.min_blocks
+        self._trim_delay = trim_delay
+        self._surplus_since: float | None = None
+        self._counters = {"mapped": 0, "unmapped": 0, "by_caller": 0, "refusals": 0}
+        self._closed = False
+
+        self._pin_null_blocks()
+        self._tick = tick
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="elastikv-maintainer", daemon=True)
+            self._thread.start()
+
+    # ===================================================================================== hot path
+    def allocate(self, n: int) -> list[int]:
+        """``n`` block ids, or raise an :class:`AllocationRefused` (``LimitExceeded``, ``OutOfMemory``) with
+        state unchanged. Served from mapped pages with no driver call whenever the reserve covers it."""
+        if type(n) is not int or n <= 0:
+            raise ValueError(f"allocate(n) needs a positive whole number of blocks, got {n!r}")
+        with self._lock:
+            if n <= self._free_total:
+                return self._take(n)
+        return self._allocate_slow(n)
+
+    def _take(self, n: int) -> list[int]:
+        """Take ``n`` free blocks, fullest page first. Caller holds the lock and checked ``_free_total``."""
+        buckets, free_lists, allocated = self._buckets, self._free, self._allocated
+        out: list[int] = []
+        k = self._min_k
+        lowest = len(buckets)
+        need = n
+        while need:
+            while not buckets[k]:
+                k += 1
+            page = next(reversed(buckets[k]))  # the most recently touched page of that fullness
+            del buckets[k][page]
+            stack = free_lists[page]
+            assert stack is not None
+            m = need if need < k else k
+            out += stack[-m:]
+            del stack[-m:]
+            need -= m
+            if k - m:
+                buckets[k - m][page] = None
+                if k - m < lowest:
+                    lowest = k - m
+        self._min_k = min(k, lowest)
+        for block in out:
+            allocated[block] = 1
+        self._free_total -= n
+        return out
+
+    def free(self, blocks: Iterable[int]) -> None:
+        """Give blocks back. All are checked before any is freed: a bad id raises and frees nothing."""
+        ids = blocks if isinstance(blocks, list) else list(blocks)
+        with self._lock:
+            allocated = self._allocated
+            null = self._null
+            try:
+                for b in ids:
+                    if b < null or not allocated[b]:
+                        raise self._bad_free(b, ids)
+            except (IndexError, TypeError):
+                raise self._bad_free(next(b for b in ids if not self._is_live(b)), ids) from None
+            if len(ids) > 1 and len(set(ids)) != len(ids):
+                dup = next(b for b in ids if ids.count(b) > 1)
+                raise InvalidBlockError(f"free() got block {dup} twice in one call; nothing was freed")
+            bpp = self.blocks_per_page
+            buckets, free_lists = self._buckets, self._free
+            min_k = self._min_k
+            for b in ids:
+                allocated[b] = 0
+                page = b // bpp
+                stack = free_lists[page]
+                k = len(stack)  # type: ignore[arg-type]
+                if k:
+                    del buckets[k][page]
+                stack.append(b)  # type: ignore[union-attr]
+                k += 1
+                buckets[k][page] = None
+                if k < min_k:
+                    min_k = k
+                if k == bpp:
+                    self._freed_epoch[page] = self._epoch
+            self._min_k = min_k
+            self._free_total += len(ids)
+
+    def _is_live(self, b: object) -> bool:
+        return type(b) is int and self._null <= b < len(self._allocated) and bool(self._allocated[b])
+
+    def _bad_free(self, b: object, ids: list[int]) -> InvalidBlockError:
+        if type(b) is not int:
+            why = f"{b!r} is not a block id (a whole number)"
+        elif not 0 <= b < len(self._allocated):
+            why = f"block {b} is outside this cache (0..{len(self._allocated) - 1})"
+        elif b < self._null:
+            why = f"block {b} is a null block, which is never allocated"
+        else:
+            why = f"block {b} is not allocated (already freed, or never handed out)"
+        return InvalidBlockError(f"free(): {why}; nothing was freed")
+
+    # ===================================================================================== growth
+    def _allocate_slow(self, n: int) -> list[int]:
+        bpp = self.blocks_per_page
+        while True:
+            with self._lock:
+                self._check_open()
+                if n <= self._free_total:
+                    return self._take(n)
+                if n > self.num_blocks:
+                    self._counters["refusals"] += 1
+                    raise OutOfMemory(
+                        f"a request for {n} blocks can never fit: the cache holds {self.num_blocks} "
+                        f"({format_bytes(self.num_blocks * self.space.geometry.group_bytes)})",
+                        requested=n,
+                        available=self._available_locked(),
+                    )
+                lacking = n - self._free_total - self._mapping * bpp
+                if lacking <= 0 or (math.ceil(lacking / bpp) > len(self._unmapped) and self._mapping):
+                    # Pages already being mapped (by the maintainer or another caller) will cover it.
+                    self._cond.wait(timeout=1.0)
+                    continue
+                pages_needed = math.ceil(lacking / bpp)
+                if pages_needed > len(self._unmapped):
+                    self._counters["refusals"] += 1
+                    raise OutOfMemory(
+                        f"no room for {n} more blocks: {self.num_blocks - self._in_use_locked()} of "
+                        f"{self.num_blocks} blocks are not in use, some in pages still being unmapped",
+                        requested=n,
+                        available=self._available_locked(),
+                    )
+                pages = [heapq.heappop(self._unmapped) for _ in range(pages_needed)]
+                for p in pages:
+                    self._state[p] = MAPPING
+                self._mapping += pages_needed
+                self._cond.notify_all()  # let the maintainer see the demand now, not at its next tick
+            try:
+                self._map_pages(pages, by_caller=True)
+            except LimitExceeded as exc:
+                with self._lock:
+                    if self._unmapping:  # the limit frees up as soon as the unmapping in flight lands
+                        self._cond.wait_for(lambda: not self._unmapping, timeout=5.0)
+                        continue
+                    self._counters["refusals"] += 1
+                    exc.requested, exc.available = n, self._available_locked()
+                raise
+            except AllocationRefused as exc:
+                with self._lock:
+                    self._counters["refusals"] += 1
+                    exc.requested, exc.available = n, self._available_locked()
+                raise
+
+    def _map_pages(self, pages: list[int], *, by_caller: bool) -> None:
+        """Book, map and publish ``pages`` (already marked MAPPING by the caller), all or nothing: if one
+        fails, the space has rolled that page back and the pages mapped before it are unmapped again
+        (they were never published, so no GPU work can have touched them), and every byte is unbooked."""
+        nbytes = len(pages) * self.page_bytes
+        if not self._budget.try_book(nbytes):
+            self._return_unmapped(pages)
+            raise LimitExceeded(
+                f"mapping {len(pages)} more page(s) of {format_bytes(self.page_bytes)} would exceed the limit "
+                f"of {format_bytes(self._budget.limit)} ({format_bytes(self._budget.booked)} mapped)"
+            )
+        mapped: list[int] = []
+        error: Exception | None = None
+        for p in pages:
+            try:
+                self.space.map_page(p)
+            except Exception as exc:  # OutOfMemory or a driver error: the space rolled the page back
+                error = exc
+                break
+            mapped.append(p)
+        lost: list[int] = []
+        if error is not None:
+            for p in mapped:
+                try:
+                    self.space.unmap_page(p)
+                except Exception:
+                    log.exception("rolling back page %d failed; the page is quarantined", p)
+                    lost.append(p)  # stays booked: never overcommit
+            self._budget.release((len(pages) - len(lost)) * self.page_bytes)
+            mapped = []
+        failed = [p for p in pages if p not in mapped and p not in lost]
+        bpp = self.blocks_per_page
+        with self._lock:
+            for p in mapped:
+                self._state[p] = MAPPED
+                first = p * bpp
+                self._free[p] = list(range(first + bpp - 1, first - 1, -1))  # pops lowest id first
+                self._buckets[bpp][p] = None
+                self._freed_epoch[p] = 0
+            self._free_total += len(mapped) * bpp  # bucket bpp is never below _min_k: no hint to fix
+            self._mapped_pages += len(mapped)
+            self._counters["mapped"] += len(mapped)
+            if by_caller:
+                self._counters["by_caller"] += len(mapped)
+            for p in failed:
+                self._state[p] = UNMAPPED
+                heapq.heappush(self._unmapped, p)
+            for p in lost:
+                self._state[p] = LOST
+            self._mapping -= len(pages)
+            self._cond.notify_all()
+        if error is not None:
+            if isinstance(error, AllocationRefused):
+                raise error
+            raise MapFailed(f"mapping a page failed: {error}") from error
+
+    def _return_unmapped(self, pages: list[int]) -> None:
+        with self._lock:
+            for p in pages:
+                self._state[p] = UNMAPPED
+                heapq.heappush(self._unmapped, p)
+            self._mapping -= len(pages)
+            self._cond.notify_all()
+
+    def _pin_null_blocks(self) -> None:
+        """Map the pages holding the null blocks now and keep them mapped for good."""
+        if not self._null:
+            return
+        last_page = (self._null - 1) // self.blocks_per_page
+        pages = list(range(last_page + 1))
+        with self._lock:
+            for p in pages:
+                self._unmapped.remove(p)
+                self._state[p] = MAPPING
+            heapq.heapify(self._unmapped)
+            self._mapping += len(pages)
+        try:
+            self._map_pages(pages, by_caller=False)
+        except AllocationRefused as exc:
+            raise ConfigError(f"cannot map the {self._null} null block(s) the engine needs: {exc}") from exc
+        with self._lock:
+            for b in range(self._null):
+                self._allocated[b] = 1
+            for p in pages:
+                del self._buckets[self.blocks_per_page][p]
+                stack = self._free[p]
+                assert stack is not None
+                stack[:] = [b for b in stack if b >= self._null]
+                if stack:
+                    self._buckets[len(stack)][p] = None
+                    self._min_k = min(self._min_k, len(stack))
+            self._free_total -= self._null
+
+    # ===================================================================================== maintenance
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                self._cond.wait(timeout=self._tick)
+                if self._closed:
+                    return
+            try:
+                self.maintain()
+            except Exception:  # never let the maintainer die: the engine keeps working without it
+                log.exception("elastikv maintainer pass failed; retrying")
+                time.sleep(self._tick)
+
+    def maintain(self, now: float | None = None) -> None:
+        """One maintenance pass: update the reserve target, map toward it, unmap surplus empty pages."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._policy.observe(now, self._in_use_locked())
+            self._target = self._policy.target_blocks()
+        self._refill()
+        self._trim(now)
+
+    def _refill(self) -> None:
+        bpp = self.blocks_per_page
+        while True:
+            with self._lock:
+                if self._closed or not self._unmapped:
+                    return
+                if self._free_total + self._mapping * bpp >= self._target:
+                    return
+                if self._budget.booked + self.page_bytes > self._budget.limit:
+                    return
+                page = heapq.heappop(self._unmapped)
+                self._state[page] = MAPPING
+                self._mapping += 1
+            try:
+                self._map_pages([page], by_caller=False)
+            except AllocationRefused:
+                return  # the limit or the device is full: the reserve stays as it is
+
+    def _trim(self, now: float) -> None:
+        """Unmap empty pages beyond the reserve target (after ``trim_delay``), or beyond the limit (at once)."""
+        bpp = self.blocks_per_page
+        with self._lock:
+            empty = self._buckets[bpp]
+            over_bytes = self._budget.booked - self._budget.limit
+            surplus = min(len(empty), max(0, (self._free_total - self._target) // bpp))
+            if surplus and self._surplus_since is None:
+                self._surplus_since = now
+            elif not surplus:
+                self._surplus_since = None
+            if self._surplus_since is not None and now - self._surplus_since < self._trim_delay:
+                surplus = 0
+            count = max(surplus, min(len(empty), math.ceil(over_bytes / self.page_bytes)) if over_bytes > 0 else 0)
+            if not count:
+                return
+            candidates = list(empty)[:count]  # the longest-empty pages
+            epoch = self._epoch
+            self._epoch += 1
+        fence = self.space.fence()
+        fence.wait()
+        with self._lock:
+            over_bytes = self._budget.booked - self._budget.limit
+            chosen: list[int] = []
+            for p in candidates:
+                if p not in empty or self._freed_epoch[p] > epoch:
+                    continue  # reused, or emptied again after the fence was recorded
+                keeps_target = self._free_total - bpp >= self._target
+                if not keeps_target and over_bytes <= 0:
+                    break
+                del empty[p]
+                self._free[p] = None
+                self._state[p] = UNMAPPING
+                self._free_total -= bpp
+                self._mapped_pages -= 1
+                over_bytes -= self.page_bytes
+                chosen.append(p)
+            self._unmapping += len(chosen)
+            if chosen:
+                self._surplus_since = None
+        self._unmap_pages(chosen)
+
+    def _unmap_pages(self, pages: list[int]) -> None:
+        done: list[int] = []
+        for p in pages:
+            try:
+                self.space.unmap_page(p)
+                done.append(p)
+            except Exception:
+                # Memory state unknown: keep the page out of use and its bytes booked (never overcommit).
+                log.exception("unmapping page %d failed; the page is quarantined", p)
+        if done:
+            self._budget.release(len(done) * self.page_bytes)
+        with self._lock:
+            for p in pages:
+                if p in done:
+                    self._state[p] = UNMAPPED
+                    heapq.heappush(self._unmapped, p)
+                else:
+                    self._state[p] = LOST
+            self._unmapping -= len(pages)
+            self._counters["unmapped"] += len(done)
+            self._cond.notify_all()
+
+    # ===================================================================================== limits & facts
+    def _clamp_limit(self, nbytes: int) -> int:
+        if nbytes <= 0:
+            raise ConfigError(f"the memory limit must be positive, got {nbytes}")
+        if nbytes > self.capacity_bytes:
+            if nbytes != self.capacity_bytes:
+                log.debug("limit %s is above the virtual capacity %s; clamped", nbytes, self.capacity_bytes)
+            return self.capacity_bytes
+        return nbytes
+
+    def set_limit(self, nbytes: int) -> None:
+        """Change the limit now. Lowering it below what is mapped stops growth, gives the reserve back at
+        once and then pages as they empty; raising it takes effect at the next allocation."""
+        self._budget.set_limit(self._clamp_limit(nbytes))
+        with self._lock:
+            self._cond.notify_all()
+
+    @property
+    def limit(self) -> int:
+        return self._budget.limit
+
+    def available(self) -> int:
+        """Blocks ``allocate`` could hand out right now, mapping pages within the limit if needed."""
+        with self._lock:
+            return self._available_locked()
+
+    def _available_locked(self) -> int:
+        headroom_pages = max(0, self._budget.limit - self._budget.booked) // self.page_bytes
+        mappable = min(len(self._unmapped), headroom_pages)
+        return self._free_total + (self._mapping + mappable) * self.blocks_per_page
+
+    def _in_use_locked(self) -> int:
+        return self._mapped_pages * self.blocks_per_page - self._free_total - self._null
+
+    def stats(self) -> AllocatorStats:
+        with self._lock:
+            return AllocatorStats(
+                num_blocks=self.num_blocks,
+                blocks_in_use=self._in_use_locked(),
+                blocks_free_mapped=self._free_total,
+                blocks_available=self._available_locked(),
+                pages_mapped=self._mapped_pages,
+                pages_empty=len(self._buckets[self.blocks_per_page]),
+                page_bytes=self.page_bytes,
+                mapped_bytes=self._budget.booked,
+                limit_bytes=self._budget.limit,
+                reserve_target_blocks=self._target,
+                pages_mapped_total=self._counters["mapped"],
+                pages_unmapped_total=self._counters["unmapped"],
+                pages_mapped_by_caller=self._counters["by_caller"],
+                refusals=self._counters["refusals"],
+            )
+
+    def page_state(self, page: int) -> str:
+        return _STATE_NAMES[self._state[page]]
+
+    # ===================================================================================== lifetime
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ElastikvError("this BlockAllocator is closed")
+
+    def close(self) -> None:
+        """Stop the maintainer, wait for the device, unmap every page and return every booked byte."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self._cond.wait_for(lambda: not self._mapping and not self._unmapping, timeout=30.0)
+            pages = [p for p in range(self.space.num_pages) if self._state[p] == MAPPED]
+            for p in pages:
+                self._state[p] = UNMAPPING
+                self._free[p] = None
+            self._buckets = [{} for _ in self._buckets]
+            self._free_total = 0
+            self._mapped_pages = 0
+            self._unmapping += len(pages)
+        self.space.fence().wait()
+        self._unmap_pages(pages)
+
+    def __enter__(self) -> BlockAllocator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,186 @@
+"""Every setting elastikv reads, parsed and validated in one place.
+
+Sizes are written the way people write them: ``8GiB``, ``512MiB``, ``1.5GB``, ``4096`` (bytes) or ``40%``
+(of the device's total memory, resolved once the device is known). Environment variables all start with
+``ELASTIKV``; an unknown one (usually a typo) is an error rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from elastikv.errors import ConfigError
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1024**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_PERCENT_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
+_SIZE_HELP = "write a size such as 8GiB, 512MiB, 1.5GB or 4096 (bytes), or a percent such as 40%"
+
+
+@dataclass(frozen=True)
+class Size:
+    """A size given either in bytes or as a fraction of the device's total memory."""
+
+    nbytes: int | None = None
+    fraction: float | None = None
+
+    def resolve(self, total: int) -> int:
+        """Bytes this size stands for on a device with ``total`` bytes."""
+        if self.nbytes is not None:
+            return self.nbytes
+        assert self.fraction is not None
+        return int(total * self.fraction)
+
+    def __str__(self) -> str:
+        if self.nbytes is not None:
+            return format_bytes(self.nbytes)
+        assert self.fraction is not None
+        return f"{self.fraction * 100:g}%"
+
+
+def parse_size(text: str | int, *, what: str = "size", allow_percent: bool = True, allow_zero: bool = True) -> Size:
+    """Parse ``text`` into a :class:`Size`; raise :class:`ConfigError` naming ``what`` on bad input."""
+    if isinstance(text, bool):
+        raise ConfigError(f"{what}: {text!r} is not a size; {_SIZE_HELP}")
+    if isinstance(text, int):
+        value, unit = float(text), ""
+    else:
+        if not isinstance(text, str):
+            raise ConfigError(f"{what}: {text!r} is not a size; {_SIZE_HELP}")
+        pct = _PERCENT_RE.match(text)
+        if pct:
+            if not allow_percent:
+                raise ConfigError(f"{what}: {text!r} must be an absolute size here (such as 8GiB), not a percent")
+            fraction = float(pct.group(1)) / 100
+            if not 0 <= fraction <= 1:
+                raise ConfigError(f"{what}: {text!r} is outside 0%..100%")
+            if fraction == 0 and not allow_zero:
+                raise ConfigError(f"{what}: {text!r} must be more than 0%")
+            return Size(fraction=fraction)
+        m = _SIZE_RE.match(text)
+        if not m:
+            raise ConfigError(f"{what}: {text!r} is not a size; {_SIZE_HELP}")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if unit not in _UNITS:
+        raise ConfigError(f"{what}: unknown unit {unit!r} in {text!r}; {_SIZE_HELP}")
+    nbytes = value * _UNITS[unit]
+    if not math.isfinite(nbytes) or nbytes < 0:
+        raise ConfigError(f"{what}: {text!r} must be a non-negative size; {_SIZE_HELP}")
+    if nbytes == 0 and not allow_zero:
+        raise ConfigError(f"{what}: {text!r} must be more than zero")
+    return Size(nbytes=int(nbytes))
+
+
+def format_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'``: binary units, three significant digits."""
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.3g} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+BackendName = Literal["auto", "cuda", "host"]
+LayoutName = Literal["interleaved", "per-layer"]
+BACKENDS: tuple[BackendName, ...] = ("auto", "cuda", "host")
+LAYOUTS: tuple[LayoutName, ...] = ("interleaved", "per-layer")
+
+
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"{what}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """elastikv's settings from the environment. Defaults are what a user gets with nothing set."""
+
+    enabled: bool = False
+    backend: BackendName = "auto"
+    device: int = 0
+    layout: LayoutName = "interleaved"
+    limit: Size = Size(fraction=1.0)
+    reserve: Size = Size(nbytes=256 * 1024**2)
+    host_memory: Size | None = None
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        unknown = sorted(k for k in env if k.startswith("ELASTIKV") and k not in ENV_VARS)
+        if unknown:
+            name = unknown[0]
+            close = difflib.get_close_matches(name, ENV_VARS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown setting {name}{hint}; elastikv reads only: {', '.join(sorted(ENV_VARS))}"
+            )
+        kwargs: dict[str, object] = {}
+        for var, (field, parse) in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is not None and raw.strip() != "":
+                kwargs[field] = parse(raw.strip(), var)
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def _flag(raw: str, var: str) -> bool:
+    low = raw.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{var}={raw!r}: write 1 or 0")
+
+
+def _int(raw: str, var: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r}: write a whole number such as 0") from None
+    if value < 0:
+        raise ConfigError(f"{var}={raw!r}: must not be negative")
+    return value
+
+
+def _log_level(raw: str, var: str) -> str:
+    return check_choice(raw.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"), var)
+
+
+# variable -> (Settings field, parser). The one list of what elastikv reads from the environment.
+ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
+    "ELASTIKV": ("enabled", _flag),
+    "ELASTIKV_BACKEND": ("backend", lambda raw, var: check_choice(raw, BACKENDS, var)),
+    "ELASTIKV_DEVICE": ("device", _int),
+    "ELASTIKV_LAYOUT": ("layout", lambda raw, var: check_choice(raw, LAYOUTS, var)),
+    "ELASTIKV_LIMIT": ("limit", lambda raw, var: parse_size(raw, what=var, allow_zero=False)),
+    "ELASTIKV_RESERVE": ("reserve", lambda raw, var: parse_size(raw, what=var)),
+    "ELASTIKV_HOST_MEMORY": (
+        "host_memory",
+        lambda raw, var: parse_size(raw, what=var, allow_percent=True, allow_zero=False),
+    ),
+    "ELASTIKV_LOG_LEVEL": ("log_level", _log_level),
+}

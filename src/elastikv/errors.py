@@ -1,0 +1,63 @@
+"""Typed errors. Each message says what went wrong and what to do about it.
+
+Refusals (``AllocationRefused`` and its subclasses) are normal events: an engine catches them to queue or
+preempt a request. Everything else is a programming or configuration error.
+"""
+
+from __future__ import annotations
+
+
+class ElastikvError(Exception):
+    """Base class of every error elastikv raises on purpose."""
+
+
+class ConfigError(ElastikvError, ValueError):
+    """A setting (environment variable, flag, argument) is malformed or out of range."""
+
+
+class InvalidBlockError(ElastikvError, ValueError):
+    """An engine freed a block it does not own (never allocated, already free, or out of range)."""
+
+
+class DriverError(ElastikvError, RuntimeError):
+    """A memory call failed for a reason other than running out of memory."""
+
+    def __init__(self, call: str, code: int | str, detail: str = "") -> None:
+        self.call = call
+        self.code = code
+        msg = f"{call} failed with {code}"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class BackendUnavailable(ElastikvError, RuntimeError):
+    """The requested memory backend cannot run on this machine (no GPU, no driver, no cuda-bindings)."""
+
+
+class AllocationRefused(ElastikvError):
+    """An allocation could not be satisfied now. State is unchanged; the engine should queue or preempt.
+
+    ``requested`` is the number of blocks asked for, ``available`` how many could be had at that moment.
+    """
+
+    reason = "refused"
+
+    def __init__(self, message: str, *, requested: int = 0, available: int = 0) -> None:
+        super().__init__(message)
+        self.requested = requested
+        self.available = available
+
+
+class OutOfMemory(AllocationRefused):
+    """The device (driver) or the virtual capacity has no room for another page."""
+
+    reason = "out_of_memory"
+
+
+class LimitExceeded(AllocationRefused):
+    """The instance's memory limit (or the device budget shared with other instances) is reached."""
+
+    reason = "limit"
+
+
+class UnsupportedEngine(ElastikvError, RuntimeError):
+    """An engine version or patch target that elastikv does not know; it refuses to run unpatched."""

@@ -1,0 +1,326 @@
+"""KVSpace: one engine's KV cache as reserved virtual ranges, with torch views, mapped a page at a time.
+
+Terms (DESIGN.md): a *chunk* is one physical allocation; a *page* is the unit of elasticity, the same slot in
+every KV buffer, mapped whole or not at all; a *block* is the engine's unit (``block_shape`` elements of one
+buffer of one layer). Blocks never straddle pages.
+
+Two layouts:
+
+``per-layer``
+    One virtual range per buffer (``num_layers * buffers_per_layer`` ranges), each ``[num_blocks, *block_shape]``
+    contiguous: the engine-native layout any kernel accepts. A page is one chunk in *each* range, so mapping a
+    page is ``num_layers * buffers_per_layer`` driver mappings.
+``interleaved``
+    One range, block-major: block ``i`` of every layer and buffer sits together (``[num_blocks, layers*buffers,
+    *block_shape]``), so a page is *one* chunk and maps ~70x faster on an H100. Each buffer's view is strided
+    (block stride ``layers * buffers * block_bytes``); use it where the engine's kernels take a block stride.
+
+Who owns what: the space owns the reservations, the chunks and the record of which pages are mapped. It does
+not decide *when* to map: that is the allocator's job (``allocator.py``). Touching a block whose page is not
+mapped faults (SIGSEGV on the host backend, an illegal address on the GPU), so engines only touch blocks the
+allocator gave them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from elastikv.config import LAYOUTS, LayoutName, check_choice, format_bytes
+from elastikv.errors import ConfigError, DriverError
+from elastikv.memory import Chunk, Fence, MemoryBackend, round_up
+
+log = logging.getLogger(__name__)
+
+_MAX_CHUNK = 2 * 1024**3  # a default chunk larger than this means the geometry fits the granularity badly
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """Shape of one engine's KV cache, independent of how many blocks it has.
+
+    ``block_shape`` is one block of one buffer of one layer, e.g. ``(block_size, kv_heads, head_dim)``;
+    ``buffers_per_layer`` is 2 for K and V, 1 for MLA's joint latent.
+    """
+
+    num_layers: int
+    block_shape: tuple[int, ...]
+    dtype: torch.dtype
+    buffers_per_layer: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "buffers_per_layer"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"KVGeometry.{name} must be a positive whole number, got {value!r}")
+        shape = tuple(self.block_shape)
+        if not shape or any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in shape):
+            raise ConfigError(f"KVGeometry.block_shape must be positive whole numbers, got {self.block_shape!r}")
+        object.__setattr__(self, "block_shape", shape)
+        if not isinstance(self.dtype, torch.dtype):
+            raise ConfigError(f"KVGeometry.dtype must be a torch.dtype such as torch.bfloat16, got {self.dtype!r}")
+
+    @classmethod
+    def for_attention(
+        cls,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        buffers_per_layer: int = 2,
+    ) -> KVGeometry:
+        return cls(num_layers, (block_size, num_kv_heads, head_dim), dtype, buffers_per_layer)
+
+    @property
+    def num_buffers(self) -> int:
+        return self.num_layers * self.buffers_per_layer
+
+    @property
+    def block_elems(self) -> int:
+        return math.prod(self.block_shape)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block in one buffer of one layer."""
+        return self.block_elems * self.dtype.itemsize
+
+    @property
+    def group_bytes(self) -> int:
+        """Bytes of one block across every layer and buffer: what one block id really costs."""
+        return self.num_buffers * self.block_bytes
+
+
+class KVSpace:
+    """An engine's KV buffers over reserved virtual memory; pages are mapped and unmapped on request.
+
+    ``num_blocks`` defaults to the *virtual capacity*: as many blocks as the device's total memory could
+    hold, never a snapshot of free memory. It is rounded up to whole pages. ``chunk_bytes`` overrides the
+    chunk size (it must be a multiple of the granularity and hold whole blocks). The first ``null_blocks``
+    blocks form an always-mapped region the allocator never hands out (engines that pad block tables with a
+    null block point them there). ``streams`` are the raw CUDA stream handles whose work must finish before
+    a page is unmapped (default: the legacy default stream plus PyTorch's current stream).
+    """
+
+    def __init__(
+        self,
+        backend: MemoryBackend,
+        geometry: KVGeometry,
+        *,
+        layout: LayoutName = "interleaved",
+        num_blocks: int | None = None,
+        chunk_bytes: int | None = None,
+        null_blocks: int = 0,
+        streams: Sequence[int] | None = None,
+    ) -> None:
+        check_choice(layout, LAYOUTS, "layout")
+        self.backend = backend
+        self.geometry = geometry
+        self.layout: LayoutName = layout
+        gran = backend.granularity
+        g = geometry
+
+        # Chunk size and blocks per page.
+        unit = g.block_bytes if layout == "per-layer" else g.group_bytes
+        what = "block" if layout == "per-layer" else "block group (one block in every layer and buffer)"
+        if chunk_bytes is None:
+            target_blocks = max(1, gran // g.block_bytes)  # same elasticity in both layouts
+            chunk = round_up(target_blocks * unit, math.lcm(unit, gran))
+            if chunk > _MAX_CHUNK:
+                raise ConfigError(
+                    f"the {what} is {unit} bytes, which fits the {format_bytes(gran)} granularity badly "
+                    f"(a page would need {format_bytes(chunk)}); pass chunk_bytes, a multiple of both"
+                )
+        else:
+            chunk = chunk_bytes
+            if not isinstance(chunk, int) or chunk <= 0 or chunk % gran:
+                raise ConfigError(
+                    f"chunk_bytes={chunk_bytes!r} must be a positive multiple of the "
+                    f"{format_bytes(gran)} granularity"
+                )
+            if chunk < unit:
+                raise ConfigError(
+                    f"a {what} of {format_bytes(unit)} is bigger than the {format_bytes(chunk)} chunk; "
+                    f"use chunk_bytes of at least {round_up(unit, gran)}"
+                )
+            if chunk % unit:
+                raise ConfigError(
+                    f"{format_bytes(unit)} blocks do not divide the {format_bytes(chunk)} chunk; "
+                    f"use a chunk_bytes that is a multiple of {unit} and of {gran}"
+                )
+        self.chunk_bytes = chunk
+        self.blocks_per_page = chunk // unit
+        self.chunks_per_page = g.num_buffers if layout == "per-layer" else 1
+        self.page_bytes = chunk * self.chunks_per_page
+
+        # Capacity, in whole pages.
+        if num_blocks is None:
+            _, total = backend.mem_info()
+            num_blocks = total // g.group_bytes
+        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks <= 0:
+            raise ConfigError(f"num_blocks must be a positive whole number, got {num_blocks!r}")
+        self.num_pages = -(-num_blocks // self.blocks_per_page)
+        self.num_blocks = self.num_pages * self.blocks_per_page
+        if not isinstance(null_blocks, int) or not 0 <= null_blocks < self.num_blocks:
+            raise ConfigError(f"null_blocks must be between 0 and {self.num_blocks - 1}, got {null_blocks!r}")
+        self.null_blocks = null_blocks
+
+        # Address space.
+        self._range_bytes = self.num_pages * chunk  # one buffer's range (per-layer) or the whole (interleaved)
+        self._va_bytes = self._range_bytes * self.chunks_per_page
+        self._va = backend.reserve(self._va_bytes)
+        self._bases = [self._va + i * self._range_bytes for i in range(self.chunks_per_page)]
+        self._chunks: dict[int, list[Chunk]] = {}  # mapped page -> its chunks, in self._bases order
+
+        if streams is None:
+            streams = [0]
+            if backend.name == "cuda" and torch.cuda.is_initialized():
+                current = torch.cuda.current_stream().cuda_stream
+                if current:
+                    streams.append(current)
+        self.streams: tuple[int, ...] = tuple(streams)
+
+        self._raw = backend.tensor(self._va, self._va_bytes)
+        self._views = self._make_views()
+        self._closed = False
+
+    # -- views ---------------------------------------------------------------------------------------------
+    def _make_views(self) -> list[list[torch.Tensor]]:
+        g, n = self.geometry, self.num_blocks
+        typed = self._raw.view(g.dtype)
+        views: list[list[torch.Tensor]] = []
+        for layer in range(g.num_layers):
+            row = []
+            for b in range(g.buffers_per_layer):
+                i = layer * g.buffers_per_layer + b
+                if self.layout == "per-layer":
+                    elems = self._range_bytes // g.dtype.itemsize
+                    view = typed[i * elems : i * elems + n * g.block_elems].view(n, *g.block_shape)
+                else:
+                    view = typed.view(n, g.num_buffers, g.block_elems)[:, i].unflatten(1, g.block_shape)
+                row.append(view)
+            views.append(row)
+        return views
+
+    def buffer(self, layer: int, index: int = 0) -> torch.Tensor:
+        """Layer ``layer``'s buffer ``index`` (0 = K, 1 = V) as ``[num_blocks, *block_shape]``."""
+        return self._views[layer][index]
+
+    def buffers(self) -> list[list[torch.Tensor]]:
+        """All views, ``[layer][buffer]``."""
+        return self._views
+
+    @property
+    def device(self) -> torch.device:
+        return self._raw.device
+
+    # -- pages ---------------------------------------------------------------------------------------------
+    def page_of(self, block: int) -> int:
+        return block // self.blocks_per_page
+
+    def blocks_of(self, page: int) -> range:
+        return range(page * self.blocks_per_page, (page + 1) * self.blocks_per_page)
+
+    def is_mapped(self, page: int) -> bool:
+        return page in self._chunks
+
+    @property
+    def mapped_pages(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def mapped_bytes(self) -> int:
+        return len(self._chunks) * self.page_bytes
+
+    def map_page(self, page: int) -> None:
+        """Back ``page`` with physical memory in every buffer, all or nothing.
+
+        A failure part-way (the driver out of memory on the 17th of 64 chunks, say) unmaps and releases
+        every chunk this call made, then raises: the page is left exactly as it was, unmapped.
+        """
+        self._check_page(page)
+        if page in self._chunks:
+            raise DriverError("map_page", "ALREADY_MAPPED", f"page {page} is already mapped")
+        backend, size, offset = self.backend, self.chunk_bytes, page * self.chunk_bytes
+        done: list[Chunk] = []
+        try:
+            for base in self._bases:
+                chunk = backend.create(size)
+                try:
+                    backend.map(base + offset, size, chunk)
+                except BaseException:
+                    backend.release(chunk)
+                    raise
+                done.append(chunk)
+                backend.set_access(base + offset, size)
+        except BaseException:
+            self._undo(page, done)
+            raise
+        self._chunks[page] = done
+
+    def unmap_page(self, page: int) -> None:
+        """Give ``page``'s memory back. The caller guarantees no live block and no pending GPU read."""
+        self._check_page(page)
+        chunks = self._chunks.pop(page, None)
+        if chunks is None:
+            raise DriverError("unmap_page", "NOT_MAPPED", f"page {page} is not mapped")
+        self._undo(page, chunks, raise_first=True)
+
+    def _undo(self, page: int, chunks: list[Chunk], raise_first: bool = False) -> None:
+        """Unmap and release ``chunks`` of ``page`` (in reverse), carrying on past errors."""
+        first: BaseException | None = None
+        offset = page * self.chunk_bytes
+        for base, chunk in reversed(list(zip(self._bases, chunks))):
+            try:
+                self.backend.unmap(base + offset, chunk.size)
+            except Exception as exc:  # keep going: leaking one chunk beats leaking all of them
+                log.error("unmapping page %d: %s", page, exc)
+                first = first or exc
+            try:
+                self.backend.release(chunk)
+            except Exception as exc:
+                log.error("releasing a chunk of page %d: %s", page, exc)
+                first = first or exc
+        if first is not None and raise_first:
+            raise first
+
+    def fence(self) -> Fence:
+        """A fence after all work queued so far on the space's streams."""
+        return self.backend.record_fence(self.streams)
+
+    def _check_page(self, page: int) -> None:
+        if not 0 <= page < self.num_pages:
+            raise DriverError("page", "OUT_OF_RANGE", f"page {page} is outside 0..{self.num_pages - 1}")
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap every page and free the address space. Views over it must not be used afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        for page in list(self._chunks):
+            chunks = self._chunks.pop(page)
+            self._undo(page, chunks)
+        self._views = []
+        del self._raw
+        self.backend.free_reservation(self._va, self._va_bytes)
+
+    def __enter__(self) -> KVSpace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        g = self.geometry
+        return (
+            f"{self.layout} KV space: {g.num_layers} layers x {g.buffers_per_layer} buffers, "
+            f"{self.num_blocks} blocks of {format_bytes(g.group_bytes)} ({format_bytes(self.num_blocks * g.group_bytes)} "
+            f"virtual), pages of {self.blocks_per_page} blocks = {format_bytes(self.page_bytes)} on "
+            f"{self.backend.device_label}"
+        )

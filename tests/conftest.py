@@ -1,0 +1,104 @@
+"""Shared fixtures. Every backend-level test runs on the host backend here and on CUDA on the GPU machine."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from elastikv.memory import Chunk, HostBackend, MemoryBackend
+from elastikv.space import KVGeometry
+
+GPU_SKIP_REASON = "needs a CUDA GPU and cuda-bindings; run scripts/gpu-check on the device machine"
+
+
+def cuda_usable() -> bool:
+    try:
+        from elastikv.memory.cuda import CudaBackend
+
+        CudaBackend(0).close()
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+_CUDA = None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    global _CUDA
+    if not any("gpu" in item.keywords for item in items):
+        return
+    if _CUDA is None:
+        _CUDA = cuda_usable()
+    if not _CUDA:
+        skip = pytest.mark.skip(reason=GPU_SKIP_REASON)
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+HOST_TOTAL = 512 * 1024**2  # the host backend's pretend device: small, so out-of-memory is easy to reach
+
+
+def open_test_backend(kind: str) -> MemoryBackend:
+    if kind == "host":
+        return HostBackend(total_bytes=HOST_TOTAL)
+    from elastikv.memory.cuda import CudaBackend
+
+    torch.cuda.init()
+    return CudaBackend(0)
+
+
+BACKENDS = ["host", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[MemoryBackend]:
+    be = open_test_backend(request.param)
+    yield be
+    be.close()
+
+
+@pytest.fixture(params=["interleaved", "per-layer"])
+def layout(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+# 64 KiB blocks: 32 blocks in a 2 MiB chunk, so pages fill and empty quickly in tests. One layer keeps a page
+# at 4 MiB (host pages are populated at ~1.5 GB/s on CI's machine); MULTI has layers enough to check layouts.
+SMALL = KVGeometry(num_layers=1, block_shape=(16, 8, 128), dtype=torch.float32)
+MULTI = KVGeometry(num_layers=3, block_shape=(16, 8, 128), dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def device_filled(backend: MemoryBackend, leave: int) -> Iterator[list[Chunk]]:
+    """Take real physical chunks until only ``leave`` bytes of the device are free; give them back after.
+
+    This is how tests make the driver (or the host backend's device size) say out-of-memory for real.
+    """
+    chunks: list[Chunk] = []
+    try:
+        size = 1024**3
+        while size >= backend.granularity:
+            free, _ = backend.mem_info()
+            while free - size >= leave:
+                try:
+                    chunks.append(backend.create(size))
+                except Exception:
+                    break
+                free, _ = backend.mem_info()
+            size //= 2
+            size -= size % backend.granularity
+        yield chunks
+    finally:
+        for c in chunks:
+            backend.release(c)
+
+
+def used_bytes(backend: MemoryBackend) -> int:
+    """Device bytes in use right now (on a GPU: by every process, so tests compare differences)."""
+    free, total = backend.mem_info()
+    return total - free

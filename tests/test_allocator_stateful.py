@@ -1,0 +1,153 @@
+"""Invariants 1-4 of DESIGN.md, checked after every step of random allocate/free/limit/maintain sequences,
+with real out-of-memory from the backend mixed in (the device is filled with real chunks, then emptied)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from elastikv.allocator import BlockAllocator
+from elastikv.errors import AllocationRefused, LimitExceeded
+from elastikv.space import KVSpace
+from tests.conftest import SMALL, device_filled, open_test_backend, used_bytes
+
+NUM_PAGES = 8
+
+
+def make_machine(kind: str, layout: str) -> type[RuleBasedStateMachine]:
+    class AllocatorMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backend = open_test_backend(kind)
+            self.space = KVSpace(self.backend, SMALL, layout=layout, num_blocks=NUM_PAGES * 32, null_blocks=1)
+            self.page = self.space.page_bytes
+            self.alloc = BlockAllocator(self.space, reserve_bytes=self.page, background=False, trim_delay=0.0)
+            self.live: dict[int, list[int]] = {}  # allocation number -> its blocks
+            self.next_id = 0
+            self.now = 0.0
+            self.filler: object | None = None
+            self.baseline = used_bytes(self.backend) - self.space.mapped_bytes
+
+        def teardown(self) -> None:
+            if self.filler is not None:
+                self.filler.__exit__(None, None, None)
+            self.alloc.close()
+            assert self.space.mapped_bytes == 0
+            self.space.close()
+            self.backend.close()
+
+        def snapshot(self) -> tuple[object, ...]:
+            s = self.alloc.stats()
+            pages = tuple(self.space.is_mapped(p) for p in range(self.space.num_pages))
+            return (s.blocks_in_use, s.blocks_free_mapped, s.pages_mapped, s.mapped_bytes, pages)
+
+        @rule(n=st.integers(1, 100))
+        def allocate(self, n: int) -> None:
+            before = self.snapshot()
+            limit_before = self.alloc.limit
+            try:
+                blocks = self.alloc.allocate(n)
+            except AllocationRefused as exc:
+                event(f"refused: {type(exc).__name__}")
+                # Invariant 4: a refusal changes nothing, maps nothing half-way, books nothing.
+                assert self.snapshot() == before, type(exc).__name__
+                return
+            assert len(blocks) == n
+            self.live[self.next_id] = blocks
+            self.next_id += 1
+            # Invariant 3: growth never takes mapped memory past the limit.
+            if self.space.mapped_bytes > before[3]:
+                assert self.space.mapped_bytes <= limit_before
+
+        @precondition(lambda self: self.live)
+        @rule(data=st.data())
+        def free(self, data: st.DataObject) -> None:
+            key = data.draw(st.sampled_from(sorted(self.live)))
+            blocks = self.live.pop(key)
+            self.alloc.free(blocks)
+
+        @precondition(lambda self: self.live)
+        @rule(data=st.data())
+        def double_free_is_refused(self, data: st.DataObject) -> None:
+            key = data.draw(st.sampled_from(sorted(self.live)))
+            blocks = self.live[key]
+            self.alloc.free(blocks)
+            before = self.snapshot()
+            try:
+                self.alloc.free(blocks)
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("freeing freed blocks must raise")
+            assert self.snapshot() == before
+            del self.live[key]
+
+        @rule(pages=st.integers(1, NUM_PAGES + 2))
+        def set_limit(self, pages: int) -> None:
+            self.alloc.set_limit(pages * self.page)
+
+        @rule(dt=st.sampled_from([0.0, 0.1, 2.0]))
+        def maintain(self, dt: float) -> None:
+            self.now += dt
+            limit = self.alloc.limit
+            before = self.space.mapped_bytes
+            self.alloc.maintain(now=self.now)
+            if self.space.mapped_bytes > before:
+                assert self.space.mapped_bytes <= limit
+
+        @rule(leave_pages=st.integers(0, 3))
+        def fill_device(self, leave_pages: int) -> None:
+            if self.filler is not None:
+                self.filler.__exit__(None, None, None)
+            self.filler = device_filled(self.backend, leave_pages * self.page + self.backend.granularity)
+            self.filler.__enter__()
+
+        @precondition(lambda self: self.filler is not None)
+        @rule()
+        def empty_device(self) -> None:
+            self.filler.__exit__(None, None, None)
+            self.filler = None
+
+        @invariant()
+        def blocks_are_unique_and_mapped(self) -> None:
+            held = [b for blocks in self.live.values() for b in blocks]
+            assert len(held) == len(set(held)), "invariant 1: a block was handed out twice"
+            assert all(b >= 1 for b in held), "a null block was handed out"
+            for b in held:
+                assert self.space.is_mapped(self.space.page_of(b)), "invariant 2: live block in unmapped page"
+            assert self.alloc.stats().blocks_in_use == len(held)
+
+        @invariant()
+        def bookkeeping_matches_the_device(self) -> None:
+            s = self.alloc.stats()
+            assert s.mapped_bytes == self.space.mapped_bytes == s.pages_mapped * self.page
+            if kind == "host":  # the host device is ours alone: its use is exactly what is mapped
+                filled = sum(c.size for c in self.filler.gen.gi_frame.f_locals["chunks"]) if self.filler else 0
+                assert used_bytes(self.backend) == self.baseline + self.space.mapped_bytes + filled
+
+    AllocatorMachine.__name__ = f"AllocatorMachine_{kind}_{layout}"
+    return AllocatorMachine
+
+
+_settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+)
+
+TestHostInterleaved = _settings(make_machine("host", "interleaved")).TestCase
+TestHostPerLayer = _settings(make_machine("host", "per-layer")).TestCase
+TestCudaInterleaved = pytest.mark.gpu(_settings(make_machine("cuda", "interleaved")).TestCase)
+TestCudaPerLayer = pytest.mark.gpu(_settings(make_machine("cuda", "per-layer")).TestCase)
+
+
+def test_limit_refusal_is_limit_exceeded() -> None:
+    backend = open_test_backend("host")
+    with KVSpace(backend, SMALL, num_blocks=4 * 32) as space:
+        alloc = BlockAllocator(space, limit=2 * space.page_bytes, reserve_bytes=0, background=False)
+        alloc.allocate(64)
+        with pytest.raises(LimitExceeded) as info:
+            alloc.allocate(1)
+        assert info.value.requested == 1 and info.value.available == 0
+        alloc.close()
+    backend.close()
