@@ -7,11 +7,11 @@ import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from tests.conftest import SMALL, device_filled, open_test_backend, used_bytes
 
 from elastikv.allocator import BlockAllocator
 from elastikv.errors import AllocationRefused, LimitExceeded
 from elastikv.space import KVSpace
-from tests.conftest import SMALL, device_filled, open_test_backend, used_bytes
 
 NUM_PAGES = 8
 
@@ -131,9 +131,7 @@ def make_machine(kind: str, layout: str) -> type[RuleBasedStateMachine]:
     return AllocatorMachine
 
 
-_settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
-)
+_settings = settings(max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck))
 
 TestHostInterleaved = _settings(make_machine("host", "interleaved")).TestCase
 TestHostPerLayer = _settings(make_machine("host", "per-layer")).TestCase

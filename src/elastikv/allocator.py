@@ -128,6 +128,7 @@ class AllocatorStats:
     blocks_available: int
     """What ``allocate`` could give right now, mapping more pages within the limit."""
     pages_mapped: int
+    """Pages holding physical memory (those being unmapped included, until the unmap lands)."""
     pages_empty: int
     page_bytes: int
     mapped_bytes: int
@@ -592,7 +593,7 @@ class BlockAllocator:
                 blocks_in_use=self._in_use_locked(),
                 blocks_free_mapped=self._free_total,
                 blocks_available=self._available_locked(),
-                pages_mapped=self._mapped_pages,
+                pages_mapped=self._mapped_pages + self._unmapping,  # memory is held until the unmap lands
                 pages_empty=len(self._buckets[self.blocks_per_page]),
                 page_bytes=self.page_bytes,
                 mapped_bytes=self._budget.booked,

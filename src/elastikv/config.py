@@ -136,9 +136,7 @@ class Settings:
             name = unknown[0]
             close = difflib.get_close_matches(name, ENV_VARS, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(
-                f"unknown setting {name}{hint}; elastikv reads only: {', '.join(sorted(ENV_VARS))}"
-            )
+            raise ConfigError(f"unknown setting {name}{hint}; elastikv reads only: {', '.join(sorted(ENV_VARS))}")
         kwargs: dict[str, object] = {}
         for var, (field, parse) in ENV_VARS.items():
             raw = env.get(var)

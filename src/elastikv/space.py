@@ -140,8 +140,7 @@ class KVSpace:
             chunk = chunk_bytes
             if not isinstance(chunk, int) or chunk <= 0 or chunk % gran:
                 raise ConfigError(
-                    f"chunk_bytes={chunk_bytes!r} must be a positive multiple of the "
-                    f"{format_bytes(gran)} granularity"
+                    f"chunk_bytes={chunk_bytes!r} must be a positive multiple of the {format_bytes(gran)} granularity"
                 )
             if chunk < unit:
                 raise ConfigError(
@@ -179,7 +178,7 @@ class KVSpace:
 
         if streams is None:
             streams = [0]
-            if backend.name == "cuda" and torch.cuda.is_initialized():
+            if backend.name == "cuda" and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
                 current = torch.cuda.current_stream().cuda_stream
                 if current:
                     streams.append(current)
@@ -202,7 +201,7 @@ class KVSpace:
                     elems = self._range_bytes // g.dtype.itemsize
                     view = typed[i * elems : i * elems + n * g.block_elems].view(n, *g.block_shape)
                 else:
-                    view = typed.view(n, g.num_buffers, g.block_elems)[:, i].unflatten(1, g.block_shape)
+                    view = typed.view(n, g.num_buffers, g.block_elems)[:, i].view(n, *g.block_shape)
                 row.append(view)
             views.append(row)
         return views
@@ -275,7 +274,7 @@ class KVSpace:
         """Unmap and release ``chunks`` of ``page`` (in reverse), carrying on past errors."""
         first: BaseException | None = None
         offset = page * self.chunk_bytes
-        for base, chunk in reversed(list(zip(self._bases, chunks))):
+        for base, chunk in reversed(list(zip(self._bases, chunks, strict=False))):
             try:
                 self.backend.unmap(base + offset, chunk.size)
             except Exception as exc:  # keep going: leaking one chunk beats leaking all of them
@@ -320,7 +319,7 @@ class KVSpace:
         g = self.geometry
         return (
             f"{self.layout} KV space: {g.num_layers} layers x {g.buffers_per_layer} buffers, "
-            f"{self.num_blocks} blocks of {format_bytes(g.group_bytes)} ({format_bytes(self.num_blocks * g.group_bytes)} "
-            f"virtual), pages of {self.blocks_per_page} blocks = {format_bytes(self.page_bytes)} on "
-            f"{self.backend.device_label}"
+            f"{self.num_blocks} blocks of {format_bytes(g.group_bytes)} "
+            f"({format_bytes(self.num_blocks * g.group_bytes)} virtual), "
+            f"pages of {self.blocks_per_page} blocks = {format_bytes(self.page_bytes)} on {self.backend.device_label}"
         )

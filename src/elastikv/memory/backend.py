@@ -18,7 +18,7 @@ device is full, ``DriverError`` for anything else.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -55,13 +55,14 @@ class MemoryBackend(Protocol):
 
     def create(self, size: int) -> Chunk: ...
 
-    def map(self, va: int, size: int, chunk: Chunk) -> None: ...
+    # A chunk is whatever this backend's create() returned (typed Any: each backend has its own handle).
+    def map(self, va: int, size: int, chunk: Any) -> None: ...
 
     def set_access(self, va: int, size: int) -> None: ...
 
     def unmap(self, va: int, size: int) -> None: ...
 
-    def release(self, chunk: Chunk) -> None: ...
+    def release(self, chunk: Any) -> None: ...
 
     def mem_info(self) -> tuple[int, int]:
         """``(free, total)`` bytes of the device, as the driver (or the OS) sees them now."""

@@ -164,12 +164,12 @@ class CudaBackend:
         handle = _check("cuMemCreate", cu.cuMemCreate(size, self._prop, 0))
         return CudaChunk(handle, size)
 
-    def release(self, chunk: CudaChunk) -> None:  # type: ignore[override]
+    def release(self, chunk: CudaChunk) -> None:
         self._ensure_context()
         _check("cuMemRelease", cu.cuMemRelease(chunk.handle))
 
     # -- mapping -------------------------------------------------------------------------------------------
-    def map(self, va: int, size: int, chunk: CudaChunk) -> None:  # type: ignore[override]
+    def map(self, va: int, size: int, chunk: CudaChunk) -> None:
         self._ensure_context()
         _check("cuMemMap", cu.cuMemMap(cu.CUdeviceptr(va), size, 0, chunk.handle, 0))
 

@@ -45,7 +45,14 @@ HOST_GRANULARITY = 2 * 1024**2  # the GPU's, so that geometries and page sizes m
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -128,8 +135,15 @@ class HostBackend:
     def reserve(self, size: int) -> int:
         self._check_aligned(size, "reserve size")
         # Over-reserve by one granule so the start can be aligned like the GPU's (2 MiB).
-        raw = _mmap(0, size + self.granularity, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0,
-                    "mmap(reserve)")
+        raw = _mmap(
+            0,
+            size + self.granularity,
+            PROT_NONE,
+            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+            -1,
+            0,
+            "mmap(reserve)",
+        )
         va = round_up(raw, self.granularity)
         if va > raw:
             _libc.munmap(raw, va - raw)
@@ -161,7 +175,7 @@ class HostBackend:
             self._live_bytes += size
         return HostChunk(offset, size)
 
-    def release(self, chunk: HostChunk) -> None:  # type: ignore[override]
+    def release(self, chunk: HostChunk) -> None:
         if _libc.fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, chunk.offset, chunk.size) != 0:
             _raise_errno("fallocate(PUNCH_HOLE)")
         with self._lock:
@@ -169,7 +183,7 @@ class HostBackend:
             self._live_bytes -= chunk.size
 
     # -- mapping -------------------------------------------------------------------------------------------
-    def map(self, va: int, size: int, chunk: HostChunk) -> None:  # type: ignore[override]
+    def map(self, va: int, size: int, chunk: HostChunk) -> None:
         if size != chunk.size:
             raise DriverError("map", "EINVAL", f"size {size} differs from the chunk's {chunk.size}")
         _mmap(va, size, PROT_NONE, MAP_SHARED | MAP_FIXED, self._fd, chunk.offset, "mmap(MAP_FIXED)")
@@ -211,4 +225,3 @@ class HostBackend:
     def _check_aligned(self, n: int, what: str) -> None:
         if n <= 0 or n % self.granularity:
             raise DriverError("host", "EINVAL", f"{what} {n} is not a positive multiple of {self.granularity}")
-

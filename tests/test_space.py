@@ -1,0 +1,143 @@
+"""KVSpace: layouts, views, whole-page mapping with rollback, bad geometry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import MULTI, SMALL, device_filled, used_bytes
+
+from elastikv.allocator import BlockAllocator
+from elastikv.errors import ConfigError, DriverError, OutOfMemory
+from elastikv.memory import MemoryBackend
+from elastikv.space import KVGeometry, KVSpace
+
+
+def test_views_have_engine_shapes(backend: MemoryBackend, layout: str) -> None:
+    with KVSpace(backend, MULTI, layout=layout, num_blocks=100) as space:
+        assert space.num_blocks % space.blocks_per_page == 0 and space.num_blocks >= 100
+        assert len(space.buffers()) == 3 and all(len(row) == 2 for row in space.buffers())
+        k = space.buffer(2, 0)
+        assert k.shape == (space.num_blocks, 16, 8, 128) and k.dtype == torch.float32
+        assert k.device.type == backend.name.replace("host", "cpu")
+        if layout == "per-layer":
+            assert k.is_contiguous()
+            assert space.chunks_per_page == 6
+        else:
+            assert k.stride(0) == 6 * 16 * 8 * 128  # block stride: every layer and buffer of a block
+            assert space.chunks_per_page == 1
+        assert space.page_bytes == space.blocks_per_page * MULTI.group_bytes
+
+
+def test_every_buffer_of_every_block_is_its_own_memory(backend: MemoryBackend, layout: str) -> None:
+    with KVSpace(backend, MULTI, layout=layout, num_blocks=64) as space:
+        alloc = BlockAllocator(space, reserve_bytes=0, background=False)
+        blocks = alloc.allocate(space.num_blocks)
+        ids = torch.tensor(blocks, device=space.device)
+        for layer in range(3):
+            for b in range(2):
+                value = (ids * 10 + layer * 2 + b).float()
+                space.buffer(layer, b)[ids] = value.view(-1, 1, 1, 1).expand(-1, 16, 8, 128)
+        for layer in range(3):
+            for b in range(2):
+                got = space.buffer(layer, b)[ids]
+                want = (ids * 10 + layer * 2 + b).float().view(-1, 1, 1, 1)
+                assert torch.equal(got, want.expand_as(got))
+        alloc.close()
+
+
+def test_data_survives_other_pages_mapping_and_unmapping(backend: MemoryBackend, layout: str) -> None:
+    with KVSpace(backend, MULTI, layout=layout, num_blocks=8 * 32) as space:
+        alloc = BlockAllocator(space, reserve_bytes=0, background=False, trim_delay=0.0)
+        kept = alloc.allocate(40)  # a page and a bit
+        kept_t = torch.tensor(kept, device=space.device)
+        pattern = torch.randn(len(kept), 16, 8, 128, device=space.device)
+        for layer in range(3):
+            space.buffer(layer, 1)[kept_t] = pattern + layer
+        now = 0.0
+        for round_ in range(5):
+            other = alloc.allocate(150 + round_)
+            other_t = torch.tensor(other, device=space.device)
+            space.buffer(0, 1)[other_t] = -1.0
+            space.buffer(2, 0)[other_t] = -2.0
+            alloc.free(other)
+            now += 10
+            alloc.maintain(now=now)
+            alloc.maintain(now=now + 1)
+            assert alloc.stats().pages_mapped == 2, "emptied pages were unmapped"
+        for layer in range(3):
+            assert torch.equal(space.buffer(layer, 1)[kept_t], pattern + layer)
+        assert alloc.stats().pages_unmapped_total >= 5
+        alloc.close()
+
+
+def test_failed_map_rolls_back_every_chunk(backend: MemoryBackend) -> None:
+    """Invariant 4 at the space's level: the driver says no on a chunk in the middle of a page."""
+    with KVSpace(backend, MULTI, layout="per-layer", num_blocks=64) as space:
+        assert space.chunks_per_page == 6
+        before = used_bytes(backend)
+        with device_filled(backend, leave=3 * space.chunk_bytes + backend.granularity // 2):
+            filled = used_bytes(backend)
+            with pytest.raises(OutOfMemory):
+                space.map_page(1)
+            assert not space.is_mapped(1) and space.mapped_pages == 0
+            assert used_bytes(backend) == filled, "a chunk of the failed page leaked"
+        assert used_bytes(backend) == before
+        space.map_page(1)  # and the page maps fine once there is room
+        assert space.is_mapped(1)
+        with pytest.raises(DriverError, match="already mapped"):
+            space.map_page(1)
+        space.unmap_page(1)
+        with pytest.raises(DriverError, match="not mapped"):
+            space.unmap_page(1)
+        with pytest.raises(DriverError, match="outside"):
+            space.map_page(space.num_pages)
+
+
+def test_virtual_capacity_comes_from_device_total(backend: MemoryBackend) -> None:
+    _, total = backend.mem_info()
+    with KVSpace(backend, SMALL) as space:
+        assert space.num_blocks * SMALL.group_bytes >= total - space.page_bytes
+        assert space.num_blocks * SMALL.group_bytes <= total + space.page_bytes
+        assert space.mapped_pages == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_layers": 0, "block_shape": (16, 8, 128)}, "num_layers must be a positive"),
+        ({"num_layers": -2, "block_shape": (16, 8, 128)}, "num_layers must be a positive"),
+        ({"num_layers": 2, "block_shape": (16, 0, 128)}, "block_shape must be positive"),
+        ({"num_layers": 2, "block_shape": ()}, "block_shape must be positive"),
+        ({"num_layers": 2, "block_shape": (16, 8, 128), "buffers_per_layer": 0}, "buffers_per_layer"),
+        ({"num_layers": 2, "block_shape": (16, 8, 128), "dtype": "bf16"}, "torch.dtype"),
+    ],
+)
+def test_bad_geometry(kwargs: dict[str, object], message: str) -> None:
+    kwargs.setdefault("dtype", torch.float16)
+    with pytest.raises(ConfigError, match=message):
+        KVGeometry(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layout": "diagonal"}, "not one of interleaved, per-layer"),
+        ({"layout": "per-layer", "chunk_bytes": 2 * 1024**2, "geometry": (1024, 8, 128)}, "bigger than the"),
+        ({"layout": "per-layer", "chunk_bytes": 6 * 1024**2, "geometry": (1024, 8, 128)}, "do not divide"),
+        ({"chunk_bytes": 1000}, "multiple of the 2 MiB granularity"),
+        ({"chunk_bytes": 0}, "multiple of the 2 MiB granularity"),
+        ({"num_blocks": 0}, "num_blocks must be a positive"),
+        ({"num_blocks": -5}, "num_blocks must be a positive"),
+        ({"null_blocks": 10**9}, "null_blocks must be between"),
+        ({"layout": "per-layer", "geometry": (3, 1000, 3)}, "fits the 2 MiB granularity badly"),
+    ],
+)
+def test_bad_space_arguments(backend: MemoryBackend, kwargs: dict[str, object], message: str) -> None:
+    kwargs = dict(kwargs)
+    shape = kwargs.pop("geometry", (16, 8, 128))
+    geometry = KVGeometry(2, shape, torch.float32)  # type: ignore[arg-type]
+    kwargs.setdefault("num_blocks", 64)
+    before = used_bytes(backend)
+    with pytest.raises(ConfigError, match=message):
+        KVSpace(backend, geometry, **kwargs)  # type: ignore[arg-type]
+    assert used_bytes(backend) == before
