@@ -79,6 +79,7 @@ def run_layout(backend: MemoryBackend, layout: str, gib: float, reserve: int, pa
     while alloc.stats().blocks_free_mapped < min(reserve // page, pages) * bpp and time.monotonic() < deadline:
         time.sleep(0.005)
     premapped = alloc.stats().pages_mapped
+    mapped_before = alloc.stats().pages_mapped_total
 
     latencies = []
     held = []
@@ -128,6 +129,7 @@ def run_layout(backend: MemoryBackend, layout: str, gib: float, reserve: int, pa
         "alloc_p99_ms": lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))],
         "alloc_max_ms": lat_ms[-1],
         "pages_mapped_by_caller": grown.pages_mapped_by_caller,
+        "pages_mapped_during_burst": grown.pages_mapped_total - mapped_before,
         "free_all_s": free_call_s,
         "trimmed_to_reserve_s": trimmed_at,
         "held_after_2s_bytes": held_2s,

@@ -52,7 +52,7 @@ def test_kernels_read_and_write_through_the_views(cuda: MemoryBackend, layout: s
 
 def test_torch_sees_mapped_memory(cuda: MemoryBackend) -> None:
     with KVSpace(cuda, MULTI, num_blocks=64 * 1024) as space:
-        alloc = BlockAllocator(space, reserve_bytes=0, background=False)
+        alloc = BlockAllocator(space, reserve_bytes=0, background=False, trim_delay=0.0)
         free0, _ = torch.cuda.mem_get_info()
         held = alloc.allocate(100 * space.blocks_per_page)
         free1, _ = torch.cuda.mem_get_info()
@@ -68,7 +68,7 @@ def test_unmap_waits_for_gpu_work_on_the_page(cuda: MemoryBackend) -> None:
     """Invariant 5 with real work: a kernel still queued behind a long sleep writes into a block whose page
     the engine has already freed. The unmap must wait for it; unmapping first would be an illegal address."""
     with KVSpace(cuda, MULTI, num_blocks=1024) as space:
-        alloc = BlockAllocator(space, reserve_bytes=0, background=False)
+        alloc = BlockAllocator(space, reserve_bytes=0, background=False, trim_delay=0.0)
         blocks = alloc.allocate(space.blocks_per_page)
         ids = torch.tensor(blocks, device="cuda")
         torch.cuda.synchronize()
@@ -86,3 +86,16 @@ def test_unmap_waits_for_gpu_work_on_the_page(cuda: MemoryBackend) -> None:
         torch.cuda.synchronize()  # would raise on an illegal address
         assert elapsed > 0.3
         alloc.close()
+
+
+def test_closing_a_space_waits_for_queued_work(cuda: MemoryBackend) -> None:
+    """Shutting down while the GPU still has work queued on the cache must not pull memory from under it."""
+    space = KVSpace(cuda, MULTI, num_blocks=1024)
+    alloc = BlockAllocator(space, reserve_bytes=0, background=False)
+    ids = torch.tensor(alloc.allocate(10), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(1_000_000_000)
+    space.buffer(1, 1).index_fill_(0, ids, 1.0)  # queued behind the sleep
+    alloc.close()
+    space.close()
+    torch.cuda.synchronize()  # would raise on an illegal address

@@ -191,13 +191,14 @@ class BlockAllocator:
         self._mapped_pages = 0
         self._mapping = 0  # pages being mapped right now (booked, not yet usable)
         self._unmapping = 0
+        self._callers_mapping = 0  # allocate() calls mapping pages on their own thread right now
         self._epoch = 1  # bumped each time a fence is recorded; see invariant 5
 
         self._policy = ReservePolicy(
             min_blocks=math.ceil(reserve_bytes / self.page_bytes) * bpp,
             max_blocks=max(
                 math.ceil(reserve_bytes / self.page_bytes) * bpp,
-                (max_reserve_bytes // self.page_bytes if max_reserve_bytes is not None else space.num_pages // 16)
+                (max_reserve_bytes // self.page_bytes if max_reserve_bytes is not None else space.num_pages // 32)
                 * bpp,
             ),
         )
@@ -226,28 +227,52 @@ class BlockAllocator:
         return self._allocate_slow(n)
 
     def _take(self, n: int) -> list[int]:
-        """Take ``n`` free blocks, fullest page first. Caller holds the lock and checked ``_free_total``."""
+        """Take ``n`` free blocks, fullest page first. Caller holds the lock and checked ``_free_total``.
+
+        ``_min_k`` is a lower bound: no bucket below it holds a page. Scanning up from it finds the fullest
+        page with room; every bucket passed on the way was empty.
+        """
         buckets, free_lists, allocated = self._buckets, self._free, self._allocated
-        out: list[int] = []
         k = self._min_k
-        lowest = len(buckets)
-        need = n
-        while need:
-            while not buckets[k]:
-                k += 1
-            page = next(reversed(buckets[k]))  # the most recently touched page of that fullness
-            del buckets[k][page]
+        while not buckets[k]:
+            k += 1
+        if n <= k:  # the common case: one page serves the whole request
+            bucket = buckets[k]
+            page = next(reversed(bucket))  # the most recently touched page of that fullness
+            del bucket[page]
             stack = free_lists[page]
             assert stack is not None
-            m = need if need < k else k
-            out += stack[-m:]
-            del stack[-m:]
-            need -= m
-            if k - m:
-                buckets[k - m][page] = None
-                if k - m < lowest:
-                    lowest = k - m
-        self._min_k = min(k, lowest)
+            if n == 1:
+                out = [stack.pop()]
+            else:
+                out = stack[-n:]
+                del stack[-n:]
+            rest = k - n
+            if rest:
+                buckets[rest][page] = None
+                self._min_k = rest
+            else:
+                self._min_k = k
+        else:
+            out = []
+            lowest = len(buckets)
+            need = n
+            while need:
+                while not buckets[k]:
+                    k += 1
+                page = next(reversed(buckets[k]))
+                del buckets[k][page]
+                stack = free_lists[page]
+                assert stack is not None
+                m = need if need < k else k
+                out += stack[-m:]
+                del stack[-m:]
+                need -= m
+                if k - m:
+                    buckets[k - m][page] = None
+                    if k - m < lowest:
+                        lowest = k - m
+            self._min_k = min(k, lowest)
         for block in out:
             allocated[block] = 1
         self._free_total -= n
@@ -304,6 +329,13 @@ class BlockAllocator:
 
     # ===================================================================================== growth
     def _allocate_slow(self, n: int) -> list[int]:
+        """The reserve is short: map the pages this request lacks on the caller's thread, now.
+
+        The caller does its own mapping rather than waiting for the maintainer to hand pages over: the
+        driver serialises mappings anyway, and a cross-thread handoff per page would only add latency. It
+        waits only when there is no unmapped page left to take while others are in flight, or when the
+        limit is reached while an unmapping that would make room is under way.
+        """
         bpp = self.blocks_per_page
         while True:
             with self._lock:
@@ -318,17 +350,15 @@ class BlockAllocator:
                         requested=n,
                         available=self._available_locked(),
                     )
-                lacking = n - self._free_total - self._mapping * bpp
-                if lacking <= 0 or (math.ceil(lacking / bpp) > len(self._unmapped) and self._mapping):
-                    # Pages already being mapped (by the maintainer or another caller) will cover it.
-                    self._cond.wait(timeout=1.0)
-                    continue
-                pages_needed = math.ceil(lacking / bpp)
+                pages_needed = math.ceil((n - self._free_total) / bpp)
                 if pages_needed > len(self._unmapped):
+                    if self._mapping or self._unmapping:  # pages in flight elsewhere change the picture
+                        self._cond.wait(timeout=1.0)
+                        continue
                     self._counters["refusals"] += 1
                     raise OutOfMemory(
-                        f"no room for {n} more blocks: {self.num_blocks - self._in_use_locked()} of "
-                        f"{self.num_blocks} blocks are not in use, some in pages still being unmapped",
+                        f"no room for {n} more blocks: {self._available_locked()} of {self.num_blocks} can be "
+                        "had now; the rest of the cache is in use",
                         requested=n,
                         available=self._available_locked(),
                     )
@@ -336,7 +366,7 @@ class BlockAllocator:
                 for p in pages:
                     self._state[p] = MAPPING
                 self._mapping += pages_needed
-                self._cond.notify_all()  # let the maintainer see the demand now, not at its next tick
+                self._callers_mapping += 1
             try:
                 self._map_pages(pages, by_caller=True)
             except LimitExceeded as exc:
@@ -352,6 +382,9 @@ class BlockAllocator:
                     self._counters["refusals"] += 1
                     exc.requested, exc.available = n, self._available_locked()
                 raise
+            finally:
+                with self._lock:
+                    self._callers_mapping -= 1
 
     def _map_pages(self, pages: list[int], *, by_caller: bool) -> None:
         """Book, map and publish ``pages`` (already marked MAPPING by the caller), all or nothing: if one
@@ -474,8 +507,8 @@ class BlockAllocator:
         bpp = self.blocks_per_page
         while True:
             with self._lock:
-                if self._closed or not self._unmapped:
-                    return
+                if self._closed or not self._unmapped or self._callers_mapping:
+                    return  # a caller mapping for itself is served directly: don't contend for the driver
                 if self._free_total + self._mapping * bpp >= self._target:
                     return
                 if self._budget.booked + self.page_bytes > self._budget.limit:

@@ -302,6 +302,8 @@ class KVSpace:
         if self._closed:
             return
         self._closed = True
+        if self._chunks:
+            self.fence().wait()  # GPU work still queued on these pages must finish before they go
         for page in list(self._chunks):
             chunks = self._chunks.pop(page)
             self._undo(page, chunks)
