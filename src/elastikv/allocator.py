@@ -176,7 +176,8 @@ class BlockAllocator:
         self.num_blocks = space.num_blocks - self._null
 
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        self._cond = threading.Condition(self._lock)  # callers waiting for pages in flight to land
+        self._wake = threading.Event()  # wakes the maintainer before its tick (limit change, close)
         # Per page: state, free block ids (a stack; None unless mapped), epoch at which it last became empty.
         self._state = bytearray(space.num_pages)
         self._free: list[list[int] | None] = [None] * space.num_pages
@@ -481,13 +482,13 @@ class BlockAllocator:
 
     # ===================================================================================== maintenance
     def _run(self) -> None:
-        while True:
-            with self._lock:
-                if self._closed:
-                    return
-                self._cond.wait(timeout=self._tick)
-                if self._closed:
-                    return
+        # The maintainer sleeps on its own event, not on _cond: _cond is notified at every page mapped, and
+        # waking the maintainer that often would have it compete for the GIL with the caller it serves.
+        while not self._closed:
+            self._wake.wait(self._tick)
+            self._wake.clear()
+            if self._closed:
+                return
             try:
                 self.maintain()
             except Exception:  # never let the maintainer die: the engine keeps working without it
@@ -599,8 +600,7 @@ class BlockAllocator:
         """Change the limit now. Lowering it below what is mapped stops growth, gives the reserve back at
         once and then pages as they empty; raising it takes effect at the next allocation."""
         self._budget.set_limit(self._clamp_limit(nbytes))
-        with self._lock:
-            self._cond.notify_all()
+        self._wake.set()  # hand the reserve back now, not at the next tick
 
     @property
     def limit(self) -> int:
@@ -653,6 +653,7 @@ class BlockAllocator:
                 return
             self._closed = True
             self._cond.notify_all()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
         with self._lock:
