@@ -5,9 +5,11 @@ all layers). For each layout, in one process:
 
 1. raw floor: the driver calls alone (create + map + set access) for the same pages, then unmap + release;
 2. burst: ``--gib`` of ``allocate(blocks_per_page)`` calls back to back with the reserve on (160 x 64 blocks
-   = 20 GiB by default), timed as a whole and per call; ratio to the raw floor (target <= 1.15);
+   = 20 GiB by default), timed as a whole and per call; ratio to the raw floor (target <= 1.15). Raw floor
+   and burst are each run ``--reps`` times (a fresh allocator each time) and the medians compared;
 3. free-all, then the device memory still held 2 s later (target: no more than the configured reserve);
-4. steady state: ``--pairs`` allocate(1)/free pairs (target <= 3 us a pair; the reference system: 10-15 us).
+4. steady state: ``--pairs`` allocate(1)/free pairs, median of 5 runs (target <= 3 us a pair; the reference
+   system: 10-15 us).
 
     python benchmarks/grow.py                 # the GPU if there is one, else host memory (2 GiB default)
     python benchmarks/grow.py --backend host --gib 4
@@ -67,50 +69,76 @@ def raw_floor(backend: MemoryBackend, chunk: int, chunks_per_page: int, pages: i
     return {"map_s": map_s, "unmap_s": unmap_s, "mappings": len(handles)}
 
 
-def run_layout(backend: MemoryBackend, layout: str, gib: float, reserve: int, pairs: int) -> dict[str, Any]:
-    space = KVSpace(backend, LLAMA_8B, layout=layout)
+def burst(space: KVSpace, pages: int, reserve: int) -> tuple[BlockAllocator, list[list[int]], dict[str, Any]]:
+    """A fresh allocator, its minimum reserve mapped, then ``pages`` allocations of a page each, timed."""
     bpp, page = space.blocks_per_page, space.page_bytes
-    pages = int(gib * GiB // page)
-    raw = raw_floor(backend, space.chunk_bytes, space.chunks_per_page, pages)
-
-    used0 = used(backend)
     alloc = BlockAllocator(space, reserve_bytes=reserve)
     deadline = time.monotonic() + 10
     while alloc.stats().blocks_free_mapped < min(reserve // page, pages) * bpp and time.monotonic() < deadline:
         time.sleep(0.005)
     premapped = alloc.stats().pages_mapped
     mapped_before = alloc.stats().pages_mapped_total
-
-    latencies = []
-    held = []
+    latencies, held = [], []
     t_burst = time.perf_counter()
     for _ in range(pages):
         t = time.perf_counter()
         held.append(alloc.allocate(bpp))
         latencies.append(time.perf_counter() - t)
     burst_s = time.perf_counter() - t_burst
-    grown = alloc.stats()
+    s = alloc.stats()
+    lat_ms = sorted(x * 1e3 for x in latencies)
+    return (
+        alloc,
+        held,
+        {
+            "burst_s": burst_s,
+            "alloc_p50_ms": statistics.median(lat_ms),
+            "alloc_p99_ms": lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))],
+            "alloc_max_ms": lat_ms[-1],
+            "reserve_pages_premapped": premapped,
+            "pages_mapped_by_caller": s.pages_mapped_by_caller,
+            "pages_mapped_during_burst": s.pages_mapped_total - mapped_before,
+        },
+    )
 
+
+def run_layout(backend: MemoryBackend, layout: str, gib: float, reserve: int, pairs: int, reps: int) -> dict[str, Any]:
+    space = KVSpace(backend, LLAMA_8B, layout=layout)
+    page = space.page_bytes
+    pages = int(gib * GiB // page)
+    raws = [raw_floor(backend, space.chunk_bytes, space.chunks_per_page, pages) for _ in range(reps)]
+
+    used0 = used(backend)
+    bursts = []
+    for rep in range(reps):
+        alloc, held, figures = burst(space, pages, reserve)
+        bursts.append(figures)
+        if rep < reps - 1:
+            alloc.close()
+    # The last allocator: free-all, watch memory go back, then the steady state.
     t_free = time.monotonic()
     for blocks in held:
         alloc.free(blocks)
     free_call_s = time.monotonic() - t_free
     trimmed_at = None
     while time.monotonic() - t_free < 2.0:
-        if trimmed_at is None and alloc.stats().mapped_bytes <= max(reserve, 0):
+        if trimmed_at is None and alloc.stats().mapped_bytes <= reserve:
             trimmed_at = time.monotonic() - t_free
         time.sleep(0.01)
     held_2s = used(backend) - used0
     after = alloc.stats()
-
-    t = time.perf_counter()
-    for _ in range(pairs):
-        alloc.free(alloc.allocate(1))
-    pair_us = (time.perf_counter() - t) / pairs * 1e6
-
+    pair_runs = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(pairs):
+            alloc.free(alloc.allocate(1))
+        pair_runs.append((time.perf_counter() - t) / pairs * 1e6)
     alloc.close()
     space.close()
-    lat_ms = sorted(x * 1e3 for x in latencies)
+
+    raw_s = statistics.median(r["map_s"] for r in raws)
+    burst_s = statistics.median(b["burst_s"] for b in bursts)
+    mid = sorted(bursts, key=lambda b: b["burst_s"])[len(bursts) // 2]
     return {
         "layout": layout,
         "page_bytes": page,
@@ -118,25 +146,24 @@ def run_layout(backend: MemoryBackend, layout: str, gib: float, reserve: int, pa
         "chunks_per_page": space.chunks_per_page,
         "pages": pages,
         "grown_bytes": pages * page,
-        "raw_map_s": raw["map_s"],
-        "raw_unmap_s": raw["unmap_s"],
-        "raw_mappings": raw["mappings"],
-        "raw_us_per_mapping": raw["map_s"] / raw["mappings"] * 1e6,
-        "reserve_pages_premapped": premapped,
+        "repetitions": reps,
+        "raw_map_s": raw_s,
+        "raw_map_s_each": [r["map_s"] for r in raws],
+        "raw_unmap_s": statistics.median(r["unmap_s"] for r in raws),
+        "raw_mappings": raws[0]["mappings"],
+        "raw_us_per_mapping": raw_s / raws[0]["mappings"] * 1e6,
         "burst_s": burst_s,
-        "burst_ratio_to_raw": burst_s / raw["map_s"],
-        "alloc_p50_ms": statistics.median(lat_ms),
-        "alloc_p99_ms": lat_ms[min(len(lat_ms) - 1, int(len(lat_ms) * 0.99))],
-        "alloc_max_ms": lat_ms[-1],
-        "pages_mapped_by_caller": grown.pages_mapped_by_caller,
-        "pages_mapped_during_burst": grown.pages_mapped_total - mapped_before,
+        "burst_s_each": [b["burst_s"] for b in bursts],
+        "burst_ratio_to_raw": burst_s / raw_s,
+        **{k: v for k, v in mid.items() if k != "burst_s"},
         "free_all_s": free_call_s,
         "trimmed_to_reserve_s": trimmed_at,
         "held_after_2s_bytes": held_2s,
         "mapped_after_2s_bytes": after.mapped_bytes,
         "reserve_bytes": reserve,
         "steady_pairs": pairs,
-        "steady_pair_us": pair_us,
+        "steady_pair_us": statistics.median(pair_runs),
+        "steady_pair_us_each": pair_runs,
     }
 
 
@@ -147,6 +174,7 @@ def main() -> None:
     ap.add_argument("--reserve", default="256MiB", help="minimum reserve (default 256MiB)")
     ap.add_argument("--pairs", type=int, default=20_000)
     ap.add_argument("--layouts", default="interleaved,per-layer")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of raw floor and burst (medians reported)")
     args = ap.parse_args()
 
     backend = open_backend(args.backend)
@@ -157,7 +185,7 @@ def main() -> None:
         f"grow benchmark on {backend.device_label}: Llama-3.1-8B KV geometry, {gib:g} GiB burst, "
         f"reserve {format_bytes(reserve)}, {args.pairs} steady pairs"
     )
-    rows = [run_layout(backend, layout, gib, reserve, args.pairs) for layout in args.layouts.split(",")]
+    rows = [run_layout(backend, layout, gib, reserve, args.pairs, args.reps) for layout in args.layouts.split(",")]
     backend.close()
 
     lines = [

@@ -32,7 +32,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 UNMAPPED, MAPPING, MAPPED, UNMAPPING, LOST = 0, 1, 2, 3, 4
 _STATE_NAMES = ("unmapped", "mapping", "mapped", "unmapping", "lost")
+_ONES = b"\x01" * 4096
 
 
 class Budget(Protocol):
@@ -206,7 +207,11 @@ class BlockAllocator:
         self._target = self._policy.min_blocks
         self._trim_delay = trim_delay
         self._surplus_since: float | None = None
-        self._counters = {"mapped": 0, "unmapped": 0, "by_caller": 0, "refusals": 0}
+        self._pages_mapped_total = 0
+        self._pages_unmapped_total = 0
+        self._pages_mapped_by_caller = 0
+        self._refusals = 0
+        self._waiters = 0  # threads in _wait(): notify only when someone listens
         self._closed = False
 
         self._pin_null_blocks()
@@ -237,45 +242,46 @@ class BlockAllocator:
         k = self._min_k
         while not buckets[k]:
             k += 1
-        if n <= k:  # the common case: one page serves the whole request
+        if n == 1:  # steady state: one block from the fullest page
             bucket = buckets[k]
             page = next(reversed(bucket))  # the most recently touched page of that fullness
             del bucket[page]
             stack = free_lists[page]
             assert stack is not None
-            if n == 1:
-                out = [stack.pop()]
-            else:
-                out = stack[-n:]
-                del stack[-n:]
-            rest = k - n
-            if rest:
-                buckets[rest][page] = None
-                self._min_k = rest
+            block = stack.pop()
+            allocated[block] = 1
+            if k > 1:
+                buckets[k - 1][page] = None
+                self._min_k = k - 1
             else:
                 self._min_k = k
+            self._free_total -= 1
+            return [block]
+        out: list[int] = []
+        lowest = len(buckets)
+        need = n
+        while need:
+            while not buckets[k]:
+                k += 1
+            page = next(reversed(buckets[k]))
+            del buckets[k][page]
+            stack = free_lists[page]
+            assert stack is not None
+            m = need if need < k else k
+            out += stack[-m:]
+            del stack[-m:]
+            need -= m
+            if k - m:
+                buckets[k - m][page] = None
+                if k - m < lowest:
+                    lowest = k - m
+        self._min_k = min(k, lowest)
+        lo = min(out)
+        if max(out) - lo == n - 1:  # n distinct ids spanning n values: one contiguous run (fresh pages)
+            allocated[lo : lo + n] = _ONES[:n] if n <= len(_ONES) else b"\x01" * n
         else:
-            out = []
-            lowest = len(buckets)
-            need = n
-            while need:
-                while not buckets[k]:
-                    k += 1
-                page = next(reversed(buckets[k]))
-                del buckets[k][page]
-                stack = free_lists[page]
-                assert stack is not None
-                m = need if need < k else k
-                out += stack[-m:]
-                del stack[-m:]
-                need -= m
-                if k - m:
-                    buckets[k - m][page] = None
-                    if k - m < lowest:
-                        lowest = k - m
-            self._min_k = min(k, lowest)
-        for block in out:
-            allocated[block] = 1
+            for block in out:
+                allocated[block] = 1
         self._free_total -= n
         return out
 
@@ -344,24 +350,22 @@ class BlockAllocator:
                 if n <= self._free_total:
                     return self._take(n)
                 if n > self.num_blocks:
-                    self._counters["refusals"] += 1
-                    raise OutOfMemory(
+                    raise self._refusal(
+                        OutOfMemory,
                         f"a request for {n} blocks can never fit: the cache holds {self.num_blocks} "
                         f"({format_bytes(self.num_blocks * self.space.geometry.group_bytes)})",
-                        requested=n,
-                        available=self._available_locked(),
+                        n,
                     )
                 pages_needed = math.ceil((n - self._free_total) / bpp)
                 if pages_needed > len(self._unmapped):
                     if self._mapping or self._unmapping:  # pages in flight elsewhere change the picture
-                        self._cond.wait(timeout=1.0)
+                        self._wait(None, timeout=1.0)
                         continue
-                    self._counters["refusals"] += 1
-                    raise OutOfMemory(
+                    raise self._refusal(
+                        OutOfMemory,
                         f"no room for {n} more blocks: {self._available_locked()} of {self.num_blocks} can be "
                         "had now; the rest of the cache is in use",
-                        requested=n,
-                        available=self._available_locked(),
+                        n,
                     )
                 pages = [heapq.heappop(self._unmapped) for _ in range(pages_needed)]
                 for p in pages:
@@ -369,55 +373,79 @@ class BlockAllocator:
                 self._mapping += pages_needed
                 self._callers_mapping += 1
             try:
-                self._map_pages(pages, by_caller=True)
-            except LimitExceeded as exc:
+                blocks = self._map_pages(pages, by_caller=True, take=n)
+            except LimitExceeded:
                 with self._lock:
                     if self._unmapping:  # the limit frees up as soon as the unmapping in flight lands
-                        self._cond.wait_for(lambda: not self._unmapping, timeout=5.0)
+                        self._wait(lambda: not self._unmapping, timeout=5.0)
                         continue
-                    self._counters["refusals"] += 1
-                    exc.requested, exc.available = n, self._available_locked()
-                raise
+                    raise self._refusal(
+                        LimitExceeded,
+                        f"{n} blocks would take mapped memory past the limit of {format_bytes(self._budget.limit)} "
+                        f"({format_bytes(self._budget.booked)} mapped, pages of {format_bytes(self.page_bytes)})",
+                        n,
+                    ) from None
             except AllocationRefused as exc:
                 with self._lock:
-                    self._counters["refusals"] += 1
-                    exc.requested, exc.available = n, self._available_locked()
-                raise
-            finally:
-                with self._lock:
-                    self._callers_mapping -= 1
+                    raise self._refusal(type(exc), str(exc), n) from exc
+            if blocks is not None:
+                return blocks
 
-    def _map_pages(self, pages: list[int], *, by_caller: bool) -> None:
-        """Book, map and publish ``pages`` (already marked MAPPING by the caller), all or nothing: if one
-        fails, the space has rolled that page back and the pages mapped before it are unmapped again
-        (they were never published, so no GPU work can have touched them), and every byte is unbooked."""
+    def _refusal(self, kind: type[AllocationRefused], message: str, n: int) -> AllocationRefused:
+        """A refusal of ``n`` blocks, counted, with what could be had instead. Caller holds the lock."""
+        self._refusals += 1
+        return kind(message, requested=n, available=self._available_locked())
+
+    def _wait(self, predicate: Callable[[], bool] | None, timeout: float) -> None:
+        """Wait on ``_cond`` (lock held) until ``predicate`` holds, or for the next change if it is None.
+        Counted, so that notifiers skip the condition when nobody listens (the common case)."""
+        self._waiters += 1
+        try:
+            if predicate is None:
+                self._cond.wait(timeout=timeout)
+            else:
+                self._cond.wait_for(predicate, timeout=timeout)
+        finally:
+            self._waiters -= 1
+
+    def _notify(self) -> None:
+        if self._waiters:
+            self._cond.notify_all()
+
+    def _map_pages(self, pages: list[int], *, by_caller: bool, take: int = 0) -> list[int] | None:
+        """Book, map and publish ``pages`` (already marked MAPPING), all or nothing: if one fails, the space
+        has rolled that page back and the pages mapped before it are unmapped again (never published, so
+        no GPU work can have touched them), every byte is unbooked, and the error is raised.
+
+        With ``take``, the caller's blocks are taken in the same locked step that publishes the pages, so a
+        burst pays for one lock round trip per page, not three; None if others took the blocks first.
+        """
         nbytes = len(pages) * self.page_bytes
+        mapped: list[int] = []
+        lost: list[int] = []
+        error: Exception | None = None
         if not self._budget.try_book(nbytes):
-            self._return_unmapped(pages)
-            raise LimitExceeded(
+            error = LimitExceeded(
                 f"mapping {len(pages)} more page(s) of {format_bytes(self.page_bytes)} would exceed the limit "
                 f"of {format_bytes(self._budget.limit)} ({format_bytes(self._budget.booked)} mapped)"
             )
-        mapped: list[int] = []
-        error: Exception | None = None
-        for p in pages:
-            try:
-                self.space.map_page(p)
-            except Exception as exc:  # OutOfMemory or a driver error: the space rolled the page back
-                error = exc
-                break
-            mapped.append(p)
-        lost: list[int] = []
-        if error is not None:
-            for p in mapped:
+        else:
+            for p in pages:
                 try:
-                    self.space.unmap_page(p)
-                except Exception:
-                    log.exception("rolling back page %d failed; the page is quarantined", p)
-                    lost.append(p)  # stays booked: never overcommit
-            self._budget.release((len(pages) - len(lost)) * self.page_bytes)
-            mapped = []
-        failed = [p for p in pages if p not in mapped and p not in lost]
+                    self.space.map_page(p)
+                except Exception as exc:  # OutOfMemory or a driver error: the space rolled the page back
+                    error = exc
+                    break
+                mapped.append(p)
+            if error is not None:
+                for p in mapped:
+                    try:
+                        self.space.unmap_page(p)
+                    except Exception:
+                        log.exception("rolling back page %d failed; the page is quarantined", p)
+                        lost.append(p)  # stays booked: never overcommit
+                self._budget.release(nbytes - len(lost) * self.page_bytes)
+                mapped = []
         bpp = self.blocks_per_page
         with self._lock:
             for p in mapped:
@@ -428,28 +456,24 @@ class BlockAllocator:
                 self._freed_epoch[p] = 0
             self._free_total += len(mapped) * bpp  # bucket bpp is never below _min_k: no hint to fix
             self._mapped_pages += len(mapped)
-            self._counters["mapped"] += len(mapped)
+            self._pages_mapped_total += len(mapped)
             if by_caller:
-                self._counters["by_caller"] += len(mapped)
-            for p in failed:
-                self._state[p] = UNMAPPED
-                heapq.heappush(self._unmapped, p)
-            for p in lost:
-                self._state[p] = LOST
+                self._pages_mapped_by_caller += len(mapped)
+                self._callers_mapping -= 1
+            if error is not None:
+                for p in pages:
+                    if p in lost:
+                        self._state[p] = LOST
+                    else:
+                        self._state[p] = UNMAPPED
+                        heapq.heappush(self._unmapped, p)
             self._mapping -= len(pages)
-            self._cond.notify_all()
-        if error is not None:
-            if isinstance(error, AllocationRefused):
-                raise error
-            raise MapFailed(f"mapping a page failed: {error}") from error
-
-    def _return_unmapped(self, pages: list[int]) -> None:
-        with self._lock:
-            for p in pages:
-                self._state[p] = UNMAPPED
-                heapq.heappush(self._unmapped, p)
-            self._mapping -= len(pages)
-            self._cond.notify_all()
+            self._notify()
+            if error is None:
+                return self._take(take) if take and take <= self._free_total else None
+        if isinstance(error, AllocationRefused):
+            raise error
+        raise MapFailed(f"mapping a page failed: {error}") from error
 
     def _pin_null_blocks(self) -> None:
         """Map the pages holding the null blocks now and keep them mapped for good."""
@@ -583,8 +607,8 @@ class BlockAllocator:
                 else:
                     self._state[p] = LOST
             self._unmapping -= len(pages)
-            self._counters["unmapped"] += len(done)
-            self._cond.notify_all()
+            self._pages_unmapped_total += len(done)
+            self._notify()
 
     # ===================================================================================== limits & facts
     def _clamp_limit(self, nbytes: int) -> int:
@@ -632,10 +656,10 @@ class BlockAllocator:
                 mapped_bytes=self._budget.booked,
                 limit_bytes=self._budget.limit,
                 reserve_target_blocks=self._target,
-                pages_mapped_total=self._counters["mapped"],
-                pages_unmapped_total=self._counters["unmapped"],
-                pages_mapped_by_caller=self._counters["by_caller"],
-                refusals=self._counters["refusals"],
+                pages_mapped_total=self._pages_mapped_total,
+                pages_unmapped_total=self._pages_unmapped_total,
+                pages_mapped_by_caller=self._pages_mapped_by_caller,
+                refusals=self._refusals,
             )
 
     def page_state(self, page: int) -> str:
@@ -657,7 +681,7 @@ class BlockAllocator:
         if self._thread is not None:
             self._thread.join()
         with self._lock:
-            self._cond.wait_for(lambda: not self._mapping and not self._unmapping, timeout=30.0)
+            self._wait(lambda: not self._mapping and not self._unmapping, timeout=30.0)
             pages = [p for p in range(self.space.num_pages) if self._state[p] == MAPPED]
             for p in pages:
                 self._state[p] = UNMAPPING
