@@ -308,3 +308,21 @@ def test_closed_allocator_refuses(backend: MemoryBackend) -> None:
     with pytest.raises(Exception, match="closed"):
         alloc.allocate(1)
     space.close()
+
+
+def test_whole_pages_go_straight_to_a_burst_and_come_back_block_by_block(backend: MemoryBackend) -> None:
+    space, alloc = make(backend)
+    first = alloc.allocate(2 * BPP)  # exactly two fresh pages: handed over whole
+    assert sorted(first) == list(range(2 * BPP))
+    assert alloc.stats().blocks_free_mapped == 0 and alloc.stats().blocks_in_use == 2 * BPP
+    alloc.free(first[:3])  # blocks of a page handed over full return to the free pool one by one
+    assert alloc.stats().blocks_free_mapped == 3
+    again = alloc.allocate(3)
+    assert sorted(again) == sorted(first[:3])
+    with pytest.raises(InvalidBlockError):
+        alloc.free([first[5], first[5]])
+    alloc.free(first[3:] + again)
+    alloc.maintain(now=10.0)
+    assert alloc.stats().pages_mapped == 0
+    alloc.close()
+    space.close()

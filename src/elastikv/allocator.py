@@ -447,14 +447,22 @@ class BlockAllocator:
                 self._budget.release(nbytes - len(lost) * self.page_bytes)
                 mapped = []
         bpp = self.blocks_per_page
+        whole = error is None and take == len(pages) * bpp  # the request is exactly these fresh pages
         with self._lock:
+            out: list[int] = []
             for p in mapped:
                 self._state[p] = MAPPED
-                first = p * bpp
-                self._free[p] = list(range(first + bpp - 1, first - 1, -1))  # pops lowest id first
-                self._buckets[bpp][p] = None
                 self._freed_epoch[p] = 0
-            self._free_total += len(mapped) * bpp  # bucket bpp is never below _min_k: no hint to fix
+                first = p * bpp
+                if whole:  # hand the pages over full: they never enter the free pool (a burst's common case)
+                    self._free[p] = []
+                    self._allocated[first : first + bpp] = _ONES[:bpp] if bpp <= len(_ONES) else b"\x01" * bpp
+                    out.extend(range(first, first + bpp))
+                else:
+                    self._free[p] = list(range(first + bpp - 1, first - 1, -1))  # pops lowest id first
+                    self._buckets[bpp][p] = None
+            if not whole:
+                self._free_total += len(mapped) * bpp  # bucket bpp is never below _min_k: no hint to fix
             self._mapped_pages += len(mapped)
             self._pages_mapped_total += len(mapped)
             if by_caller:
@@ -469,6 +477,8 @@ class BlockAllocator:
                         heapq.heappush(self._unmapped, p)
             self._mapping -= len(pages)
             self._notify()
+            if whole:
+                return out
             if error is None:
                 return self._take(take) if take and take <= self._free_total else None
         if isinstance(error, AllocationRefused):
