@@ -20,16 +20,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def environment(device_label: str) -> dict[str, Any]:
     import torch
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=RESULTS.parent,
-            timeout=10,
-        ).stdout.strip()
-    except Exception:
-        commit = ""
+    commit = os.environ.get("ELASTIKV_COMMIT", "")  # the device copy has no .git: the run command passes it
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, timeout=10
+            ).stdout.strip()
+        except Exception:
+            commit = ""
     return {
         "device": device_label,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
