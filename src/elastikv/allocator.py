@@ -58,8 +58,10 @@ _ONES = b"\x01" * 4096
 class Budget(Protocol):
     """Where mapped bytes are booked. Implementations are thread-safe and never call the allocator back.
 
-    ``try_book`` is atomic: it checks the limit and books in one step, so two callers can never both pass
-    a check and then overshoot together.
+    ``book`` is atomic: it checks the limit (and, for the cross-process ledger, the device budget) and books
+    in one step, so two callers can never both pass a check and then overshoot together. It raises
+    ``LimitExceeded`` saying which bound refused. ``sync`` is called by the allocator's maintainer a few
+    times a second: a shared budget publishes the instance's figures and picks up limits changed elsewhere.
     """
 
     @property
@@ -68,11 +70,13 @@ class Budget(Protocol):
     @property
     def booked(self) -> int: ...
 
-    def try_book(self, nbytes: int) -> bool: ...
+    def book(self, nbytes: int) -> None: ...
 
     def release(self, nbytes: int) -> None: ...
 
     def set_limit(self, nbytes: int) -> None: ...
+
+    def sync(self, stats: AllocatorStats) -> None: ...
 
 
 class LocalBudget:
@@ -93,12 +97,14 @@ class LocalBudget:
     def booked(self) -> int:
         return self._booked
 
-    def try_book(self, nbytes: int) -> bool:
+    def book(self, nbytes: int) -> None:
         with self._lock:
             if self._booked + nbytes > self._limit:
-                return False
+                raise LimitExceeded(
+                    f"mapping {format_bytes(nbytes)} more would exceed the limit of {format_bytes(self._limit)} "
+                    f"({format_bytes(self._booked)} mapped)"
+                )
             self._booked += nbytes
-            return True
 
     def release(self, nbytes: int) -> None:
         with self._lock:
@@ -111,6 +117,9 @@ class LocalBudget:
             raise ConfigError(f"the memory limit must be positive, got {nbytes}")
         with self._lock:
             self._limit = nbytes
+
+    def sync(self, stats: AllocatorStats) -> None:
+        return None
 
 
 class MapFailed(AllocationRefused):
@@ -171,7 +180,7 @@ class BlockAllocator:
         self.page_bytes = space.page_bytes
         self.capacity_bytes = space.num_pages * space.page_bytes
         if budget is None:
-            budget = LocalBudget(self._clamp_limit(self.capacity_bytes if limit is None else limit))
+            budget = LocalBudget(self.capacity_bytes if limit is None else self._clamp_limit(limit))
         self._budget = budget
         self._null = space.null_blocks
         self.num_blocks = space.num_blocks - self._null
@@ -374,17 +383,12 @@ class BlockAllocator:
                 self._callers_mapping += 1
             try:
                 blocks = self._map_pages(pages, by_caller=True, take=n)
-            except LimitExceeded:
+            except LimitExceeded as exc:
                 with self._lock:
                     if self._unmapping:  # the limit frees up as soon as the unmapping in flight lands
                         self._wait(lambda: not self._unmapping, timeout=5.0)
                         continue
-                    raise self._refusal(
-                        LimitExceeded,
-                        f"{n} blocks would take mapped memory past the limit of {format_bytes(self._budget.limit)} "
-                        f"({format_bytes(self._budget.booked)} mapped, pages of {format_bytes(self.page_bytes)})",
-                        n,
-                    ) from None
+                    raise self._refusal(LimitExceeded, f"{n} blocks refused: {exc}", n) from None
             except AllocationRefused as exc:
                 with self._lock:
                     raise self._refusal(type(exc), str(exc), n) from exc
@@ -424,11 +428,10 @@ class BlockAllocator:
         mapped: list[int] = []
         lost: list[int] = []
         error: Exception | None = None
-        if not self._budget.try_book(nbytes):
-            error = LimitExceeded(
-                f"mapping {len(pages)} more page(s) of {format_bytes(self.page_bytes)} would exceed the limit "
-                f"of {format_bytes(self._budget.limit)} ({format_bytes(self._budget.booked)} mapped)"
-            )
+        try:
+            self._budget.book(nbytes)
+        except LimitExceeded as exc:
+            error = exc
         else:
             for p in pages:
                 try:
@@ -535,6 +538,7 @@ class BlockAllocator:
         with self._lock:
             self._policy.observe(now, self._in_use_locked())
             self._target = self._policy.target_blocks()
+        self._budget.sync(self.stats())  # a shared budget publishes our figures and reads live limits
         self._refill()
         self._trim(now)
 
@@ -625,8 +629,12 @@ class BlockAllocator:
         if nbytes <= 0:
             raise ConfigError(f"the memory limit must be positive, got {nbytes}")
         if nbytes > self.capacity_bytes:
-            if nbytes != self.capacity_bytes:
-                log.debug("limit %s is above the virtual capacity %s; clamped", nbytes, self.capacity_bytes)
+            log.warning(
+                "limit %s is above the cache's virtual capacity %s; using %s",
+                format_bytes(nbytes),
+                format_bytes(self.capacity_bytes),
+                format_bytes(self.capacity_bytes),
+            )
             return self.capacity_bytes
         return nbytes
 
