@@ -8,22 +8,44 @@ The public surface is small::
     blocks = alloc.allocate(n); space.buffer(layer, 0)[blocks] = ...; alloc.free(blocks)
 """
 
-from elastikv.allocator import AllocatorStats, BlockAllocator, Budget, LocalBudget
-from elastikv.config import Settings, parse_size
-from elastikv.errors import (
-    AllocationRefused,
-    ConfigError,
-    ElastikvError,
-    InvalidBlockError,
-    LimitExceeded,
-    OutOfMemory,
-)
-from elastikv.memory import MemoryBackend, open_backend
-from elastikv.space import KVGeometry, KVSpace
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names are imported on first use (PEP 562), so that `elastikv status` and `elastikv limit` start without
+# importing torch.
+_EXPORTS = {
+    "AllocatorStats": "elastikv.allocator",
+    "BlockAllocator": "elastikv.allocator",
+    "Budget": "elastikv.allocator",
+    "LocalBudget": "elastikv.allocator",
+    "Settings": "elastikv.config",
+    "parse_size": "elastikv.config",
+    "AllocationRefused": "elastikv.errors",
+    "ConfigError": "elastikv.errors",
+    "ElastikvError": "elastikv.errors",
+    "InvalidBlockError": "elastikv.errors",
+    "LimitExceeded": "elastikv.errors",
+    "OutOfMemory": "elastikv.errors",
+    "MemoryBackend": "elastikv.memory",
+    "open_backend": "elastikv.memory",
+    "KVGeometry": "elastikv.space",
+    "KVSpace": "elastikv.space",
+    "Instance": "elastikv.instance",
+    "open_instance": "elastikv.instance",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'elastikv' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022
     "AllocationRefused",
     "AllocatorStats",
     "BlockAllocator",
@@ -41,4 +63,6 @@ __all__ = [
     "__version__",
     "open_backend",
     "parse_size",
+    "Instance",
+    "open_instance",
 ]

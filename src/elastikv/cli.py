@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
+from dataclasses import asdict
 
 import click
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
 
 from elastikv import __version__
-from elastikv.config import BACKENDS, LAYOUTS, Settings, format_bytes
+from elastikv.config import BACKENDS, LAYOUTS, Settings, format_bytes, parse_size
 from elastikv.errors import ElastikvError
+from elastikv.ledger import DeviceSummary, Ledger, LedgerError, UnknownInstance, ledger_files
 
 
 def _settings(backend: str | None, layout: str | None) -> Settings:
@@ -54,12 +62,146 @@ def info(backend: str | None) -> None:
     be.close()
 
 
+# Exit codes a script can rely on.
+EXIT_OK, EXIT_USAGE, EXIT_UNKNOWN_INSTANCE, EXIT_LEDGER = 0, 2, 3, 4
+
+
+def _summaries(ledger_dir: str | None) -> list[DeviceSummary]:
+    out = []
+    for path in ledger_files(ledger_dir):
+        ledger = Ledger.open_existing(path)
+        try:
+            out.append(ledger.summary())
+        finally:
+            ledger.close()
+    return out
+
+
+def _ago(t: float) -> str:
+    dt = max(0.0, time.time() - t)
+    return f"{dt:.0f} s ago" if dt < 120 else f"{dt / 60:.0f} min ago" if dt < 7200 else f"{dt / 3600:.0f} h ago"
+
+
+def _status_tables(summaries: list[DeviceSummary]) -> Group | Text:
+    if not summaries:
+        return Text("no elastikv instance is running (no ledger found)")
+    parts: list[Table | Text] = []
+    for d in summaries:
+        table = Table(
+            title=f"{d.device_label}: {format_bytes(d.mapped_bytes)} held of a {format_bytes(d.budget_bytes)} "
+            f"budget ({d.budget} of {format_bytes(d.total_bytes)})",
+            title_justify="left",
+        )
+        for col in ("name", "engine", "pid", "mapped", "in use", "reserve", "limit", "share", "last activity"):
+            table.add_column(col, justify="left" if col in ("name", "engine") else "right")
+        for r in d.instances:
+            table.add_row(
+                r.name,
+                r.engine,
+                str(r.pid),
+                format_bytes(r.mapped_bytes),
+                format_bytes(r.in_use_bytes),
+                format_bytes(r.reserve_bytes),
+                format_bytes(r.limit_bytes),
+                f"{r.mapped_bytes / d.total_bytes:.1%}",
+                _ago(r.last_activity),
+            )
+        if not d.instances:
+            table.add_row("(none)", "", "", "", "", "", "", "", "")
+        parts.append(table)
+    return Group(*parts)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+def status(as_json: bool, watch: bool) -> None:
+    """Instances on each device: mapped, in use, reserve, limit, share of the device, last activity."""
+    ledger_dir = Settings.from_env().ledger_dir
+    if as_json:
+        data = [
+            {
+                **{k: v for k, v in asdict(d).items() if k != "instances"},
+                "mapped_bytes": d.mapped_bytes,
+                "instances": [r.as_dict() for r in d.instances],
+            }
+            for d in _summaries(ledger_dir)
+        ]
+        click.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    if not watch:
+        console.print(_status_tables(_summaries(ledger_dir)))
+        return
+    with Live(_status_tables(_summaries(ledger_dir)), console=console, refresh_per_second=2) as live:
+        try:
+            while True:
+                time.sleep(1.0)
+                live.update(_status_tables(_summaries(ledger_dir)))
+        except KeyboardInterrupt:
+            pass
+
+
+@main.command(context_settings={"ignore_unknown_options": True})  # so "-1GiB" reaches the size parser
+@click.argument("name")
+@click.argument("size", required=False)
+@click.option("--reset", is_flag=True, help="Back to the limit the instance started with.")
+@click.option("--device", default=None, help="Device id, when instances of that name run on several devices.")
+def limit(name: str, size: str | None, reset: bool, device: str | None) -> None:
+    """Set a running instance's memory limit: SIZE (8GiB, 512MiB) or PERCENT of the device (40%).
+
+    \b
+    Exit codes: 0 done; 2 bad arguments; 3 no running instance of that name; 4 ledger unusable.
+    """
+    if reset == (size is not None):
+        raise click.UsageError("give either a SIZE (or PERCENT) or --reset")
+    new = None if reset else parse_size(size or "", what="limit", allow_zero=False)
+    ledger_dir = Settings.from_env().ledger_dir
+    matches = []
+    for path in ledger_files(ledger_dir):
+        ledger = Ledger.open_existing(path)
+        if any(r.name == name for r in ledger.instances()) and device in (None, ledger.device_id):
+            matches.append(ledger)
+        else:
+            ledger.close()
+    if not matches:
+        running = sorted(r.name for d in _summaries(ledger_dir) for r in d.instances)
+        raise UnknownInstance(
+            f"no running instance named {name!r}" + (f"; running: {', '.join(running)}" if running else "")
+        )
+    if len(matches) > 1:
+        ids = ", ".join(m.device_id for m in matches)
+        for m in matches:
+            m.close()
+        raise click.UsageError(f"{name!r} runs on several devices ({ids}); pick one with --device")
+    ledger = matches[0]
+    try:
+        before = next(r for r in ledger.instances() if r.name == name).limit_bytes
+        row, warning = ledger.set_limit(name, new)
+    finally:
+        ledger.close()
+    if warning:
+        click.echo(f"elastikv: warning: {warning}", err=True)
+    click.echo(f"{name}: limit {format_bytes(row.limit_bytes)} (was {format_bytes(before)}) on {ledger.device_label}")
+
+
 def run() -> None:
     try:
-        main(standalone_mode=True)
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except UnknownInstance as exc:
+        click.echo(f"elastikv: {exc}", err=True)
+        sys.exit(EXIT_UNKNOWN_INSTANCE)
+    except LedgerError as exc:
+        click.echo(f"elastikv: {exc}", err=True)
+        sys.exit(EXIT_LEDGER)
     except ElastikvError as exc:
         click.echo(f"elastikv: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,9 @@ class Settings:
     reserve: Size = Size(nbytes=256 * 1024**2)
     host_memory: Size | None = None
     log_level: str = "INFO"
+    name: str | None = None
+    device_budget: Size | None = None  # None: keep what the device's ledger has (95% when new)
+    ledger_dir: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -164,6 +167,19 @@ def _int(raw: str, var: str) -> int:
     return value
 
 
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Instance names: what `elastikv status` shows and `elastikv limit NAME` takes."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(
+            f"{what}: {name!r} is not a usable instance name; use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
 def _log_level(raw: str, var: str) -> str:
     return check_choice(raw.upper(), ("DEBUG", "INFO", "WARNING", "ERROR"), var)
 
@@ -181,4 +197,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
         lambda raw, var: parse_size(raw, what=var, allow_percent=True, allow_zero=False),
     ),
     "ELASTIKV_LOG_LEVEL": ("log_level", _log_level),
+    "ELASTIKV_NAME": ("name", lambda raw, var: check_name(raw, var)),
+    "ELASTIKV_DEVICE_BUDGET": ("device_budget", lambda raw, var: parse_size(raw, what=var, allow_zero=False)),
+    "ELASTIKV_LEDGER_DIR": ("ledger_dir", lambda raw, var: raw),
 }

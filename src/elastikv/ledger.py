@@ -1,0 +1,477 @@
+"""Ledger: the cross-process book of what every elastikv instance on one device holds and may hold.
+
+One SQLite file per device (named by the GPU's UUID, or the machine for the host backend) in a private
+directory on tmpfs (``/dev/shm/elastikv-<uid>``, 0700; the file 0600). Why SQLite: real transactions
+(``BEGIN IMMEDIATE`` takes the write lock before reading, so a check and a booking are one step across
+processes) and crash-safe locks (POSIX locks the kernel drops when a process dies, however it dies), in the
+standard library. tmpfs because nothing here must survive a reboot and fsync would only cost time.
+
+Who owns what: each row belongs to the process whose pid and start time it carries; only that process books
+and releases its bytes. Anyone may change a row's limit (the CLI does); the owner picks it up on its next
+``sync`` (a few times a second) or booking. Every transaction first removes rows whose process is gone or
+whose pid now belongs to another process (start time differs), so a dead instance holds nothing after the
+next access by anyone.
+
+Admission (invariant 3): ``book`` checks the instance's limit and the device budget and books, in one
+transaction. The device budget is the configured size or fraction (95% of the device by default), bounded
+by what elastikv instances hold plus what the driver reports free, so memory taken by processes that do not
+use elastikv is respected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from elastikv.config import Size, check_name, format_bytes, parse_size
+from elastikv.errors import ConfigError, ElastikvError, LimitExceeded
+
+if TYPE_CHECKING:
+    from elastikv.allocator import AllocatorStats
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DEFAULT_BUDGET = Size(fraction=0.95)
+SYNC_INTERVAL = 0.2  # seconds between an instance's stats publications / limit reads
+
+
+class LedgerError(ElastikvError, RuntimeError):
+    """The ledger cannot be used: foreign, corrupt, or its files have unsafe permissions."""
+
+
+class UnknownInstance(ElastikvError, LookupError):
+    """No live instance has that name on any device."""
+
+
+class NameTaken(ConfigError):
+    """A live instance on the device already has that name."""
+
+
+def default_dir() -> Path:
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
+    return base / f"elastikv-{os.getuid()}"
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except PermissionError:  # hidepid: assume alive with the start time we know cannot be checked
+        return -1
+    fields = data[data.rindex(b")") + 2 :].split()
+    return int(fields[19])  # field 22 of stat(5); fields[0] is field 3
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    name: str
+    pid: int
+    start_time: int
+    engine: str
+    limit_bytes: int
+    startup_limit_bytes: int
+    capacity_bytes: int
+    mapped_bytes: int
+    in_use_bytes: int
+    reserve_bytes: int
+    last_activity: float
+    registered: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    device_id: str
+    device_label: str
+    total_bytes: int
+    budget_bytes: int
+    budget: str
+    free_bytes: int | None
+    instances: list[InstanceRow]
+
+    @property
+    def mapped_bytes(self) -> int:
+        return sum(r.mapped_bytes for r in self.instances)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS instances (
+    name TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    start_time INTEGER NOT NULL,
+    engine TEXT NOT NULL,
+    limit_bytes INTEGER NOT NULL,
+    startup_limit_bytes INTEGER NOT NULL,
+    capacity_bytes INTEGER NOT NULL,
+    mapped_bytes INTEGER NOT NULL DEFAULT 0,
+    in_use_bytes INTEGER NOT NULL DEFAULT 0,
+    reserve_bytes INTEGER NOT NULL DEFAULT 0,
+    last_activity REAL NOT NULL,
+    registered REAL NOT NULL
+);
+"""
+_COLUMNS = (
+    "name, pid, start_time, engine, limit_bytes, startup_limit_bytes, capacity_bytes, mapped_bytes, "
+    "in_use_bytes, reserve_bytes, last_activity, registered"
+)
+
+
+def _slug(device_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", device_id)
+
+
+def _check_private(path: Path, want_mode: int, what: str) -> None:
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise LedgerError(
+            f"the ledger {what} {path} belongs to uid {st.st_uid}, not you ({os.getuid()}); "
+            "set ELASTIKV_LEDGER_DIR to a directory of your own"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise LedgerError(
+            f"the ledger {what} {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"run: chmod {want_mode:o} {path}"
+        )
+
+
+class Ledger:
+    """The ledger of one device. Thread-safe; one connection per process and device."""
+
+    def __init__(
+        self,
+        device_id: str,
+        *,
+        device_label: str = "",
+        total_bytes: int,
+        free_bytes: Callable[[], int] | None = None,
+        directory: str | Path | None = None,
+        budget: Size | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.device_label = device_label or device_id
+        self.total_bytes = total_bytes
+        self._free_bytes = free_bytes
+        self.directory = Path(directory) if directory else default_dir()
+        self.path = self.directory / f"{_slug(device_id)}.sqlite"
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._start = process_start_time(self._pid)
+        self._db = self._open()
+        with self._transaction(reap=False) as db:  # the tables may not exist yet
+            self._init_meta(db, budget)
+
+    # -- opening -------------------------------------------------------------------------------------------
+    @classmethod
+    def open_existing(cls, path: Path) -> Ledger:
+        """Open a ledger file that some instance created (for the CLI: device facts come from its meta)."""
+        self = cls.__new__(cls)
+        self.path = path
+        self.directory = path.parent
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._start = process_start_time(self._pid)
+        self._free_bytes = None
+        self._db = self._open(create=False)
+        meta = self._meta()
+        self.device_id = meta["device_id"]
+        self.device_label = meta.get("device_label", self.device_id)
+        self.total_bytes = int(meta["total_bytes"])
+        return self
+
+    def _open(self, create: bool = True) -> sqlite3.Connection:
+        if not self.directory.exists():
+            if not create:
+                raise LedgerError(f"no ledger directory at {self.directory}")
+            old = os.umask(0o077)
+            try:
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            finally:
+                os.umask(old)
+        _check_private(self.directory, 0o700, "directory")
+        if self.path.exists():
+            _check_private(self.path, 0o600, "file")
+        elif create:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+            os.close(fd)
+        else:
+            raise LedgerError(f"no ledger at {self.path}")
+        try:
+            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout = 10000")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = OFF")  # tmpfs: there is no disk to be durable on
+        except sqlite3.DatabaseError as exc:
+            raise self._corrupt(exc) from exc
+        return db
+
+    def _corrupt(self, exc: Exception) -> LedgerError:
+        return LedgerError(
+            f"the ledger {self.path} is unreadable ({exc}); if no elastikv process is running, remove it "
+            f"(rm {self.path}*) and it will be made afresh"
+        )
+
+    def _init_meta(self, db: sqlite3.Connection, budget: Size | None) -> None:
+        # One statement at a time: executescript() would commit in the middle of our transaction.
+        for statement in _SCHEMA.strip().split(";"):
+            if statement.strip():
+                db.execute(statement)
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        if meta:
+            if meta.get("schema") != str(SCHEMA_VERSION):
+                raise LedgerError(
+                    f"the ledger {self.path} has schema {meta.get('schema')!r}, this elastikv needs "
+                    f"{SCHEMA_VERSION}; stop the other elastikv processes, then remove it"
+                )
+            if meta.get("device_id") != self.device_id:
+                raise LedgerError(f"the ledger {self.path} belongs to device {meta.get('device_id')!r}")
+        values = {
+            "schema": str(SCHEMA_VERSION),
+            "device_id": self.device_id,
+            "device_label": self.device_label,
+            "total_bytes": str(self.total_bytes),
+        }
+        if budget is not None:
+            if meta.get("budget") not in (None, str(budget)):
+                log.info("device budget of %s changed from %s to %s", self.device_label, meta.get("budget"), budget)
+            values["budget"] = str(budget)
+        elif "budget" not in meta:
+            values["budget"] = str(DEFAULT_BUDGET)
+        for key, value in values.items():
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _meta(self) -> dict[str, str]:
+        try:
+            with self._lock:
+                return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise self._corrupt(exc) from exc
+
+    # -- transactions --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self, reap: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction, dead instances reaped first. The only way this module writes."""
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.DatabaseError as exc:
+                raise self._corrupt(exc) from exc
+            try:
+                if reap:
+                    self._reap(db)
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
+
+    def _reap(self, db: sqlite3.Connection) -> None:
+        try:
+            rows = db.execute("SELECT name, pid, start_time FROM instances").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise self._corrupt(exc) from exc
+        for name, pid, start in rows:
+            if pid == self._pid and start == self._start:
+                continue
+            now = process_start_time(pid)
+            if now is None or (now != -1 and now != start):
+                db.execute("DELETE FROM instances WHERE name = ? AND pid = ?", (name, pid))
+                log.info("removed instance %r of dead process %d from the ledger", name, pid)
+
+    # -- budget --------------------------------------------------------------------------------------------
+    def budget_spec(self) -> Size:
+        return parse_size(self._meta().get("budget", str(DEFAULT_BUDGET)), what="device budget")
+
+    def _budget_bytes(self, db: sqlite3.Connection, held: int) -> int:
+        spec = parse_size(db.execute("SELECT value FROM meta WHERE key = 'budget'").fetchone()[0], what="device budget")
+        budget = spec.resolve(self.total_bytes)
+        if self._free_bytes is not None:
+            budget = min(budget, held + self._free_bytes())
+        return budget
+
+    # -- instances -----------------------------------------------------------------------------------------
+    def register(self, name: str, *, engine: str, limit: int, capacity: int) -> LedgerBudget:
+        check_name(name, "instance name")
+        if limit <= 0:
+            raise ConfigError(f"the memory limit of {name!r} must be positive, got {limit}")
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT pid FROM instances WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                raise NameTaken(
+                    f"an instance named {name!r} is already running on {self.device_label} (pid {row[0]}); "
+                    "pick another name (--name or ELASTIKV_NAME)"
+                )
+            db.execute(
+                f"INSERT INTO instances ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0, ?, ?)",
+                (name, self._pid, self._start, engine, limit, limit, capacity, now, now),
+            )
+        return LedgerBudget(self, name, limit)
+
+    def unregister(self, name: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM instances WHERE name = ? AND pid = ?", (name, self._pid))
+
+    def book(self, name: str, nbytes: int) -> int:
+        """Book ``nbytes`` for ``name`` if its limit and the device budget allow; return its current limit."""
+        with self._transaction() as db:
+            row = db.execute("SELECT mapped_bytes, limit_bytes FROM instances WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise LedgerError(f"instance {name!r} is not in the ledger {self.path} (was the file removed?)")
+            mapped, limit = row
+            if mapped + nbytes > limit:
+                raise LimitExceeded(
+                    f"{name}: mapping {format_bytes(nbytes)} more would exceed its limit of {format_bytes(limit)} "
+                    f"({format_bytes(mapped)} mapped)"
+                )
+            held = db.execute("SELECT COALESCE(SUM(mapped_bytes), 0) FROM instances").fetchone()[0]
+            budget = self._budget_bytes(db, held)
+            if held + nbytes > budget:
+                raise LimitExceeded(
+                    f"{name}: the device budget of {self.device_label} is full ({format_bytes(held)} of "
+                    f"{format_bytes(budget)} held by elastikv instances; {format_bytes(nbytes)} more asked)"
+                )
+            db.execute(
+                "UPDATE instances SET mapped_bytes = mapped_bytes + ?, last_activity = ? WHERE name = ?",
+                (nbytes, time.time(), name),
+            )
+            return int(limit)
+
+    def release(self, name: str, nbytes: int) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE instances SET mapped_bytes = MAX(0, mapped_bytes - ?) WHERE name = ? AND pid = ?",
+                (nbytes, name, self._pid),
+            )
+
+    def publish(self, name: str, *, in_use: int, reserve: int, active: bool) -> int:
+        """Store an instance's figures; return its limit (which another process may have changed)."""
+        with self._transaction() as db:
+            if active:
+                db.execute(
+                    "UPDATE instances SET in_use_bytes = ?, reserve_bytes = ?, last_activity = ? WHERE name = ?",
+                    (in_use, reserve, time.time(), name),
+                )
+            else:
+                db.execute(
+                    "UPDATE instances SET in_use_bytes = ?, reserve_bytes = ? WHERE name = ?", (in_use, reserve, name)
+                )
+            row = db.execute("SELECT limit_bytes FROM instances WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise LedgerError(f"instance {name!r} is not in the ledger {self.path} (was the file removed?)")
+        return int(row[0])
+
+    def set_limit(self, name: str, limit: Size | None) -> tuple[InstanceRow, str]:
+        """Set ``name``'s limit (None: back to its start-up limit). Returns the row and a warning, if any."""
+        warning = ""
+        with self._transaction() as db:
+            row = db.execute(f"SELECT {_COLUMNS} FROM instances WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise UnknownInstance(f"no running instance named {name!r} on {self.device_label}")
+            inst = InstanceRow(*row)
+            if limit is None:
+                nbytes = inst.startup_limit_bytes
+            else:
+                nbytes = limit.resolve(self.total_bytes)
+                if nbytes <= 0:
+                    raise ConfigError(f"the limit of {name!r} must be more than zero, got {limit}")
+                if nbytes > inst.capacity_bytes:
+                    warning = (
+                        f"{limit} is above {name}'s virtual capacity of {format_bytes(inst.capacity_bytes)}; "
+                        f"its limit is {format_bytes(inst.capacity_bytes)}"
+                    )
+                    nbytes = inst.capacity_bytes
+            db.execute("UPDATE instances SET limit_bytes = ? WHERE name = ?", (nbytes, name))
+            row = db.execute(f"SELECT {_COLUMNS} FROM instances WHERE name = ?", (name,)).fetchone()
+        return InstanceRow(*row), warning
+
+    def instances(self) -> list[InstanceRow]:
+        with self._transaction() as db:
+            rows = db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY name").fetchall()
+        return [InstanceRow(*r) for r in rows]
+
+    def summary(self) -> DeviceSummary:
+        with self._transaction() as db:
+            rows = [InstanceRow(*r) for r in db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY name")]
+            held = sum(r.mapped_bytes for r in rows)
+            spec = db.execute("SELECT value FROM meta WHERE key = 'budget'").fetchone()[0]
+            budget = self._budget_bytes(db, held)
+        free = self._free_bytes() if self._free_bytes is not None else None
+        return DeviceSummary(self.device_id, self.device_label, self.total_bytes, budget, spec, free, rows)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class LedgerBudget:
+    """The allocator's :class:`~elastikv.allocator.Budget` backed by the device's ledger."""
+
+    def __init__(self, ledger: Ledger, name: str, limit: int) -> None:
+        self.ledger = ledger
+        self.name = name
+        self._limit = limit  # cached: refreshed at every booking and sync
+        self._booked = 0
+        self._lock = threading.Lock()
+        self._last_sync = 0.0
+        self._last_figures: tuple[int, int, int] | None = None
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
+    def booked(self) -> int:
+        return self._booked
+
+    def book(self, nbytes: int) -> None:
+        with self._lock:
+            self._limit = self.ledger.book(self.name, nbytes)
+            self._booked += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.ledger.release(self.name, nbytes)
+            self._booked -= nbytes
+
+    def set_limit(self, nbytes: int) -> None:
+        row, _ = self.ledger.set_limit(self.name, Size(nbytes=nbytes))
+        self._limit = row.limit_bytes
+
+    def sync(self, stats: AllocatorStats) -> None:
+        now = time.monotonic()
+        if now - self._last_sync < SYNC_INTERVAL:
+            return
+        self._last_sync = now
+        reserve = stats.pages_empty * stats.page_bytes
+        in_use = stats.mapped_bytes - reserve
+        figures = (in_use, reserve, stats.blocks_in_use)
+        active = figures != self._last_figures
+        self._last_figures = figures
+        self._limit = self.ledger.publish(self.name, in_use=in_use, reserve=reserve, active=active)
+
+    def close(self) -> None:
+        self.ledger.unregister(self.name)
+
+
+def ledger_files(directory: str | Path | None = None) -> list[Path]:
+    d = Path(directory) if directory else default_dir()
+    return sorted(d.glob("*.sqlite")) if d.is_dir() else []

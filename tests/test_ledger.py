@@ -1,0 +1,366 @@
+"""The cross-process ledger: admission, limits, dead processes, bad ledgers; then real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from elastikv.config import Size, parse_size
+from elastikv.errors import ConfigError, LimitExceeded
+from elastikv.ledger import Ledger, LedgerError, NameTaken, UnknownInstance, process_start_time
+
+MiB = 1024**2
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_ledger(tmp_path: Path, budget: str = "64MiB", free: int | None = None) -> Ledger:
+    return Ledger(
+        "host:test-device",
+        device_label="test device",
+        total_bytes=1024 * MiB,
+        free_bytes=(lambda: free) if free is not None else None,
+        directory=tmp_path / "ledger",
+        budget=parse_size(budget),
+    )
+
+
+def test_admission_checks_the_instance_limit_and_the_device_budget(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    a = ledger.register("a", engine="test", limit=40 * MiB, capacity=512 * MiB)
+    b = ledger.register("b", engine="test", limit=40 * MiB, capacity=512 * MiB)
+    a.book(32 * MiB)
+    with pytest.raises(LimitExceeded, match=r"a: .* exceed its limit of 40 MiB"):
+        a.book(16 * MiB)
+    b.book(32 * MiB)
+    with pytest.raises(LimitExceeded, match="device budget of test device is full"):
+        b.book(4 * MiB)  # 68 MiB > 64 MiB budget, though within b's own limit
+    a.release(8 * MiB)
+    b.book(4 * MiB)
+    rows = {r.name: r for r in ledger.instances()}
+    assert rows["a"].mapped_bytes == 24 * MiB and rows["b"].mapped_bytes == 36 * MiB
+    assert a.booked == 24 * MiB and b.booked == 36 * MiB
+    ledger.close()
+
+
+def test_budget_respects_memory_used_outside_elastikv(tmp_path: Path) -> None:
+    """A device of 1 GiB where another program took all but 20 MiB: elastikv may hold at most those 20 MiB."""
+    mapped = [0]
+    ledger = Ledger(
+        "host:test-device",
+        total_bytes=1024 * MiB,
+        directory=tmp_path / "ledger",
+        budget=parse_size("95%"),
+        free_bytes=lambda: 20 * MiB - mapped[0],  # what the driver reports: less as elastikv maps
+    )
+    a = ledger.register("a", engine="test", limit=900 * MiB, capacity=900 * MiB)
+    a.book(16 * MiB)
+    mapped[0] = 16 * MiB
+    with pytest.raises(LimitExceeded, match="device budget"):
+        a.book(8 * MiB)
+    a.book(4 * MiB)
+    ledger.close()
+
+
+def test_concurrent_bookings_never_overshoot(tmp_path: Path) -> None:
+    """Many threads with their own connections race to book: the sum never passes the budget."""
+    ledgers = [make_ledger(tmp_path) for _ in range(4)]
+    budgets = [led.register(f"t{i}", engine="test", limit=64 * MiB, capacity=64 * MiB) for i, led in enumerate(ledgers)]
+    granted = [0] * 4
+
+    def grab(i: int) -> None:
+        for _ in range(40):
+            try:
+                budgets[i].book(MiB)
+                granted[i] += MiB
+            except LimitExceeded:
+                pass
+
+    threads = [threading.Thread(target=grab, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(granted) == 64 * MiB
+    assert sum(r.mapped_bytes for r in ledgers[0].instances()) == 64 * MiB
+    for led in ledgers:
+        led.close()
+
+
+def test_names_are_unique_and_checked(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    ledger.register("model-a", engine="test", limit=MiB, capacity=MiB)
+    with pytest.raises(NameTaken, match=r"'model-a' is already running on test device .*pick another name"):
+        ledger.register("model-a", engine="test", limit=MiB, capacity=MiB)
+    for bad in ("", "has space", "-dash", "x" * 65, "a/b"):
+        with pytest.raises(ConfigError, match="not a usable instance name"):
+            ledger.register(bad, engine="test", limit=MiB, capacity=MiB)
+    with pytest.raises(ConfigError, match="must be positive"):
+        ledger.register("zero", engine="test", limit=0, capacity=MiB)
+    ledger.close()
+
+
+def test_limits_set_clamped_reset(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    budget = ledger.register("m", engine="test", limit=32 * MiB, capacity=256 * MiB)
+    row, warning = ledger.set_limit("m", Size(fraction=0.1))  # 10% of the 1 GiB device
+    assert row.limit_bytes == 1024 * MiB // 10 and not warning
+    row, warning = ledger.set_limit("m", parse_size("2GiB"))
+    assert row.limit_bytes == 256 * MiB and "above m's virtual capacity" in warning
+    row, _ = ledger.set_limit("m", None)
+    assert row.limit_bytes == 32 * MiB
+    with pytest.raises(UnknownInstance, match="no running instance named 'ghost'"):
+        ledger.set_limit("ghost", parse_size("1GiB"))
+    with pytest.raises(ConfigError, match="more than zero"):
+        ledger.set_limit("m", Size(fraction=0.0))
+    assert budget.limit == 32 * MiB
+    ledger.close()
+
+
+def test_a_dead_process_holds_nothing_after_the_next_access(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    code = (
+        "import sys, time; from elastikv.ledger import Ledger; from elastikv.config import parse_size;"
+        f"led = Ledger('host:test-device', total_bytes={1024 * MiB}, directory={str(tmp_path / 'ledger')!r},"
+        " budget=parse_size('64MiB'));"
+        "b = led.register('doomed', engine='test', limit=64*2**20, capacity=64*2**20); b.book(48*2**20);"
+        "print('booked', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "booked"
+    assert [r.name for r in ledger.instances()] == ["doomed"]
+    mine = ledger.register("survivor", engine="test", limit=64 * MiB, capacity=64 * MiB)
+    with pytest.raises(LimitExceeded):
+        mine.book(32 * MiB)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    mine.book(32 * MiB)  # the very next access reaps the dead row and its 48 MiB
+    assert [r.name for r in ledger.instances()] == ["survivor"]
+    ledger.close()
+
+
+def test_a_reused_pid_does_not_keep_a_dead_row(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    ledger.register("live", engine="test", limit=MiB, capacity=MiB)
+    with sqlite3.connect(ledger.path) as db:  # a row with our pid but another process's start time
+        db.execute(
+            "INSERT INTO instances VALUES ('old', ?, ?, 'test', 1, 1, 1, 1, 0, 0, 0, 0)",
+            (os.getpid(), (process_start_time(os.getpid()) or 0) - 1),
+        )
+    assert [r.name for r in ledger.instances()] == ["live"]
+    ledger.close()
+
+
+def test_unsafe_or_broken_ledgers_are_clear_errors(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)
+    ledger.register("x", engine="test", limit=MiB, capacity=MiB)
+    ledger.close()
+    path = ledger.path
+    os.chmod(path, 0o644)
+    with pytest.raises(LedgerError, match=rf"open to other users \(mode 644\); run: chmod 600 {path}"):
+        make_ledger(tmp_path)
+    os.chmod(path, 0o600)
+    os.chmod(path.parent, 0o755)
+    with pytest.raises(LedgerError, match="chmod 700"):
+        make_ledger(tmp_path)
+    os.chmod(path.parent, 0o700)
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    garbage = b"this is not a database" * 100
+    path.write_bytes(garbage)
+    with pytest.raises(LedgerError, match=r"unreadable .*remove it"):
+        make_ledger(tmp_path)
+    assert path.read_bytes() == garbage, "a broken ledger is reported, never overwritten"
+    other = Ledger("GPU-other", total_bytes=MiB, directory=tmp_path / "ledger2")
+    other.close()
+    Path(tmp_path / "ledger2" / "GPU-other.sqlite").rename(tmp_path / "ledger2" / "host_test-device.sqlite")
+    with pytest.raises(LedgerError, match="belongs to device 'GPU-other'"):
+        Ledger("host:test-device", total_bytes=MiB, directory=tmp_path / "ledger2")
+
+
+# ----------------------------------------------------------------------------------------- real processes
+def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIKV")}
+    env.update(
+        PYTHONPATH=str(REPO / "src"),
+        ELASTIKV_BACKEND="host",
+        ELASTIKV_LEDGER_DIR=str(tmp_path / "ledger"),
+        ELASTIKV_DEVICE_BUDGET="48MiB",
+        ELASTIKV_RESERVE="4MiB",
+    )
+    env.update(extra)
+    return env
+
+
+def spawn(tmp_path: Path, *args: str, **extra: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "instance_worker.py"), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=worker_env(tmp_path, **extra),
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        raise AssertionError(f"worker {args} failed to start: {proc.stderr.read() if proc.stderr else ''}")
+    return proc, json.loads(line)
+
+
+def memfd_bytes(pid: int, fd: int) -> int:
+    """What the kernel really holds for a worker's KV memory, read from outside the worker."""
+    try:
+        return os.stat(f"/proc/{pid}/fd/{fd}").st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def test_four_processes_share_a_small_budget_and_a_killed_one_gives_its_share_back(tmp_path: Path) -> None:
+    budget = 48 * MiB
+    workers = [spawn(tmp_path, f"w{i}", "random", "4", str(i)) for i in range(4)]
+    ledger = Ledger.open_existing(next((tmp_path / "ledger").glob("*.sqlite")))
+    peak, samples, over = 0, 0, []
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak, samples
+        while not stop.is_set():
+            real = sum(memfd_bytes(info["pid"], info["memfd"]) for proc, info in workers if proc.poll() is None)
+            if real > budget:
+                over.append(real)
+            peak = max(peak, real)
+            samples += 1
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    time.sleep(1.5)
+    victim, _ = workers[3]
+    assert "w3" in [r.name for r in ledger.instances()]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    rows = ledger.instances()  # one ledger access
+    assert "w3" not in [r.name for r in rows], "the killed process still holds a share"
+    assert sum(r.mapped_bytes for r in rows) <= budget
+    results = []
+    for proc, _ in workers[:3]:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    stop.set()
+    sampler.join()
+    assert not over, f"physical memory passed the budget: {max(over)} > {budget}"
+    assert samples > 100 and peak > budget // 2, (samples, peak)
+    assert all(r["done"] and r["allocs"] > 10 for r in results), results
+    assert sum(r["refusals"] for r in results) > 0, "the budget never bound: the test proves nothing"
+    assert ledger.instances() == [], "clean exits leave the ledger"
+    ledger.close()
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "elastikv.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=worker_env(tmp_path),
+    )
+
+
+def status(tmp_path: Path) -> dict[str, dict[str, int]]:
+    out = cli(tmp_path, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    return {r["name"]: r for d in json.loads(out.stdout) for r in d["instances"]}
+
+
+def ask(proc: subprocess.Popen[str], command: str) -> dict[str, object]:
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(command + "\n")
+    proc.stdin.flush()
+    return json.loads(proc.stdout.readline())
+
+
+def wait_for(check, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def test_live_limit_changes_from_the_cli(tmp_path: Path) -> None:
+    page = 4 * MiB
+    proc, _ = spawn(tmp_path, "svc", "serve", ELASTIKV_LIMIT="40MiB", ELASTIKV_RESERVE="8MiB")
+    assert ask(proc, "grow 96")["ok"]  # 3 pages in use; the reserve adds 2 more
+    wait_for(lambda: status(tmp_path)["svc"]["mapped_bytes"] == 5 * page)
+
+    out = cli(tmp_path, "limit", "svc", "8MiB")  # lower, below current use
+    assert out.returncode == 0 and "svc: limit 8 MiB (was 40 MiB)" in out.stdout, out.stderr
+    wait_for(lambda: status(tmp_path)["svc"]["mapped_bytes"] == 3 * page)  # the reserve goes back at once
+    refused = ask(proc, "grow 32")
+    assert not refused["ok"] and refused["error"] == "LimitExceeded"  # growth stops
+    assert ask(proc, "free 32")["ok"]
+    wait_for(lambda: status(tmp_path)["svc"]["mapped_bytes"] == 2 * page)  # then pages as they empty
+
+    out = cli(tmp_path, "limit", "svc", "10%")  # raise (10% of the host's memory: far above the 40 MiB)
+    assert out.returncode == 0, out.stderr
+    assert ask(proc, "grow 160")["ok"]  # growth at the next allocation
+    out = cli(tmp_path, "limit", "svc", "--reset")
+    assert out.returncode == 0 and "svc: limit 40 MiB" in out.stdout
+    assert status(tmp_path)["svc"]["limit_bytes"] == 40 * MiB
+
+    out = cli(tmp_path, "limit", "nobody", "1GiB")
+    assert out.returncode == 3 and "no running instance named 'nobody'; running: svc" in out.stderr
+    for bad in ("lots", "-1GiB", "0", "150%"):
+        out = cli(tmp_path, "limit", "svc", bad)
+        assert out.returncode == 2 and "limit:" in out.stderr, (bad, out.stderr)
+    dup = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "instance_worker.py"), "svc", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=worker_env(tmp_path),
+        input="exit\n",
+    )
+    assert dup.returncode != 0 and "an instance named 'svc' is already running" in dup.stderr
+    ask_exit = proc.stdin
+    assert ask_exit is not None
+    ask_exit.write("exit\n")
+    ask_exit.flush()
+    assert proc.wait(timeout=30) == 0
+    assert status(tmp_path) == {}
+
+
+def test_sigterm_leaves_the_ledger_clean(tmp_path: Path) -> None:
+    proc, _ = spawn(tmp_path, "term", "serve")
+    assert ask(proc, "grow 10")["ok"]
+    assert "term" in status(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    with sqlite3.connect(next((tmp_path / "ledger").glob("*.sqlite"))) as db:  # no reaping: a raw look
+        assert db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 0
+
+
+def test_status_and_limit_report_a_broken_ledger(tmp_path: Path) -> None:
+    d = tmp_path / "ledger"
+    d.mkdir(mode=0o700)
+    (d / "host_x.sqlite").write_bytes(b"garbage" * 100)
+    os.chmod(d / "host_x.sqlite", 0o600)
+    out = cli(tmp_path, "status")
+    assert out.returncode == 4 and "unreadable" in out.stderr and "Traceback" not in out.stderr
+    out = cli(tmp_path, "limit", "x", "1GiB")
+    assert out.returncode == 4
