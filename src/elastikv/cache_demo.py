@@ -9,6 +9,7 @@ static cache would hold all along (the whole device).
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -17,10 +18,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from elastikv.allocator import BlockAllocator
 from elastikv.config import Settings, format_bytes
-from elastikv.memory import HostBackend, MemoryBackend, open_backend
-from elastikv.space import KVGeometry, KVSpace
+from elastikv.instance import Instance, open_instance
+from elastikv.memory import HostBackend, MemoryBackend
+from elastikv.space import KVGeometry
 
 LLAMA_8B = KVGeometry.for_attention(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16)
 
@@ -33,28 +34,16 @@ class Request:
 
 
 def run_demo(
-    settings: Settings,
-    *,
-    steps: int = 24,
-    step_seconds: float = 0.3,
-    seed: int = 0,
-    console: Console | None = None,
+    settings: Settings, *, steps: int = 24, step_seconds: float = 0.3, seed: int = 0, console: Console | None = None
 ) -> dict[str, float]:
-    """Run the demo and return its headline figures (bytes)."""
+    """Run the demo (as a ledger instance named "demo", visible to `elastikv status`); return its figures."""
     console = console or Console()
-    backend = open_backend(settings.backend, device=settings.device, host_memory=_host_memory(settings))
+    inst = open_instance(LLAMA_8B, engine="demo", name=settings.name or f"demo-{os.getpid()}", settings=settings)
     try:
-        return _demo(backend, settings, steps, step_seconds, seed, console)
+        return _demo(inst, settings, steps, step_seconds, seed, console)
     finally:
-        backend.close()
-
-
-def _host_memory(settings: Settings) -> int | None:
-    if settings.host_memory is None:
-        return None
-    with open("/proc/meminfo") as f:
-        total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
-    return settings.host_memory.resolve(total)
+        inst.close()
+        inst.backend.close()
 
 
 def _held(backend: MemoryBackend, used0: int) -> int:
@@ -66,17 +55,18 @@ def _held(backend: MemoryBackend, used0: int) -> int:
 
 
 def _demo(
-    backend: MemoryBackend, settings: Settings, steps: int, step_seconds: float, seed: int, console: Console
+    inst: Instance, settings: Settings, steps: int, step_seconds: float, seed: int, console: Console
 ) -> dict[str, float]:
     rng = random.Random(seed)
+    backend, space, alloc = inst.backend, inst.space, inst.allocator
+    alloc.maintain()  # let the minimum reserve land before the baseline is read
     free0, total = backend.mem_info()
-    used0 = total - free0
-    space = KVSpace(backend, LLAMA_8B, layout=settings.layout)
-    alloc = BlockAllocator(space, limit=settings.limit.resolve(total), reserve_bytes=settings.reserve.resolve(total))
+    used0 = total - free0 - alloc.stats().mapped_bytes
     console.print(f"[bold]elastikv demo[/] on {backend.device_label}")
     console.print(f"  {space.describe()}")
     console.print(
-        f"  limit {format_bytes(alloc.limit)}, minimum reserve {format_bytes(settings.reserve.resolve(total))}; "
+        f"  instance {inst.name!r} (see `elastikv status`), limit {format_bytes(alloc.limit)}, "
+        f"minimum reserve {format_bytes(settings.reserve.resolve(total))}; "
         "a static cache would hold all of it from the start\n"
     )
     # Requests sized so the peak takes roughly a third of the device (less on a host: populating host
@@ -147,8 +137,6 @@ def _demo(
         f"{s.pages_mapped_total} pages mapped and {s.pages_unmapped_total} unmapped in all, "
         f"{s.pages_mapped_by_caller} mapped on the caller's thread."
     )
-    alloc.close()
-    space.close()
     return {
         "peak_mapped": peak_mapped,
         "capacity": capacity,

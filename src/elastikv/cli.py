@@ -77,9 +77,17 @@ def _summaries(ledger_dir: str | None) -> list[DeviceSummary]:
     return out
 
 
+def _short(n: int) -> str:
+    """Bytes in a few characters, for tables: 1.1G, 256M, 0."""
+    for unit, size in (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
 def _ago(t: float) -> str:
     dt = max(0.0, time.time() - t)
-    return f"{dt:.0f} s ago" if dt < 120 else f"{dt / 60:.0f} min ago" if dt < 7200 else f"{dt / 3600:.0f} h ago"
+    return f"{dt:.0f}s ago" if dt < 120 else f"{dt / 60:.0f}m ago" if dt < 7200 else f"{dt / 3600:.0f}h ago"
 
 
 def _status_tables(summaries: list[DeviceSummary]) -> Group | Text:
@@ -92,17 +100,17 @@ def _status_tables(summaries: list[DeviceSummary]) -> Group | Text:
             f"budget ({d.budget} of {format_bytes(d.total_bytes)})",
             title_justify="left",
         )
-        for col in ("name", "engine", "pid", "mapped", "in use", "reserve", "limit", "share", "last activity"):
-            table.add_column(col, justify="left" if col in ("name", "engine") else "right")
+        for col in ("name", "engine", "pid", "mapped", "in use", "reserve", "limit", "share", "active"):
+            table.add_column(col, justify="left" if col in ("name", "engine") else "right", no_wrap=True)
         for r in d.instances:
             table.add_row(
                 r.name,
                 r.engine,
                 str(r.pid),
-                format_bytes(r.mapped_bytes),
-                format_bytes(r.in_use_bytes),
-                format_bytes(r.reserve_bytes),
-                format_bytes(r.limit_bytes),
+                _short(r.mapped_bytes),
+                _short(r.in_use_bytes),
+                _short(r.reserve_bytes),
+                _short(r.limit_bytes),
                 f"{r.mapped_bytes / d.total_bytes:.1%}",
                 _ago(r.last_activity),
             )
