@@ -51,7 +51,6 @@ from elastikv.space import KVSpace
 log = logging.getLogger(__name__)
 
 UNMAPPED, MAPPING, MAPPED, UNMAPPING, LOST = 0, 1, 2, 3, 4
-_STATE_NAMES = ("unmapped", "mapping", "mapped", "unmapping", "lost")
 _ONES = b"\x01" * 4096
 
 
@@ -679,9 +678,6 @@ class BlockAllocator:
                 pages_mapped_by_caller=self._pages_mapped_by_caller,
                 refusals=self._refusals,
             )
-
-    def page_state(self, page: int) -> str:
-        return _STATE_NAMES[self._state[page]]
 
     # ===================================================================================== lifetime
     def _check_open(self) -> None:

@@ -297,9 +297,6 @@ class Ledger:
                 log.info("removed instance %r of dead process %d from the ledger", name, pid)
 
     # -- budget --------------------------------------------------------------------------------------------
-    def budget_spec(self) -> Size:
-        return parse_size(self._meta().get("budget", str(DEFAULT_BUDGET)), what="device budget")
-
     def _budget_bytes(self, db: sqlite3.Connection, held: int) -> int:
         spec = parse_size(db.execute("SELECT value FROM meta WHERE key = 'budget'").fetchone()[0], what="device budget")
         budget = spec.resolve(self.total_bytes)

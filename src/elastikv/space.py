@@ -222,9 +222,6 @@ class KVSpace:
     def page_of(self, block: int) -> int:
         return block // self.blocks_per_page
 
-    def blocks_of(self, page: int) -> range:
-        return range(page * self.blocks_per_page, (page + 1) * self.blocks_per_page)
-
     def is_mapped(self, page: int) -> bool:
         return page in self._chunks
 
