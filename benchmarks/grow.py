@@ -8,6 +8,8 @@ all layers). For each layout, in one process:
    = 20 GiB by default), timed as a whole and per call; ratio to the raw floor (target <= 1.15). Raw floor
    and burst are each run ``--reps`` times (a fresh allocator each time) and the medians compared;
 3. free-all, then the device memory still held 2 s later (target: no more than the configured reserve);
+   A last row repeats the interleaved run booking through a ledger (as every engine process does), with
+   leases; ``--no-ledger`` skips it.
 4. steady state: ``--pairs`` allocate(1)/free pairs, median of 5 runs (target <= 3 us a pair; the reference
    system: 10-15 us).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ import _results
 from elastikv.allocator import BlockAllocator
 from elastikv.cache_demo import LLAMA_8B
 from elastikv.config import format_bytes, parse_size
+from elastikv.ledger import Ledger, LedgerBudget
 from elastikv.memory import HostBackend, MemoryBackend, open_backend
 from elastikv.space import KVSpace
 
@@ -69,10 +73,24 @@ def raw_floor(backend: MemoryBackend, chunk: int, chunks_per_page: int, pages: i
     return {"map_s": map_s, "unmap_s": unmap_s, "mappings": len(handles)}
 
 
-def burst(space: KVSpace, pages: int, reserve: int) -> tuple[BlockAllocator, list[list[int]], dict[str, Any]]:
-    """A fresh allocator, its minimum reserve mapped, then ``pages`` allocations of a page each, timed."""
+def burst(
+    space: KVSpace, pages: int, reserve: int, ledger: Ledger | None = None
+) -> tuple[BlockAllocator, list[list[int]], dict[str, Any]]:
+    """A fresh allocator (booking through ``ledger`` if given), its minimum reserve mapped, then ``pages``
+    allocations of a page each, timed."""
     bpp, page = space.blocks_per_page, space.page_bytes
-    alloc = BlockAllocator(space, reserve_bytes=reserve)
+    budget = None
+    if ledger is not None:
+        capacity = space.num_pages * page
+        budget = ledger.register(
+            f"grow-{time.monotonic_ns()}",
+            engine="bench",
+            limit=capacity,
+            capacity=capacity,
+            unit=page,
+            max_lease_units=LedgerBudget.DEFAULT_MAX_LEASE_UNITS,
+        )
+    alloc = BlockAllocator(space, reserve_bytes=reserve, budget=budget)
     deadline = time.monotonic() + 10
     while alloc.stats().blocks_free_mapped < min(reserve // page, pages) * bpp and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -98,12 +116,25 @@ def burst(space: KVSpace, pages: int, reserve: int) -> tuple[BlockAllocator, lis
             "reserve_pages_premapped": premapped,
             "pages_mapped_by_caller": s.pages_mapped_by_caller,
             "pages_mapped_during_burst": s.pages_mapped_total - mapped_before,
+            "ledger_transactions": budget.transactions if budget is not None else 0,
         },
     )
 
 
-def run_layout(backend: MemoryBackend, layout: str, gib: float, reserve: int, pairs: int, reps: int) -> dict[str, Any]:
+def run_layout(
+    backend: MemoryBackend, layout: str, gib: float, reserve: int, pairs: int, reps: int, with_ledger: bool = False
+) -> dict[str, Any]:
     space = KVSpace(backend, LLAMA_8B, layout=layout)
+    _, total = backend.mem_info()
+    ledger = None
+    if with_ledger:  # a private ledger, as every engine process has one: booking through it costs transactions
+        ledger = Ledger(
+            backend.device_id,
+            device_label=backend.device_label,
+            total_bytes=total,
+            free_bytes=lambda: backend.mem_info()[0],
+            directory=tempfile.mkdtemp(prefix="elastikv-grow-"),
+        )
     page = space.page_bytes
     pages = int(gib * GiB // page)
     raws = [raw_floor(backend, space.chunk_bytes, space.chunks_per_page, pages) for _ in range(reps)]
@@ -111,7 +142,7 @@ def run_layout(backend: MemoryBackend, layout: str, gib: float, reserve: int, pa
     used0 = used(backend)
     bursts = []
     for rep in range(reps):
-        alloc, held, figures = burst(space, pages, reserve)
+        alloc, held, figures = burst(space, pages, reserve, ledger)
         bursts.append(figures)
         if rep < reps - 1:
             alloc.close()
@@ -135,12 +166,14 @@ def run_layout(backend: MemoryBackend, layout: str, gib: float, reserve: int, pa
         pair_runs.append((time.perf_counter() - t) / pairs * 1e6)
     alloc.close()
     space.close()
+    if ledger is not None:
+        ledger.close()
 
     raw_s = statistics.median(r["map_s"] for r in raws)
     burst_s = statistics.median(b["burst_s"] for b in bursts)
     mid = sorted(bursts, key=lambda b: b["burst_s"])[len(bursts) // 2]
     return {
-        "layout": layout,
+        "layout": layout + (" + ledger" if with_ledger else ""),
         "page_bytes": page,
         "chunk_bytes": space.chunk_bytes,
         "chunks_per_page": space.chunks_per_page,
@@ -174,6 +207,7 @@ def main() -> None:
     ap.add_argument("--reserve", default="256MiB", help="minimum reserve (default 256MiB)")
     ap.add_argument("--pairs", type=int, default=20_000)
     ap.add_argument("--layouts", default="interleaved,per-layer")
+    ap.add_argument("--no-ledger", action="store_true", help="skip the interleaved run that books through a ledger")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of raw floor and burst (medians reported)")
     args = ap.parse_args()
 
@@ -186,6 +220,8 @@ def main() -> None:
         f"reserve {format_bytes(reserve)}, {args.pairs} steady pairs"
     )
     rows = [run_layout(backend, layout, gib, reserve, args.pairs, args.reps) for layout in args.layouts.split(",")]
+    if not args.no_ledger:
+        rows.append(run_layout(backend, "interleaved", gib, reserve, args.pairs, args.reps, with_ledger=True))
     backend.close()
 
     lines = [

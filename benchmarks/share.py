@@ -55,17 +55,17 @@ def worker(name: str) -> None:
     held: list[list[int]] = []
     for line in sys.stdin:
         cmd = line.split()
-        if cmd[0] == "admission":  # ledger transactions alone: book one page and give it back
+        if cmd[0] == "admission":  # raw ledger transactions (no lease): book one page and give it back
             n = int(cmd[1])
             times = []
             for _ in range(n):
                 t = time.perf_counter()
-                budget.book(page)
+                budget.ledger.book(name, page)
                 times.append(time.perf_counter() - t)
-                budget.release(page)
+                budget.ledger.release(name, page)
             say(admission_us=statistics.median(times) * 1e6, admission_p99_us=sorted(times)[int(n * 0.99)] * 1e6)
         elif cmd[0] == "grow":  # allocate whole pages until refused
-            times, refusal = [], ""
+            times, refusal, tx0 = [], "", budget.transactions
             t0 = time.perf_counter()
             while True:
                 t = time.perf_counter()
@@ -81,6 +81,7 @@ def worker(name: str) -> None:
                 refusal=refusal,
                 alloc_p50_us=statistics.median(times) * 1e6 if times else None,
                 mapped=alloc.stats().mapped_bytes,
+                ledger_transactions=budget.transactions - tx0,
             )
         elif cmd[0] == "exit":
             break
@@ -251,7 +252,9 @@ def main() -> None:
         f"| admission (one ledger transaction), alone, p50 / p99 | {results['admission_alone_us']:.0f} / "
         f"{results['admission_alone_p99_us']:.0f} us |",
         f"| admission, all {args.processes} booking at once, p50 | {results['admission_contended_us']:.0f} us |",
-        f"| allocate one page (admission + map), p50, all growing | {map_us:.0f} us |",
+        f"| allocate one page (admission + map), p50, all growing | {map_us:.0f} us "
+        f"({sum(g['pages'] for g in grown.values())} pages in "
+        f"{sum(g['ledger_transactions'] for g in grown.values())} ledger transactions: leases) |",
         f"| peak held on the device while all grew (sampled {samples} times) | {format_bytes(peak)} "
         f"(budget {format_bytes(budget)}: {'kept' if results['budget_kept'] else 'PASSED'}) |",
         f"| SIGKILLed worker's {format_bytes(victim_bytes)} back in cudaMemGetInfo | "

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from elastikv.allocator import AllocatorStats
 from elastikv.config import Size, parse_size
 from elastikv.errors import ConfigError, LimitExceeded
-from elastikv.ledger import Ledger, LedgerError, NameTaken, UnknownInstance, process_start_time
+from elastikv.ledger import Ledger, LedgerBudget, LedgerError, NameTaken, UnknownInstance, process_start_time
 
 MiB = 1024**2
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +94,34 @@ def test_concurrent_bookings_never_overshoot(tmp_path: Path) -> None:
     assert sum(r.mapped_bytes for r in ledgers[0].instances()) == 64 * MiB
     for led in ledgers:
         led.close()
+
+
+def _idle_stats() -> AllocatorStats:
+    return AllocatorStats(0, 0, 0, 0, 0, 0, MiB, 0, 0, 0, 0, 0, 0, 0)
+
+
+def test_bursts_book_leases_within_every_bound_and_give_them_back(tmp_path: Path) -> None:
+    ledger = make_ledger(tmp_path)  # device budget 64 MiB
+    a = ledger.register("a", engine="test", limit=40 * MiB, capacity=64 * MiB, unit=MiB, max_lease_units=8)
+    b = ledger.register("b", engine="test", limit=64 * MiB, capacity=64 * MiB, unit=MiB, max_lease_units=8)
+    for _ in range(30):  # a burst of page-sized bookings
+        a.book(MiB)
+    assert a.booked == 30 * MiB and a.transactions < 12, a.transactions  # leases: far fewer than 30
+    assert a.granted <= 40 * MiB, "a lease never passes the instance's limit"
+    rows = {r.name: r for r in ledger.instances()}
+    assert rows["a"].mapped_bytes == a.granted
+    for _ in range(40):
+        try:
+            b.book(MiB)
+        except LimitExceeded:
+            break
+    assert a.granted + b.granted <= 64 * MiB, "leases never pass the device budget"
+    time.sleep(LedgerBudget.QUIET + 0.1)
+    a.sync(_idle_stats())
+    assert a.granted == a.booked == 30 * MiB, "a quiet instance hands its unused lease back"
+    a.release(10 * MiB)
+    assert {r.name: r.mapped_bytes for r in ledger.instances()}["a"] == 20 * MiB
+    ledger.close()
 
 
 def test_names_are_unique_and_checked(tmp_path: Path) -> None:
@@ -318,7 +347,8 @@ def test_live_limit_changes_from_the_cli(tmp_path: Path) -> None:
 
     out = cli(tmp_path, "limit", "svc", "10%")  # raise (10% of the host's memory: far above the 40 MiB)
     assert out.returncode == 0, out.stderr
-    assert ask(proc, "grow 160")["ok"]  # growth at the next allocation
+    grown = ask(proc, "grow 160")
+    assert grown["ok"], grown  # growth at the next allocation
     out = cli(tmp_path, "limit", "svc", "--reset")
     assert out.returncode == 0 and "svc: limit 40 MiB" in out.stdout
     assert status(tmp_path)["svc"]["limit_bytes"] == 40 * MiB

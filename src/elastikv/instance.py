@@ -102,7 +102,14 @@ def open_instance(
         space.close()
         raise
     try:
-        budget = ledger.register(name, engine=engine, limit=limit, capacity=capacity)
+        budget = ledger.register(
+            name,
+            engine=engine,
+            limit=limit,
+            capacity=capacity,
+            unit=space.page_bytes,
+            max_lease_units=LedgerBudget.DEFAULT_MAX_LEASE_UNITS,
+        )
     except BaseException:
         ledger.close()
         space.close()
