@@ -43,7 +43,6 @@ def run_demo(
         return _demo(inst, settings, steps, step_seconds, seed, console)
     finally:
         inst.close()
-        inst.backend.close()
 
 
 def _held(backend: MemoryBackend, used0: int) -> int:

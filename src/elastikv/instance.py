@@ -40,6 +40,7 @@ class Instance:
     ledger: Ledger
     budget: LedgerBudget
     allocator: BlockAllocator
+    owns_backend: bool = False  # opened by open_instance (not passed in): closed with the instance
     _closed: bool = field(default=False, repr=False)
 
     def close(self) -> None:
@@ -54,6 +55,8 @@ class Instance:
             self.budget.close()
             self.space.close()
             self.ledger.close()
+            if self.owns_backend:
+                self.backend.close()
 
     def __enter__(self) -> Instance:
         return self
@@ -74,7 +77,28 @@ def open_instance(
     null_blocks: int = 0,
 ) -> Instance:
     settings = settings or Settings.from_env()
-    backend = backend or open_backend(settings.backend, device=settings.device, host_memory=host_memory(settings))
+    owns_backend = backend is None
+    if backend is None:
+        backend = open_backend(settings.backend, device=settings.device, host_memory=host_memory(settings))
+    try:
+        return _open(geometry, backend, owns_backend, engine, name, settings, layout, num_blocks, null_blocks)
+    except BaseException:
+        if owns_backend:
+            backend.close()
+        raise
+
+
+def _open(
+    geometry: KVGeometry,
+    backend: MemoryBackend,
+    owns_backend: bool,
+    engine: str,
+    name: str | None,
+    settings: Settings,
+    layout: LayoutName | None,
+    num_blocks: int | None,
+    null_blocks: int,
+) -> Instance:
     _, total = backend.mem_info()
     space = KVSpace(backend, geometry, layout=layout or settings.layout, num_blocks=num_blocks, null_blocks=null_blocks)
     capacity = space.num_pages * space.page_bytes
@@ -121,7 +145,7 @@ def open_instance(
         ledger.close()
         space.close()
         raise
-    inst = Instance(name, engine, backend, space, ledger, budget, allocator)
+    inst = Instance(name, engine, backend, space, ledger, budget, allocator, owns_backend)
     lifecycle.on_exit(inst.close)
     log.info(
         "elastikv active: engine=%s name=%s device=%s layout=%s virtual capacity=%s limit=%s",
