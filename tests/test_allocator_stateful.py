@@ -3,6 +3,8 @@ with real out-of-memory from the backend mixed in (the device is filled with rea
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
@@ -11,19 +13,34 @@ from tests.conftest import SMALL, device_filled, open_test_backend, used_bytes
 
 from elastikv.allocator import BlockAllocator
 from elastikv.errors import AllocationRefused, LimitExceeded
+from elastikv.ledger import Ledger
 from elastikv.space import KVSpace
 
 NUM_PAGES = 8
 
 
-def make_machine(kind: str, layout: str) -> type[RuleBasedStateMachine]:
+def make_machine(kind: str, layout: str, through_ledger: bool = False) -> type[RuleBasedStateMachine]:
     class AllocatorMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
             self.backend = open_test_backend(kind)
             self.space = KVSpace(self.backend, SMALL, layout=layout, num_blocks=NUM_PAGES * 32, null_blocks=1)
             self.page = self.space.page_bytes
-            self.alloc = BlockAllocator(self.space, reserve_bytes=self.page, background=False, trim_delay=0.0)
+            self.ledger = None
+            budget = None
+            if through_ledger:  # book through a real ledger, with leases, as engine processes do
+                self.ledger = Ledger(
+                    self.backend.device_id,
+                    total_bytes=NUM_PAGES * 4 * self.page,
+                    directory=tempfile.mkdtemp(prefix="elastikv-test-"),
+                )
+                capacity = NUM_PAGES * self.page
+                budget = self.ledger.register(
+                    "m", engine="test", limit=capacity, capacity=capacity, unit=self.page, max_lease_units=4
+                )
+            self.alloc = BlockAllocator(
+                self.space, reserve_bytes=self.page, background=False, trim_delay=0.0, budget=budget
+            )
             self.live: dict[int, list[int]] = {}  # allocation number -> its blocks
             self.next_id = 0
             self.now = 0.0
@@ -35,6 +52,8 @@ def make_machine(kind: str, layout: str) -> type[RuleBasedStateMachine]:
                 self.filler.__exit__(None, None, None)
             self.alloc.close()
             assert self.space.mapped_bytes == 0
+            if self.ledger is not None:
+                self.ledger.close()
             self.space.close()
             self.backend.close()
 
@@ -123,6 +142,10 @@ def make_machine(kind: str, layout: str) -> type[RuleBasedStateMachine]:
         def bookkeeping_matches_the_device(self) -> None:
             s = self.alloc.stats()
             assert s.mapped_bytes == self.space.mapped_bytes == s.pages_mapped * self.page
+            if self.ledger is not None:  # the ledger books at least what is mapped, never past the limit
+                row = self.ledger.instances()[0]
+                assert s.mapped_bytes <= row.mapped_bytes
+                assert row.mapped_bytes <= max(row.limit_bytes, s.mapped_bytes)
             if kind == "host":  # the host device is ours alone: its use is exactly what is mapped
                 filled = sum(c.size for c in self.filler.gen.gi_frame.f_locals["chunks"]) if self.filler else 0
                 assert used_bytes(self.backend) == self.baseline + self.space.mapped_bytes + filled
@@ -135,6 +158,7 @@ _settings = settings(max_examples=60, stateful_step_count=40, deadline=None, sup
 
 TestHostInterleaved = _settings(make_machine("host", "interleaved")).TestCase
 TestHostPerLayer = _settings(make_machine("host", "per-layer")).TestCase
+TestHostThroughLedger = _settings(make_machine("host", "interleaved", through_ledger=True)).TestCase
 # On a GPU, filling the device takes real driver calls over ~80 GB: fewer examples, same rules.
 _gpu_settings = settings(_settings, max_examples=25)
 TestCudaInterleaved = pytest.mark.gpu(_gpu_settings(make_machine("cuda", "interleaved")).TestCase)

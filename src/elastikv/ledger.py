@@ -505,8 +505,8 @@ class LedgerBudget:
     def release(self, nbytes: int) -> None:
         with self._lock:
             self._booked -= nbytes
-            keep = self._lease_units * self.unit
-            self._give_back(max(0, self._granted - self._booked - keep))
+            keep = max(0, min(self._lease_units * self.unit, self._limit - self._booked))  # never above the limit
+            self._give_back(self._granted - self._booked - keep)
 
     def _give_back(self, nbytes: int) -> None:
         """Return ``nbytes`` of unused lease to the ledger. Caller holds the lock."""
@@ -516,7 +516,9 @@ class LedgerBudget:
 
     def set_limit(self, nbytes: int) -> None:
         row, _ = self.ledger.set_limit(self.name, Size(nbytes=nbytes))
-        self._limit = row.limit_bytes
+        with self._lock:
+            self._limit = row.limit_bytes
+            self._give_back(self._granted - max(self._booked, self._limit))  # no lease above a lowered limit
 
     def sync(self, stats: AllocatorStats) -> None:
         now = time.monotonic()
