@@ -19,12 +19,16 @@ from elastikv.space import KVSpace
 NUM_PAGES = 8
 
 
-def make_machine(kind: str, layout: str, through_ledger: bool = False) -> type[RuleBasedStateMachine]:
+def make_machine(
+    kind: str, layout: str, through_ledger: bool = False, scratch: bool = False
+) -> type[RuleBasedStateMachine]:
     class AllocatorMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
             self.backend = open_test_backend(kind)
-            self.space = KVSpace(self.backend, SMALL, layout=layout, num_blocks=NUM_PAGES * 32, null_blocks=1)
+            self.space = KVSpace(
+                self.backend, SMALL, layout=layout, num_blocks=NUM_PAGES * 32, null_blocks=1, scratch_backed=scratch
+            )
             self.page = self.space.page_bytes
             self.ledger = None
             budget = None
@@ -45,7 +49,7 @@ def make_machine(kind: str, layout: str, through_ledger: bool = False) -> type[R
             self.next_id = 0
             self.now = 0.0
             self.filler: object | None = None
-            self.baseline = used_bytes(self.backend) - self.space.mapped_bytes
+            self.baseline = used_bytes(self.backend) - self.space.mapped_bytes  # (scratch included)
 
         def teardown(self) -> None:
             if self.filler is not None:
@@ -159,10 +163,12 @@ _settings = settings(max_examples=60, stateful_step_count=40, deadline=None, sup
 TestHostInterleaved = _settings(make_machine("host", "interleaved")).TestCase
 TestHostPerLayer = _settings(make_machine("host", "per-layer")).TestCase
 TestHostThroughLedger = _settings(make_machine("host", "interleaved", through_ledger=True)).TestCase
+TestHostScratchBacked = _settings(make_machine("host", "per-layer", scratch=True)).TestCase
 # On a GPU, filling the device takes real driver calls over ~80 GB: fewer examples, same rules.
 _gpu_settings = settings(_settings, max_examples=25)
 TestCudaInterleaved = pytest.mark.gpu(_gpu_settings(make_machine("cuda", "interleaved")).TestCase)
 TestCudaPerLayer = pytest.mark.gpu(_gpu_settings(make_machine("cuda", "per-layer")).TestCase)
+TestCudaScratchBacked = pytest.mark.gpu(_gpu_settings(make_machine("cuda", "interleaved", scratch=True)).TestCase)
 
 
 def test_limit_refusal_is_limit_exceeded() -> None:

@@ -141,3 +141,33 @@ def test_bad_space_arguments(backend: MemoryBackend, kwargs: dict[str, object], 
     with pytest.raises(ConfigError, match=message):
         KVSpace(backend, geometry, **kwargs)  # type: ignore[arg-type]
     assert used_bytes(backend) == before
+
+
+def test_scratch_backed_space_never_faults_on_stray_access(backend: MemoryBackend, layout: str) -> None:
+    """Engines read padding and warm up with made-up block ids: with scratch backing, blocks that are not
+    allocated are readable and writable (garbage, shared), never an illegal address or a SIGSEGV."""
+    before = used_bytes(backend)
+    with KVSpace(backend, MULTI, layout=layout, num_blocks=4 * 32, scratch_backed=True) as space:
+        alloc = BlockAllocator(space, reserve_bytes=0, background=False, trim_delay=0.0)
+        assert used_bytes(backend) - before == space.chunk_bytes, "one scratch chunk, whatever the size"
+        stray = torch.tensor([5, 40, 127], device=space.device)  # pages 0, 1, 3: none mapped
+        space.buffer(2, 1)[stray] = 7.0  # writes land in scratch
+        assert space.buffer(2, 1)[stray].shape == (3, 16, 8, 128)  # and reads come back
+        kept = alloc.allocate(32)  # page 0 gets memory of its own
+        ids = torch.tensor(kept, device=space.device)
+        data = torch.randn(32, 16, 8, 128, device=space.device)
+        space.buffer(0, 0)[ids] = data
+        space.buffer(1, 1)[torch.tensor([40, 127], device=space.device)] = -3.0  # scratch again
+        assert torch.equal(space.buffer(0, 0)[ids], data), "scratch writes never reach a real page"
+        other = alloc.allocate(32)
+        alloc.free(other)
+        alloc.maintain(now=10.0)  # page 1 back to scratch
+        assert not space.is_mapped(1)
+        _ = space.buffer(0, 1)[torch.tensor([other[0]], device=space.device)].sum().item()  # readable
+        assert torch.equal(space.buffer(0, 0)[ids], data)
+        with device_filled(backend, leave=space.chunk_bytes + backend.granularity // 2):
+            with pytest.raises(OutOfMemory):
+                alloc.allocate(64)  # two more pages: fails part-way, rolled back onto scratch
+            _ = space.buffer(2, 0)[stray].sum().item()  # still readable everywhere
+        alloc.close()
+    assert used_bytes(backend) == before

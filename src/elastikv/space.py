@@ -105,6 +105,12 @@ class KVSpace:
     blocks form an always-mapped region the allocator never hands out (engines that pad block tables with a
     null block point them there). ``streams`` are the raw CUDA stream handles whose work must finish before
     a page is unmapped (default: the legacy default stream plus PyTorch's current stream).
+
+    ``scratch_backed=True`` backs every page that has no memory of its own with one shared scratch chunk
+    (mapped at every such slot), so that a stray access to a block that is not allocated (an engine reading
+    padding, a warm-up with made-up block ids) lands in scratch instead of faulting. The data there is
+    garbage shared by all such pages. It costs one chunk of memory (outside any budget) and doubles the
+    driver calls of mapping and unmapping a page (the scratch view is unmapped first, and mapped back after).
     """
 
     def __init__(
@@ -117,6 +123,7 @@ class KVSpace:
         chunk_bytes: int | None = None,
         null_blocks: int = 0,
         streams: Sequence[int] | None = None,
+        scratch_backed: bool = False,
     ) -> None:
         check_choice(layout, LAYOUTS, "layout")
         self.backend = backend
@@ -175,6 +182,17 @@ class KVSpace:
         self._va = backend.reserve(self._va_bytes)
         self._bases = [self._va + i * self._range_bytes for i in range(self.chunks_per_page)]
         self._chunks: dict[int, list[Chunk]] = {}  # mapped page -> its chunks, in self._bases order
+        self._scratch: Chunk | None = None
+        if scratch_backed:
+            self._scratch = backend.create(chunk)
+            try:
+                for page in range(self.num_pages):
+                    for base in self._bases:
+                        self._back_with_scratch(base + page * chunk)
+            except BaseException:
+                self._scratch_teardown()
+                backend.free_reservation(self._va, self._va_bytes)
+                raise
 
         if streams is None:
             streams = [0]
@@ -243,17 +261,26 @@ class KVSpace:
         if page in self._chunks:
             raise DriverError("map_page", "ALREADY_MAPPED", f"page {page} is already mapped")
         backend, size, offset = self.backend, self.chunk_bytes, page * self.chunk_bytes
+        scratch = self._scratch
         done: list[Chunk] = []
         try:
             for base in self._bases:
-                chunk = backend.create(size)
+                addr = base + offset
+                chunk = backend.create(size)  # first: if the device is full, the slot keeps what it had
                 try:
-                    backend.map(base + offset, size, chunk)
+                    if scratch is not None:
+                        backend.unmap(addr, size)
+                    try:
+                        backend.map(addr, size, chunk)
+                    except BaseException:
+                        if scratch is not None:
+                            self._back_with_scratch(addr)
+                        raise
                 except BaseException:
                     backend.release(chunk)
                     raise
                 done.append(chunk)
-                backend.set_access(base + offset, size)
+                backend.set_access(addr, size)
         except BaseException:
             self._undo(page, done)
             raise
@@ -267,8 +294,29 @@ class KVSpace:
             raise DriverError("unmap_page", "NOT_MAPPED", f"page {page} is not mapped")
         self._undo(page, chunks, raise_first=True)
 
-    def _undo(self, page: int, chunks: list[Chunk], raise_first: bool = False) -> None:
-        """Unmap and release ``chunks`` of ``page`` (in reverse), carrying on past errors."""
+    def _back_with_scratch(self, addr: int) -> None:
+        assert self._scratch is not None
+        self.backend.map(addr, self.chunk_bytes, self._scratch)
+        self.backend.set_access(addr, self.chunk_bytes)
+
+    def _scratch_teardown(self) -> None:
+        """Unmap the scratch view from every slot of every page without memory of its own, then free it."""
+        if self._scratch is None:
+            return
+        for page in range(self.num_pages):
+            if page in self._chunks:
+                continue
+            for base in self._bases:
+                try:
+                    self.backend.unmap(base + page * self.chunk_bytes, self.chunk_bytes)
+                except Exception as exc:  # a slot the constructor had not reached yet
+                    log.debug("scratch teardown, page %d: %s", page, exc)
+        self.backend.release(self._scratch)
+        self._scratch = None
+
+    def _undo(self, page: int, chunks: list[Chunk], raise_first: bool = False, rescratch: bool = True) -> None:
+        """Unmap and release ``chunks`` of ``page`` (in reverse), carrying on past errors; in a scratch-backed
+        space, put the scratch view back in each slot (unless the space is closing)."""
         first: BaseException | None = None
         offset = page * self.chunk_bytes
         for base, chunk in reversed(list(zip(self._bases, chunks, strict=False))):
@@ -282,6 +330,12 @@ class KVSpace:
             except Exception as exc:
                 log.error("releasing a chunk of page %d: %s", page, exc)
                 first = first or exc
+            if self._scratch is not None and rescratch:
+                try:
+                    self._back_with_scratch(base + offset)
+                except Exception as exc:
+                    log.error("putting scratch back under page %d: %s", page, exc)
+                    first = first or exc
         if first is not None and raise_first:
             raise first
 
@@ -301,9 +355,10 @@ class KVSpace:
         self._closed = True
         if self._chunks:
             self.fence().wait()  # GPU work still queued on these pages must finish before they go
+        self._scratch_teardown()  # skips the pages with memory of their own, undone next
         for page in list(self._chunks):
             chunks = self._chunks.pop(page)
-            self._undo(page, chunks)
+            self._undo(page, chunks, rescratch=False)
         self._views = []
         del self._raw
         self.backend.free_reservation(self._va, self._va_bytes)
