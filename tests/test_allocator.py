@@ -201,16 +201,23 @@ class AsyncHostBackend(HostBackend):
         return _Fence(self.gates[-1])
 
 
+def trim_in_background(alloc: BlockAllocator, backend: AsyncHostBackend, now: float) -> threading.Thread:
+    """Start a maintenance pass in a thread; return once it has recorded its fence (and waits on it)."""
+    fences = len(backend.gates)
+    trimmer = threading.Thread(target=alloc.maintain, kwargs={"now": now})
+    trimmer.start()
+    while len(backend.gates) == fences:
+        time.sleep(0.001)
+    return trimmer
+
+
 def test_pages_are_unmapped_only_after_their_fence() -> None:
     """Invariant 5: the fence is recorded after the page emptied, and the unmap waits for it."""
     backend = AsyncHostBackend()
     space, alloc = make(backend, pages=4)
     blocks = alloc.allocate(BPP)
     alloc.free(blocks)
-    trimmer = threading.Thread(target=alloc.maintain, kwargs={"now": 10.0})
-    trimmer.start()
-    while not backend.gates:
-        time.sleep(0.001)
+    trimmer = trim_in_background(alloc, backend, now=10.0)
     time.sleep(0.05)
     assert space.is_mapped(0), "unmapped before the device finished"
     backend.gates[0].set()
@@ -225,19 +232,13 @@ def test_a_page_emptied_again_after_the_fence_waits_for_the_next_one() -> None:
     backend = AsyncHostBackend()
     space, alloc = make(backend, pages=4)
     alloc.free(alloc.allocate(BPP))
-    trimmer = threading.Thread(target=alloc.maintain, kwargs={"now": 10.0})
-    trimmer.start()
-    while not backend.gates:
-        time.sleep(0.001)
+    trimmer = trim_in_background(alloc, backend, now=10.0)
     # The engine reuses the page (new GPU work on it) and frees it again, after the fence was recorded.
     alloc.free(alloc.allocate(BPP))
     backend.gates[0].set()
     trimmer.join(5)
     assert space.is_mapped(0), "the first fence does not cover work queued after it"
-    trimmer = threading.Thread(target=alloc.maintain, kwargs={"now": 20.0})
-    trimmer.start()
-    while len(backend.gates) < 2:
-        time.sleep(0.001)
+    trimmer = trim_in_background(alloc, backend, now=20.0)
     backend.gates[1].set()
     trimmer.join(5)
     assert not space.is_mapped(0)
