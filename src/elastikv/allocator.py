@@ -204,14 +204,9 @@ class BlockAllocator:
         self._callers_mapping = 0  # allocate() calls mapping pages on their own thread right now
         self._epoch = 1  # bumped each time a fence is recorded; see invariant 5
 
-        self._policy = ReservePolicy(
-            min_blocks=math.ceil(reserve_bytes / self.page_bytes) * bpp,
-            max_blocks=max(
-                math.ceil(reserve_bytes / self.page_bytes) * bpp,
-                (max_reserve_bytes // self.page_bytes if max_reserve_bytes is not None else space.num_pages // 32)
-                * bpp,
-            ),
-        )
+        min_pages = math.ceil(reserve_bytes / self.page_bytes)
+        max_pages = space.num_pages // 32 if max_reserve_bytes is None else max_reserve_bytes // self.page_bytes
+        self._policy = ReservePolicy(min_blocks=min_pages * bpp, max_blocks=max(min_pages, max_pages) * bpp)
         self._target = self._policy.min_blocks
         self._trim_delay = trim_delay
         self._surplus_since: float | None = None
