@@ -35,19 +35,11 @@ from elastikv.allocator import BlockAllocator
 from elastikv.cache_demo import LLAMA_8B
 from elastikv.config import format_bytes, parse_size
 from elastikv.ledger import Ledger, LedgerBudget
-from elastikv.memory import HostBackend, MemoryBackend, open_backend
+from elastikv.memory import MemoryBackend, open_backend
+from elastikv.memory import used_bytes as used
 from elastikv.space import KVSpace
 
 GiB = 1024**3
-
-
-def used(backend: MemoryBackend) -> int:
-    """Device memory in use: the driver's count on a GPU; on the host, what the kernel holds for our chunks
-    (the machine-wide free count moves with everything else running)."""
-    if isinstance(backend, HostBackend):
-        return backend.allocated_bytes()
-    free, total = backend.mem_info()
-    return total - free
 
 
 def raw_floor(backend: MemoryBackend, chunk: int, chunks_per_page: int, pages: int) -> dict[str, float]:

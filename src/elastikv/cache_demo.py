@@ -20,7 +20,7 @@ from rich.table import Table
 
 from elastikv.config import Settings, format_bytes
 from elastikv.instance import Instance, open_instance
-from elastikv.memory import HostBackend, MemoryBackend
+from elastikv.memory import MemoryBackend, used_bytes
 from elastikv.space import KVGeometry
 
 LLAMA_8B = KVGeometry.for_attention(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16)
@@ -46,11 +46,8 @@ def run_demo(
 
 
 def _held(backend: MemoryBackend, used0: int) -> int:
-    """Memory the device really holds for us now: the kernel's count on the host, the driver's on a GPU."""
-    if isinstance(backend, HostBackend):
-        return backend.allocated_bytes()
-    free, total = backend.mem_info()
-    return total - free - used0
+    """Memory the device really holds for this cache now."""
+    return used_bytes(backend) - used0
 
 
 def _demo(
@@ -59,8 +56,11 @@ def _demo(
     rng = random.Random(seed)
     backend, space, alloc = inst.backend, inst.space, inst.allocator
     alloc.maintain()  # let the minimum reserve land before the baseline is read
-    free0, total = backend.mem_info()
-    used0 = total - free0 - alloc.stats().mapped_bytes
+    _, total = backend.mem_info()
+    deadline = time.monotonic() + 5  # the baseline is read with no page in flight (booked == mapped)
+    while alloc.stats().mapped_bytes != space.mapped_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    used0 = used_bytes(backend) - space.mapped_bytes  # what others (and torch) hold: not our mapped pages
     console.print(f"[bold]elastikv demo[/] on {backend.device_label}")
     console.print(f"  {space.describe()}")
     console.print(

@@ -16,7 +16,7 @@ from elastikv import lifecycle
 from elastikv.allocator import BlockAllocator
 from elastikv.config import LayoutName, Settings, format_bytes
 from elastikv.ledger import Ledger, LedgerBudget
-from elastikv.memory import MemoryBackend, open_backend
+from elastikv.memory import MemoryBackend, open_backend, physical_memory
 from elastikv.space import KVGeometry, KVSpace
 
 log = logging.getLogger("elastikv")
@@ -26,9 +26,7 @@ def host_memory(settings: Settings) -> int | None:
     """The host backend's pretend device size from ELASTIKV_HOST_MEMORY (a size, or a share of the RAM)."""
     if settings.host_memory is None:
         return None
-    with open("/proc/meminfo") as f:
-        total = int(next(line for line in f if line.startswith("MemTotal")).split()[1]) * 1024
-    return settings.host_memory.resolve(total)
+    return settings.host_memory.resolve(physical_memory())
 
 
 @dataclass

@@ -10,11 +10,30 @@ import logging
 from elastikv.config import BACKENDS, check_choice
 from elastikv.errors import BackendUnavailable
 from elastikv.memory.backend import Chunk, Fence, MemoryBackend, round_up
-from elastikv.memory.host import HostBackend
+from elastikv.memory.host import HostBackend, physical_memory
 
-__all__ = ["BackendUnavailable", "Chunk", "Fence", "HostBackend", "MemoryBackend", "open_backend", "round_up"]
+__all__ = [
+    "BackendUnavailable",
+    "Chunk",
+    "Fence",
+    "HostBackend",
+    "MemoryBackend",
+    "open_backend",
+    "physical_memory",
+    "round_up",
+    "used_bytes",
+]
 
 log = logging.getLogger(__name__)
+
+
+def used_bytes(backend: MemoryBackend) -> int:
+    """Device memory in use now: the driver's count on a GPU (every process's); on the host, what the kernel
+    holds for this backend's chunks (the machine-wide free count moves with everything else running)."""
+    if isinstance(backend, HostBackend):
+        return backend.allocated_bytes()
+    free, total = backend.mem_info()
+    return total - free
 
 
 def open_backend(name: str = "auto", *, device: int = 0, host_memory: int | None = None) -> MemoryBackend:

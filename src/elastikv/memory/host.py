@@ -85,6 +85,11 @@ def _meminfo() -> dict[str, int]:
     return out
 
 
+def physical_memory() -> int:
+    """The machine's physical memory (MemTotal), in bytes."""
+    return _meminfo()["MemTotal"]
+
+
 def _machine_id() -> str:
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
@@ -118,7 +123,7 @@ class HostBackend:
     granularity = HOST_GRANULARITY
 
     def __init__(self, total_bytes: int | None = None) -> None:
-        physical = _meminfo()["MemTotal"]
+        physical = physical_memory()
         if total_bytes is not None and total_bytes <= 0:
             raise ConfigError(f"host backend: total_bytes must be positive, got {total_bytes}")
         self.total_bytes = physical if total_bytes is None else total_bytes
