@@ -46,7 +46,7 @@ from elastikv.errors import (
     OutOfMemory,
 )
 from elastikv.reserve import ReservePolicy
-from elastikv.space import KVSpace
+from elastikv.space import Pages
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ class AllocatorStats:
 
 
 class BlockAllocator:
-    """Block ids of one :class:`KVSpace`, backed by exactly the pages they need (plus a reserve).
+    """Block ids of one :class:`~elastikv.space.KVSpace` (or any :class:`~elastikv.space.Pages`), backed by
+    exactly the pages they need (plus a reserve).
 
     ``limit`` (bytes; default: the whole virtual capacity) bounds mapped memory unless a ``budget`` is given.
     ``reserve_bytes`` is the minimum reserve of free mapped memory kept ready; the policy grows it with
@@ -160,7 +161,7 @@ class BlockAllocator:
 
     def __init__(
         self,
-        space: KVSpace,
+        space: Pages,
         *,
         limit: int | None = None,
         budget: Budget | None = None,
@@ -356,7 +357,7 @@ class BlockAllocator:
                     raise self._refusal(
                         OutOfMemory,
                         f"a request for {n} blocks can never fit: the cache holds {self.num_blocks} "
-                        f"({format_bytes(self.num_blocks * self.space.geometry.group_bytes)})",
+                        f"({format_bytes(self.num_blocks * self.page_bytes // bpp)})",
                         n,
                     )
                 pages_needed = math.ceil((n - self._free_total) / bpp)

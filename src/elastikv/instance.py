@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from elastikv import lifecycle
@@ -17,7 +18,7 @@ from elastikv.allocator import BlockAllocator
 from elastikv.config import LayoutName, Settings, format_bytes
 from elastikv.ledger import Ledger, LedgerBudget
 from elastikv.memory import MemoryBackend, open_backend, physical_memory
-from elastikv.space import KVGeometry, KVSpace
+from elastikv.space import KVGeometry, KVSpace, Pages
 
 log = logging.getLogger("elastikv")
 
@@ -29,20 +30,34 @@ def host_memory(settings: Settings) -> int | None:
     return settings.host_memory.resolve(physical_memory())
 
 
+@dataclass(frozen=True)
+class DeviceFacts:
+    """The device an instance's pages live on, as the ledger needs it. ``free_bytes`` is asked when the device's
+    ledger is created (it sets the default device budget)."""
+
+    device_id: str
+    label: str
+    total_bytes: int
+    free_bytes: Callable[[], int]
+
+    @classmethod
+    def of(cls, backend: MemoryBackend) -> DeviceFacts:
+        return cls(backend.device_id, backend.device_label, backend.mem_info()[1], lambda: backend.mem_info()[0])
+
+
 @dataclass
-class Instance:
+class Booked:
+    """An allocator over some pages, booked in the device's ledger under ``name``. Closed at process exit."""
+
     name: str
     engine: str
-    backend: MemoryBackend
-    space: KVSpace
     ledger: Ledger
     budget: LedgerBudget
     allocator: BlockAllocator
-    owns_backend: bool = False  # opened by open_instance (not passed in): closed with the instance
     _closed: bool = field(default=False, repr=False)
 
     def close(self) -> None:
-        """Unmap everything, leave the ledger, free the address space. Safe to call twice."""
+        """Unmap everything, leave the ledger, then release what the subclass owns. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
@@ -51,16 +66,34 @@ class Instance:
             self.allocator.close()
         finally:
             self.budget.close()
-            self.space.close()
             self.ledger.close()
-            if self.owns_backend:
-                self.backend.close()
+            self._release()
 
-    def __enter__(self) -> Instance:
+    def _release(self) -> None:
+        pass
+
+    def __enter__(self) -> Booked:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class Instance(Booked):
+    """One elastic KV cache whose pages are in this process: the backend, the space and its views."""
+
+    backend: MemoryBackend = field(default=None)  # type: ignore[assignment]  # always given by open_instance
+    space: KVSpace = field(default=None)  # type: ignore[assignment]
+    owns_backend: bool = False  # opened by open_instance (not passed in): closed with the instance
+
+    def _release(self) -> None:
+        self.space.close()
+        if self.owns_backend:
+            self.backend.close()
+
+    def __enter__(self) -> Instance:
+        return self
 
 
 def open_instance(
@@ -97,9 +130,39 @@ def _open(
     num_blocks: int | None,
     null_blocks: int,
 ) -> Instance:
-    _, total = backend.mem_info()
     space = KVSpace(backend, geometry, layout=layout or settings.layout, num_blocks=num_blocks, null_blocks=null_blocks)
-    capacity = space.num_pages * space.page_bytes
+    try:
+        name, ledger, budget, allocator = book(
+            space, DeviceFacts.of(backend), engine=engine, name=name, settings=settings
+        )
+    except BaseException:
+        space.close()
+        raise
+    inst = Instance(name, engine, ledger, budget, allocator, backend=backend, space=space, owns_backend=owns_backend)
+    lifecycle.on_exit(inst.close)
+    log.info(
+        "elastikv active: engine=%s name=%s device=%s layout=%s %s",
+        engine,
+        name,
+        backend.device_label,
+        space.layout,
+        _figures(inst),
+    )
+    return inst
+
+
+def _figures(inst: Booked) -> str:
+    a = inst.allocator
+    return f"virtual capacity={format_bytes(a.capacity_bytes)} limit={format_bytes(a.limit)}"
+
+
+def book(
+    pages: Pages, device: DeviceFacts, *, engine: str, name: str | None, settings: Settings
+) -> tuple[str, Ledger, LedgerBudget, BlockAllocator]:
+    """Register ``pages`` in the device's ledger and put an allocator over them, with the limit and reserve the
+    settings give. Everything made is given back if a later step fails."""
+    capacity = pages.num_pages * pages.page_bytes
+    total = device.total_bytes
     limit = settings.limit.resolve(total)
     if limit > capacity:
         if settings.limit.fraction != 1.0:  # the default (100%) is silently the capacity
@@ -111,47 +174,30 @@ def _open(
             )
         limit = capacity
     name = name or settings.name or f"{engine}-{os.getpid()}"
-    try:
-        ledger = Ledger(
-            backend.device_id,
-            device_label=backend.device_label,
-            total_bytes=total,
-            free_bytes=lambda: backend.mem_info()[0],
-            directory=settings.ledger_dir,
-            budget=settings.device_budget,
-        )
-    except BaseException:
-        space.close()
-        raise
+    ledger = Ledger(
+        device.device_id,
+        device_label=device.label,
+        total_bytes=total,
+        free_bytes=device.free_bytes,
+        directory=settings.ledger_dir,
+        budget=settings.device_budget,
+    )
     try:
         budget = ledger.register(
             name,
             engine=engine,
             limit=limit,
             capacity=capacity,
-            unit=space.page_bytes,
+            unit=pages.page_bytes,
             max_lease_units=LedgerBudget.DEFAULT_MAX_LEASE_UNITS,
         )
     except BaseException:
         ledger.close()
-        space.close()
         raise
     try:
-        allocator = BlockAllocator(space, budget=budget, reserve_bytes=settings.reserve.resolve(total))
+        allocator = BlockAllocator(pages, budget=budget, reserve_bytes=settings.reserve.resolve(total))
     except BaseException:
         budget.close()
         ledger.close()
-        space.close()
         raise
-    inst = Instance(name, engine, backend, space, ledger, budget, allocator, owns_backend)
-    lifecycle.on_exit(inst.close)
-    log.info(
-        "elastikv active: engine=%s name=%s device=%s layout=%s virtual capacity=%s limit=%s",
-        engine,
-        name,
-        backend.device_label,
-        space.layout,
-        format_bytes(capacity),
-        format_bytes(limit),
-    )
-    return inst
+    return name, ledger, budget, allocator

@@ -27,6 +27,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -37,6 +38,43 @@ from elastikv.memory import Chunk, Fence, MemoryBackend, round_up
 log = logging.getLogger(__name__)
 
 _MAX_CHUNK = 2 * 1024**3  # a default chunk larger than this means the geometry fits the granularity badly
+
+
+class Pages(Protocol):
+    """What the allocator needs of a space: its page geometry, and whole pages mapped, unmapped and fenced.
+
+    :class:`KVSpace` is one (the pages are in this process). ``engines/peer.py``'s ``PeerPages`` is another: an
+    engine scheduler's view of pages that live in worker processes, mapped over a socket.
+    """
+
+    num_pages: int
+    num_blocks: int
+    null_blocks: int
+    blocks_per_page: int
+    page_bytes: int
+
+    def map_page(self, page: int) -> None: ...
+
+    def unmap_page(self, page: int) -> None: ...
+
+    def fence(self) -> Fence: ...
+
+
+def default_chunk_bytes(unit: int, granularity: int, *, target_blocks: int | None = None, what: str = "block") -> int:
+    """The chunk a space makes by default for ``unit``-byte blocks: about ``target_blocks`` of them (default:
+    as many as fill one granule), rounded up to a multiple of both the unit and the granularity.
+
+    Engines that size their cache themselves (vLLM) use it to pick a block count of whole pages.
+    """
+    if target_blocks is None:
+        target_blocks = max(1, granularity // unit)
+    chunk = round_up(target_blocks * unit, math.lcm(unit, granularity))
+    if chunk > _MAX_CHUNK:
+        raise ConfigError(
+            f"the {what} is {unit} bytes, which fits the {format_bytes(granularity)} granularity badly "
+            f"(a page would need {format_bytes(chunk)}); pass chunk_bytes, a multiple of both"
+        )
+    return chunk
 
 
 @dataclass(frozen=True)
@@ -136,13 +174,7 @@ class KVSpace:
         unit = g.block_bytes if layout == "per-layer" else g.group_bytes
         what = "block" if layout == "per-layer" else "block group (one block in every layer and buffer)"
         if chunk_bytes is None:
-            target_blocks = max(1, gran // g.block_bytes)  # same elasticity in both layouts
-            chunk = round_up(target_blocks * unit, math.lcm(unit, gran))
-            if chunk > _MAX_CHUNK:
-                raise ConfigError(
-                    f"the {what} is {unit} bytes, which fits the {format_bytes(gran)} granularity badly "
-                    f"(a page would need {format_bytes(chunk)}); pass chunk_bytes, a multiple of both"
-                )
+            chunk = default_chunk_bytes(unit, gran, target_blocks=max(1, gran // g.block_bytes), what=what)
         else:
             chunk = chunk_bytes
             if not isinstance(chunk, int) or chunk <= 0 or chunk % gran:
@@ -235,6 +267,12 @@ class KVSpace:
     @property
     def device(self) -> torch.device:
         return self._raw.device
+
+    @property
+    def raw(self) -> torch.Tensor:
+        """The whole reserved range as one flat ``uint8`` tensor (every buffer, in address order), for engines
+        that lay out their own views over one allocation (vLLM). Only mapped pages may be touched."""
+        return self._raw
 
     # -- pages ---------------------------------------------------------------------------------------------
     def page_of(self, block: int) -> int:
