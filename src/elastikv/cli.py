@@ -193,6 +193,20 @@ def limit(name: str, size: str | None, reset: bool, device: str | None) -> None:
     click.echo(f"{name}: limit {format_bytes(row.limit_bytes)} (was {format_bytes(before)}) on {ledger.device_label}")
 
 
+@main.command(
+    name="run",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+    short_help="Run an engine command with elastikv active.",
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def run_engine(command: tuple[str, ...]) -> None:
+    """Run COMMAND (e.g. `vllm serve MODEL`) with ELASTIKV=1, after checking that the settings are valid and
+    that vLLM will load elastikv's hook. Write `--` before the command so its options are left alone."""
+    from elastikv.engines import autopatch
+
+    autopatch.run(command)
+
+
 def run() -> None:
     try:
         main(standalone_mode=False)

@@ -130,6 +130,8 @@ class Settings:
     name: str | None = None
     device_budget: Size | None = None  # None: keep what the device's ledger has (95% when new)
     ledger_dir: str | None = None
+    prefix_cache: Size = Size(fraction=0.05)  # most memory idle cached prefixes may keep mapped (engines)
+    peer_timeout: float = 30.0  # seconds a worker process may take to answer a page map/unmap
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -167,6 +169,16 @@ def _int(raw: str, var: str) -> int:
     return value
 
 
+def _seconds(raw: str, var: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r}: write a number of seconds such as 30") from None
+    if not value > 0:
+        raise ConfigError(f"{var}={raw!r}: must be more than 0 seconds")
+    return value
+
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -200,4 +212,6 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "ELASTIKV_NAME": ("name", lambda raw, var: check_name(raw, var)),
     "ELASTIKV_DEVICE_BUDGET": ("device_budget", lambda raw, var: parse_size(raw, what=var, allow_zero=False)),
     "ELASTIKV_LEDGER_DIR": ("ledger_dir", lambda raw, var: raw),
+    "ELASTIKV_PREFIX_CACHE": ("prefix_cache", lambda raw, var: parse_size(raw, what=var, allow_percent=True)),
+    "ELASTIKV_PEER_TIMEOUT": ("peer_timeout", lambda raw, var: _seconds(raw, var)),
 }

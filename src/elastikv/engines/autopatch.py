@@ -1,0 +1,70 @@
+"""Start-up hook: with ``ELASTIKV=1``, every engine process patches itself as it starts.
+
+vLLM loads the ``vllm.general_plugins`` entry points in each of its processes (API server, engine core, every
+worker), whether started as ``vllm serve``, ``python -m vllm.entrypoints.openai.api_server`` or ``LLM(...)``,
+with fork or spawn. elastikv registers :func:`vllm_plugin` there (``pyproject.toml``), which works the same for
+editable and normal installs. ``elastikv run -- CMD`` is ``ELASTIKV=1 CMD`` with checks that the hook will
+really run.
+
+This module stays import-light: vLLM swallows a plugin that fails to *import*, which would leave the engine
+silently static. Everything that can fail happens inside :func:`vllm_plugin`, where a failure stops the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+PLUGIN_NAME = "elastikv"
+
+
+def _setup_logging(level: str) -> None:
+    logger = logging.getLogger("elastikv")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("(elastikv pid=%(process)d) %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+
+
+def vllm_plugin() -> None:
+    """vLLM's plugin hook. Does nothing unless ``ELASTIKV=1``; then patches this process or stops it."""
+    from elastikv.config import Settings
+
+    settings = Settings.from_env()  # a malformed ELASTIKV_* variable stops the engine with its reason
+    if not settings.enabled:
+        return
+    _setup_logging(settings.log_level)
+    from elastikv.engines import vllm
+
+    try:
+        vllm.apply()
+    except Exception as exc:
+        logging.getLogger("elastikv").error("elastikv: refusing to run vLLM unpatched: %s", exc)
+        raise
+
+
+def run(argv: Sequence[str]) -> NoReturn:
+    """Replace this process with ``argv``, with ``ELASTIKV=1`` set."""
+    from elastikv.config import Settings
+    from elastikv.errors import ConfigError
+
+    if not argv:
+        raise ConfigError("elastikv run needs a command, e.g. elastikv run -- vllm serve MODEL")
+    env = dict(os.environ)
+    env["ELASTIKV"] = "1"
+    Settings.from_env(env)  # fail here, with the reason, rather than inside the engine
+    allowed = env.get("VLLM_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in [p.strip() for p in allowed.split(",")]:
+        raise ConfigError(
+            f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_NAME!r}, so vLLM would run without elastikv; "
+            f"add it: VLLM_PLUGINS={allowed},{PLUGIN_NAME}"
+        )
+    if shutil.which(argv[0]) is None:
+        raise ConfigError(f"command not found: {argv[0]}")
+    os.execvpe(argv[0], list(argv), env)
