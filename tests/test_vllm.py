@@ -6,6 +6,7 @@ elastikv) gives the expected greedy tokens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from tests.tiny_models import build_tiny_llama
 from tests.vllm_harness import Engine, engine_env, needs_vllm, prompts
 
@@ -147,10 +147,8 @@ def test_two_engines_share_a_small_budget(model: Path, tmp_path: Path, static: A
     def watch() -> None:
         nonlocal peak_total
         while not stop.is_set():
-            try:
+            with contextlib.suppress(Exception):
                 peak_total = max(peak_total, _ledger_total(tmp_path / "ledger"))
-            except Exception:
-                pass
             time.sleep(0.005)
 
     watcher = threading.Thread(target=watch, daemon=True)

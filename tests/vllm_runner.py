@@ -77,7 +77,7 @@ def main() -> None:
     del llm
 
 
-def generate(llm: Any, cmd: dict[str, Any], SamplingParams: Any, TokensPrompt: Any) -> dict[str, Any]:  # noqa: N803
+def generate(llm: Any, cmd: dict[str, Any], SamplingParams: Any, TokensPrompt: Any) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=int(cmd.get("max_tokens", 16)), ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in cmd["prompts"]]
     before = {"kv": kv_bytes()}
