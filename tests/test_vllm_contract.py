@@ -24,11 +24,17 @@ from elastikv.engines import autopatch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _source(module: str) -> ast.Module | None:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
+def _source(module: str, root: Path | None = None) -> ast.Module | None:
+    """The module's syntax tree: from the installed vLLM, or from an unpacked release under ``root``."""
+    if root is None:
+        spec = importlib.util.find_spec(module)
+        path = Path(spec.origin) if spec is not None and spec.origin else None
+    else:
+        base = root.joinpath(*module.split("."))
+        path = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.exists()), None)
+    if path is None:
         return None
-    return ast.parse(Path(spec.origin).read_text(), filename=spec.origin)
+    return ast.parse(path.read_text(), filename=str(path))
 
 
 def _top_level_names(tree: ast.Module) -> dict[str, ast.AST]:
@@ -51,13 +57,17 @@ def _params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
     return [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)] + ([a.vararg.arg] if a.vararg else [])
 
 
-@needs_vllm
-def test_every_patch_target_is_in_the_installed_vllm_source() -> None:
+def contract_problems(root: Path | None = None) -> list[str]:
+    """Every adapter target the vLLM source (installed, or unpacked under ``root``) does not provide.
+
+    ``python tests/test_vllm_contract.py DIR`` checks a release without installing it (unzip its wheel's
+    ``vllm/*.py`` into DIR): how 0.33 was checked on a machine that can only run 0.32.
+    """
     from elastikv.engines.vllm import TARGETS
 
     problems = []
     for t in TARGETS:
-        tree = _source(t.module)
+        tree = _source(t.module, root)
         if tree is None:
             if not t.optional:
                 problems.append(f"{t.module}: module missing")
@@ -79,6 +89,12 @@ def test_every_patch_target_is_in_the_installed_vllm_source() -> None:
             lacking = [p for p in t.params if p not in _params(node)]
             if lacking:
                 problems.append(f"{t.module}.{t.qualname}: lacks parameters {lacking}")
+    return problems
+
+
+@needs_vllm
+def test_every_patch_target_is_in_the_installed_vllm_source() -> None:
+    problems = contract_problems()
     assert not problems, "\n".join(problems)
 
 
@@ -181,3 +197,9 @@ def test_elastikv_run_refuses_what_would_leave_the_engine_static() -> None:
     assert out.returncode == 2 and "command not found: no-such-engine-command" in out.stderr
     out = _elastikv("run", "--", sys.executable, "-V", ELASTIKV_RESERVE="much")
     assert out.returncode == 2 and "ELASTIKV_RESERVE" in out.stderr
+
+
+if __name__ == "__main__":
+    found = contract_problems(Path(sys.argv[1]))
+    print("\n".join(found) or f"{sys.argv[1]}: every target present")
+    sys.exit(1 if found else 0)

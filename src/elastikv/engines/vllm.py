@@ -600,8 +600,10 @@ def _make_pool_class(BlockPool: type, FreeKVCacheBlockQueue: type) -> type:
                 if pool is not None and pool is not self:
                     others.setdefault(pool, []).append(block)
                     continue
+                if block.is_null:  # never pooled; vLLM does not count its references
+                    continue
                 block.ref_cnt -= 1
-                if block.ref_cnt == 0 and not block.is_null:
+                if block.ref_cnt == 0:
                     if block.block_hash is None and not self._watched(block.block_id):
                         to_allocator.append(block.block_id)
                     else:
