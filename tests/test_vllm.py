@@ -96,6 +96,9 @@ def test_kv_memory_follows_load_and_status_shows_the_instance(model: Path, tmp_p
         idle = engine.call(op="settle")
         burst = engine.call(op="generate", prompts=BURST)
         after = engine.call(op="settle")
+        assert after["cached_blocks"] > 0  # finished requests' full blocks stay cached (within the bound)
+        assert engine.call(op="reset_prefix_cache")["reset"] is True
+        reset = engine.call(op="settle")
         status = subprocess.run(
             [sys.executable, "-m", "elastikv.cli", "status", "--json"],
             env=env,
@@ -115,6 +118,7 @@ def test_kv_memory_follows_load_and_status_shows_the_instance(model: Path, tmp_p
     # of slack for cached blocks spread over two pages).
     assert after["kv"] <= idle["kv"] + 4 * MIB + PAGE, after
     assert after["kv"] < burst["peak"]["kv"] - need // 2
+    assert reset["cached_blocks"] == 0 and reset["kv"] <= after["kv"]  # vLLM's reset gives the cached memory back
     assert status.returncode == 0, status.stderr
     rows = [row for device in json.loads(status.stdout) for row in device["instances"]]
     mine = [row for row in rows if row["name"] == idle["name"]]

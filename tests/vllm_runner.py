@@ -10,6 +10,8 @@ Replies are printed on lines starting with ``RESULT `` (vLLM logs to stdout too)
     file really holds (``fstat``; RSS would count the scratch page once per slot it backs).
 ``{"op": "settle", "timeout": 5}``
     Wait until the allocator has trimmed back to its floor (no change for 0.5 s); reply its statistics.
+``{"op": "reset_prefix_cache"}``
+    vLLM's own ``LLM.reset_prefix_cache()``; replies whether it succeeded.
 ``{"op": "quit"}``
 
 With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core and the worker live in this process and the memory
@@ -70,6 +72,8 @@ def main() -> None:
             break
         if op == "generate":
             say(generate(llm, cmd, SamplingParams, TokensPrompt))
+        elif op == "reset_prefix_cache":
+            say({"reset": bool(llm.reset_prefix_cache())})
         elif op == "settle":
             say(settle(llm, float(cmd.get("timeout", 5.0))))
         else:

@@ -205,7 +205,7 @@ def _worker_backend(device: torch.device) -> _WorkerCache:
 
 
 def _block_outermost(layout: Any) -> bool:
-    order = getattr(layout, "value", None)
+    order: Any = getattr(layout, "value", None)
     return bool(order) and order[0] == 1
 
 
@@ -470,10 +470,10 @@ def _wrap_allocate_slots(original: Callable[..., Any]) -> Callable[..., Any]:
     return allocate_slots
 
 
-_pool_cls: type | None = None
+_pool_cls: Any = None
 
 
-def _pool_class() -> type:
+def _pool_class() -> Any:
     global _pool_cls
     if _pool_cls is None:
         from vllm.v1.core.block_pool import BlockPool
@@ -502,6 +502,7 @@ def _make_pool_class(BlockPool: type, FreeKVCacheBlockQueue: type) -> type:
             self.instance: VllmInstance | None = _pending.pop() if _pending else None
             self._stash: list[int] = []
             self.admitting = False
+            self._all_free = False  # True only inside reset_prefix_cache, once nothing is in use
             self._extra = 0
             if self.instance is None:
                 log.warning("elastikv: a vLLM BlockPool with no elastic cache behind it (left static)")
@@ -548,10 +549,10 @@ def _make_pool_class(BlockPool: type, FreeKVCacheBlockQueue: type) -> type:
         def get_num_free_blocks(self) -> int:
             if self.instance is None:
                 return super().get_num_free_blocks()  # type: ignore[no-any-return]
-            secured = len(self._stash) + self.free_block_queue.num_free_blocks
-            if self.admitting or getattr(self, "_all_free", False):
-                return secured if not getattr(self, "_all_free", False) else self.num_gpu_blocks - 1
-            return secured + self._alloc.available()
+            if self._all_free:
+                return int(self.num_gpu_blocks) - 1
+            secured = len(self._stash) + int(self.free_block_queue.num_free_blocks)
+            return secured if self.admitting else secured + self._alloc.available()
 
         def get_new_blocks(self, num_blocks: int) -> list[Any]:
             if self.instance is None:
@@ -666,7 +667,7 @@ def _make_pool_class(BlockPool: type, FreeKVCacheBlockQueue: type) -> type:
                 return super().get_usage()  # type: ignore[no-any-return]
             used = self._alloc.stats().blocks_in_use - self.free_block_queue.num_free_blocks - len(self._stash)
             limit_blocks = max(1, self._alloc.limit // self._block_bytes)
-            return max(0.0, min(1.0, used / limit_blocks))
+            return float(max(0.0, min(1.0, used / limit_blocks)))
 
     return ElasticBlockPool
 
