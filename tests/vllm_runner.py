@@ -4,7 +4,7 @@
 
 Replies are printed on lines starting with ``RESULT `` (vLLM logs to stdout too). Commands:
 
-``{"op": "generate", "prompts": [[ids...], ...], "max_tokens": 16}``
+``{"op": "generate", "prompts": [[ids...], ...], "max_tokens": 16, "start_at": <time.time()>}``
     Greedy generation. Replies the tokens, each request's prefix-cache hits, and the KV memory this process
     held before, at peak (sampled every 2 ms) and after: with elastikv in this process, the bytes its memory
     file really holds (``fstat``; RSS would count the scratch page once per slot it backs).
@@ -84,6 +84,8 @@ def main() -> None:
 def generate(llm: Any, cmd: dict[str, Any], SamplingParams: Any, TokensPrompt: Any) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=int(cmd.get("max_tokens", 16)), ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in cmd["prompts"]]
+    if "start_at" in cmd:  # a wall-clock time shared with other engines, so that their loads really overlap
+        time.sleep(max(0.0, float(cmd["start_at"]) - time.time()))
     before = {"kv": kv_bytes()}
     peak = dict(before)
     inst = instance(llm)
