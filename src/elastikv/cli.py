@@ -193,6 +193,19 @@ def limit(name: str, size: str | None, reset: bool, device: str | None) -> None:
     click.echo(f"{name}: limit {format_bytes(row.limit_bytes)} (was {format_bytes(before)}) on {ledger.device_label}")
 
 
+@main.command(name="make-model")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--arch", default="llama", show_default=True, help="Model family.")
+@click.option("--size", type=click.Choice(["tiny", "1b", "8b"]), default="tiny", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Weights come from this seed.")
+def make_model_cmd(directory: str, arch: str, size: str, seed: int) -> None:
+    """Write a random-weight model and a locally trained tokenizer to DIRECTORY (no model hub needed)."""
+    from elastikv.models import make_model
+
+    path = make_model(directory, arch=arch, size=size, seed=seed)
+    click.echo(f"wrote a random-weight {size} {arch} with its tokenizer to {path}")
+
+
 @main.command(
     name="run",
     context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},

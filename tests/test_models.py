@@ -1,0 +1,46 @@
+"""`elastikv make-model`: a random-weight model directory that transformers and vLLM load like a downloaded one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
+
+
+def test_make_model_writes_a_loadable_model_with_a_trained_tokenizer(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "elastikv.cli", "make-model", str(tmp_path / "m"), "--size", "tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    text = "Return a new list containing all items from the iterable in ascending order."
+    ids = tok(text).input_ids
+    assert 8 <= len(ids) <= 40  # trained on English prose: words, not bytes
+    assert tok.decode(ids) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|assistant|>\n")
+    generated = model.generate(tok(text, return_tensors="pt").input_ids, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == len(ids) + 8
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["eos_token_id"] == tok.eos_token_id
+
+
+def test_make_model_rejects_an_unknown_size(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "elastikv.cli", "make-model", str(tmp_path / "m"), "--size", "huge"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "huge" in out.stderr
