@@ -64,6 +64,7 @@ def run(model: Path, tmp: Path, waves: int) -> tuple[dict[str, Any], dict[str, A
                 "start_s": start[kind],
                 "wave_s": [r["seconds"] for r in rs],
                 "tokens_per_s": tokens / statistics.median(r["seconds"] for r in rs),
+                "best_tokens_per_s": tokens / min(r["seconds"] for r in rs),  # the least disturbed wave
                 "kv_idle": idle["kv"] if elastic else STATIC_KV,
                 "kv_peak": max(r["peak"]["kv"] for r in rs) if elastic else STATIC_KV,
                 "kv_after": after["kv"] if elastic else STATIC_KV,
@@ -88,6 +89,7 @@ def main() -> None:
     rows = [
         ("start-up (s)", static["start_s"], elastic["start_s"]),
         ("throughput (prompt+generated tok/s, median wave)", static["tokens_per_s"], elastic["tokens_per_s"]),
+        ("throughput (prompt+generated tok/s, best wave)", static["best_tokens_per_s"], elastic["best_tokens_per_s"]),
         ("KV memory held idle (MiB)", static["kv_idle"] / MIB, elastic["kv_idle"] / MIB),
         ("KV memory held at peak (MiB)", static["kv_peak"] / MIB, elastic["kv_peak"] / MIB),
         ("KV memory held after the load (MiB)", static["kv_after"] / MIB, elastic["kv_after"] / MIB),
