@@ -49,7 +49,9 @@ def run(model: Path, tmp: Path, waves: int) -> tuple[dict[str, Any], dict[str, A
         results: dict[str, list[dict[str, Any]]] = {"static": [], "elastic": []}
         for w in range(waves):
             for kind in ("static", "elastic") if w % 2 == 0 else ("elastic", "static"):
-                results[kind].append(engines[kind].call(op="generate", prompts=prompts(24, 768, seed=100 + w)))
+                results[kind].append(
+                    engines[kind].call(op="generate", prompts=prompts(24, 768, seed=100 + w), sample_ms=50)
+                )
         after = engines["elastic"].call(op="settle")
     finally:
         for e in engines.values():

@@ -4,9 +4,9 @@
 
 Replies are printed on lines starting with ``RESULT `` (vLLM logs to stdout too). Commands:
 
-``{"op": "generate", "prompts": [[ids...], ...], "max_tokens": 16, "start_at": <time.time()>}``
+``{"op": "generate", "prompts": [[ids...], ...], "max_tokens": 16, "start_at": <time.time()>, "sample_ms": 2}``
     Greedy generation. Replies the tokens, each request's prefix-cache hits, and the KV memory this process
-    held before, at peak (sampled every 2 ms) and after: with elastikv in this process, the bytes its memory
+    held before, at peak (sampled every ``sample_ms``) and after: with elastikv in this process, the bytes its memory
     file really holds (``fstat``; RSS would count the scratch page once per slot it backs).
 ``{"op": "settle", "timeout": 5}``
     Wait until the allocator has trimmed back to its floor (no change for 0.5 s); reply its statistics.
@@ -91,6 +91,7 @@ def generate(llm: Any, cmd: dict[str, Any], SamplingParams: Any, TokensPrompt: A
     inst = instance(llm)
     peak_mapped = 0
     stop = threading.Event()
+    interval = float(cmd.get("sample_ms", 2)) / 1000  # benchmarks sample rarely: the sampler costs CPU too
 
     def sample() -> None:
         nonlocal peak_mapped
@@ -98,7 +99,7 @@ def generate(llm: Any, cmd: dict[str, Any], SamplingParams: Any, TokensPrompt: A
             peak["kv"] = max(peak["kv"], kv_bytes())
             if inst is not None:
                 peak_mapped = max(peak_mapped, inst.allocator.stats().mapped_bytes)
-            time.sleep(0.002)
+            time.sleep(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
