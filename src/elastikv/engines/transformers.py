@@ -1,0 +1,285 @@
+"""transformers adapter: continuous batching's paged KV cache over elastikv (transformers 5.17).
+
+:func:`enable` installs, in this process, three subclasses into transformers' continuous batching, without
+changing its files; every model that then starts continuous batching (``generate_batch``,
+``init_continuous_batching``) gets an elastic cache:
+
+``ElasticCache`` (replaces ``PagedAttentionCache`` where ``continuous_api`` builds it)
+    Built small by transformers (one block), then re-pointed at one :class:`~elastikv.space.KVSpace` of the
+    device's virtual size. Layout: token-interleaved, ``[blocks * block_size, layers, 2 (K, V), heads,
+    head_dim]``, so a block is one contiguous range (one chunk maps a page of every layer) and each layer's K and V
+    are affine ``[slots, heads, head_dim]`` views, as transformers' kernels index them (by slot, on dim 0).
+    Blocks 0 and 1 are the always-mapped null blocks, used as transformers' read trash (zeros, for padding reads)
+    and write trash. ``num_pages`` is the per-batch KV read budget (``max_kv_tokens``), not the virtual size,
+    so that the attention mask of the sdpa/eager paths stays small.
+``ElasticBlockManager`` (the cache's ``_block_manager``)
+    Block ids from the :class:`~elastikv.allocator.BlockAllocator`; a refusal is ``None`` ("not now").
+``prepare_next_batch`` and ``_setup_static_tensors``, wrapped
+    When nothing can be scheduled and transformers has nothing left to preempt, it would raise and fail every
+    request; with an elastic cache the batch waits instead (memory held by other instances comes back). Its IO
+    buffers are sized from the read budget.
+
+Memory bound: a request whose prompt and output can never fit the limit is refused when it is submitted (by
+the embedded engine), not left waiting. Prefix sharing is off in this first version (``allow_block_sharing``
+is forced to False).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from elastikv.config import Settings
+from elastikv.errors import AllocationRefused, UnsupportedEngine
+from elastikv.instance import Instance, open_instance
+from elastikv.space import KVGeometry
+
+log = logging.getLogger("elastikv")
+
+SUPPORTED: tuple[tuple[int, int], ...] = ((5, 17),)
+NULL_BLOCKS = 2  # read trash (zeros) and write trash
+
+
+@dataclass
+class Options:
+    """What :func:`enable` was given; read by every ElasticCache built afterwards in this process."""
+
+    name: str | None = None
+    settings: Settings | None = None
+    max_kv_tokens: int = 16384  # KV slots one batch may read (bounds the sdpa/eager attention mask)
+
+
+_options = Options()
+_caches: list[Any] = []  # every ElasticCache built in this process, newest last (the engine reads its instance)
+_lock = threading.Lock()
+_enabled = False
+
+
+def version() -> tuple[str, tuple[int, ...]]:
+    import transformers
+
+    text = str(transformers.__version__)
+    parts: list[int] = []
+    for p in text.split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return text, tuple(parts)
+
+
+def check_version(text: str, tup: tuple[int, ...]) -> None:
+    if tuple(tup[:2]) not in SUPPORTED:
+        supported = ", ".join(f"{a}.{b}" for a, b in SUPPORTED)
+        raise UnsupportedEngine(
+            f"elastikv's transformers engine supports transformers {supported}; this is {text}. "
+            "Install it: pip install 'transformers>=5.17,<5.18' (5.18+ lays its paged cache out anew)."
+        )
+
+
+def enable(*, name: str | None = None, settings: Settings | None = None, max_kv_tokens: int = 16384) -> None:
+    """Make continuous batching in this process elastic. Idempotent; the options apply to caches built later."""
+    global _enabled
+    text, tup = version()
+    check_version(text, tup)
+    with _lock:
+        _options.name, _options.settings, _options.max_kv_tokens = name, settings, max_kv_tokens
+        if _enabled:
+            return
+        from transformers.generation.continuous_batching import continuous_api, input_outputs, offloading_manager
+
+        continuous_api.PagedAttentionCache = _cache_class()  # type: ignore[attr-defined]
+        _wrap(continuous_api.ContinuousBatchProcessor, "prepare_next_batch", _wrap_prepare_next_batch)
+        _wrap(input_outputs.ContinuousBatchingIOs, "_setup_static_tensors", _wrap_setup_static_tensors)
+        _wrap(offloading_manager.OffloadingManager, "offload_requests", _wrap_offload_requests)
+        _enabled = True
+    log.info("elastikv: transformers %s continuous batching patched (elastic KV cache)", text)
+
+
+def _wrap(owner: type, attr: str, make: Callable[[Any], Any]) -> None:
+    original = getattr(owner, attr)
+    wrapped = make(original)
+    wrapped.__wrapped__ = original
+    setattr(owner, attr, wrapped)
+
+
+class _WaitForMemory(Exception):
+    """Nothing can be scheduled, nothing can be preempted: wait for memory (other instances) and retry."""
+
+
+def _is_elastic(cache: Any) -> bool:
+    return getattr(cache, "elastic", None) is not None
+
+
+def _wrap_offload_requests(original: Callable[..., int]) -> Callable[..., int]:
+    def offload_requests(self: Any) -> int:
+        n = original(self)
+        if n == 0 and _is_elastic(getattr(self, "cache", None)):
+            raise _WaitForMemory
+        return n
+
+    return offload_requests
+
+
+def _wrap_prepare_next_batch(original: Callable[..., bool]) -> Callable[..., bool]:
+    def prepare_next_batch(self: Any) -> bool:
+        try:
+            return original(self)
+        except _WaitForMemory:
+            self.cache.waits += 1
+            return False  # the loop waits 0.1 s (or for a new request) and schedules again
+
+    return prepare_next_batch
+
+
+class _BudgetView:
+    """The cache as the IO buffers should size themselves: ``num_pages`` (the read budget) slots, not the
+    virtual capacity."""
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+        self.num_blocks = cache.num_pages // cache.block_size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+
+def _wrap_setup_static_tensors(original: Callable[..., None]) -> Callable[..., None]:
+    def _setup_static_tensors(self: Any, *args: Any, **kwargs: Any) -> None:
+        cache = self.cache
+        if not _is_elastic(cache):
+            return original(self, *args, **kwargs)
+        self.cache = _BudgetView(cache)
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            self.cache = cache
+        return None
+
+    return _setup_static_tensors
+
+
+_cls: Any = None
+
+
+def _cache_class() -> Any:
+    global _cls
+    if _cls is None:
+        from transformers.generation.continuous_batching.cache import PagedAttentionCache
+        from transformers.generation.continuous_batching.cache_manager import BlockManager
+
+        _cls = _make_classes(PagedAttentionCache, BlockManager)
+    return _cls
+
+
+def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:  # noqa: N803 (transformers' names)
+    class ElasticBlockManager(BlockManager):  # type: ignore[misc,valid-type]
+        """transformers' block manager with ids from elastikv's allocator (no prefix sharing)."""
+
+        def __init__(self, instance: Instance, block_size: int) -> None:
+            super().__init__(0, block_size, tp_on=False)
+            self.alloc = instance.allocator
+            self.num_blocks = instance.space.num_blocks
+
+        @property
+        def num_free_blocks(self) -> int:
+            return self.alloc.available()
+
+        def has_enough_free_blocks(self, n_blocks: int) -> bool:
+            return self.alloc.available() >= n_blocks
+
+        def get_free_blocks(
+            self, n_blocks: int, last_block_id: int | None, shareable: bool, group_id: int
+        ) -> list[int] | None:
+            try:
+                return self.alloc.allocate(n_blocks)
+            except AllocationRefused:
+                return None
+
+        def free_blocks(self, blocks: list[int], shareable: bool) -> None:
+            if blocks:
+                self.alloc.free(blocks)
+
+    class ElasticCache(PagedAttentionCache):  # type: ignore[misc,valid-type]
+        """transformers' paged cache over an elastikv KVSpace (see the module docstring)."""
+
+        def __init__(
+            self,
+            config: Any,
+            continuous_batching_config: Any,
+            device: Any,
+            distributed_helper: Any,
+            tp_plan: Any,
+            dtype: torch.dtype = torch.float16,
+        ) -> None:
+            cb = continuous_batching_config
+            if distributed_helper.tp_size > 1:
+                raise UnsupportedEngine("elastikv's transformers engine runs on one device (no tensor parallelism)")
+            cb.allow_block_sharing = False
+            cb.safety_margin = 0.0  # a margin of the *virtual* size would throttle every prefill
+            if cb.max_batch_tokens is None:
+                cb.max_batch_tokens = 256
+            asked = cb.num_blocks
+            cb.num_blocks = 1  # transformers builds a one-block cache; it is re-pointed below
+            try:
+                super().__init__(config, cb, device, distributed_helper, tp_plan, dtype)
+            finally:
+                cb.num_blocks = asked
+            if self.num_groups != 1 or self.num_sliding_attention_groups:
+                raise UnsupportedEngine(
+                    "elastikv's transformers engine handles models whose layers are all full attention; "
+                    "this one has sliding-window layers"
+                )
+            bs, heads, dim, layers = self.block_size, self.num_key_value_heads, self.head_dim, len(self.key_cache)
+            geometry = KVGeometry(1, (bs, layers, 2, heads, dim), dtype, buffers_per_layer=1)
+            torch_device = torch.device(device)
+            for old in _caches:  # a finished session's cache (generate_batch makes one per call): give it back
+                old.elastic.close()
+            _caches.clear()
+            settings = _options.settings or Settings.from_env()
+            if torch_device.type == "cpu" and settings.backend == "auto":
+                from dataclasses import replace
+
+                settings = replace(settings, backend="host")
+            self.elastic: Instance = open_instance(
+                geometry,
+                engine="transformers",
+                name=_options.name,
+                settings=settings,
+                layout="interleaved",
+                num_blocks=asked,
+                null_blocks=NULL_BLOCKS,
+            )
+            space = self.elastic.space
+            n = space.num_blocks
+            slots = space.raw.view(dtype).view(n * bs, layers, 2, heads, dim)
+            self.key_cache = [slots[:, j, 0] for j in range(layers)]
+            self.value_cache = [slots[:, j, 1] for j in range(layers)]
+            for t in (*self.key_cache, *self.value_cache):
+                torch._dynamo.mark_static_address(t)
+            space.raw[: NULL_BLOCKS * space.geometry.group_bytes].zero_()  # the read trash must read zeros
+            self.num_blocks = n
+            self.num_pages = max(_options.max_kv_tokens, cb.max_batch_tokens)  # the per-batch read budget
+            self.cache_shape = tuple(self.key_cache[0].shape)
+            self.read_trash_index = 0
+            self.sentinel_index = 1
+            self.write_trash_index = bs  # block 1
+            self._block_manager = ElasticBlockManager(self.elastic, bs)
+            self.waits = 0
+            _caches.append(self)
+
+    return ElasticCache
+
+
+def latest_instance() -> Instance | None:
+    """The elastic instance of the newest cache built in this process (the embedded engine has one)."""
+    return _caches[-1].elastic if _caches else None
+
+
+def patched() -> bool:
+    return _enabled
