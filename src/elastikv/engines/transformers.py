@@ -34,8 +34,8 @@ from typing import Any
 
 import torch
 
-from elastikv.config import Settings
-from elastikv.errors import AllocationRefused, UnsupportedEngine
+from elastikv.config import Settings, format_bytes
+from elastikv.errors import AllocationRefused, LimitExceeded, UnsupportedEngine
 from elastikv.instance import Instance, open_instance
 from elastikv.space import KVGeometry
 
@@ -91,12 +91,18 @@ def enable(*, name: str | None = None, settings: Settings | None = None, max_kv_
         _options.name, _options.settings, _options.max_kv_tokens = name, settings, max_kv_tokens
         if _enabled:
             return
-        from transformers.generation.continuous_batching import continuous_api, input_outputs, offloading_manager
+        from transformers.generation.continuous_batching import (
+            continuous_api,
+            input_outputs,
+            offloading_manager,
+            scheduler,
+        )
 
         continuous_api.PagedAttentionCache = _cache_class()  # type: ignore[attr-defined]
         _wrap(continuous_api.ContinuousBatchProcessor, "prepare_next_batch", _wrap_prepare_next_batch)
         _wrap(input_outputs.ContinuousBatchingIOs, "_setup_static_tensors", _wrap_setup_static_tensors)
         _wrap(offloading_manager.OffloadingManager, "offload_requests", _wrap_offload_requests)
+        _wrap(scheduler.Scheduler, "add_waiting_request", _wrap_add_waiting_request)
         _enabled = True
     log.info("elastikv: transformers %s continuous batching patched (elastic KV cache)", text)
 
@@ -124,6 +130,28 @@ def _wrap_offload_requests(original: Callable[..., int]) -> Callable[..., int]:
         return n
 
     return offload_requests
+
+
+def _wrap_add_waiting_request(original: Callable[..., None]) -> Callable[..., None]:
+    def add_waiting_request(self: Any, state: Any) -> None:
+        cache = self.cache
+        if _is_elastic(cache) and state.max_new_tokens is not None:
+            # transformers fails just this request with the error (continuous_api's new-request path)
+            alloc, bs = cache.elastic.allocator, cache.block_size
+            tokens = len(state.initial_tokens) + int(state.max_new_tokens)
+            need = -(-tokens // bs)
+            can = min(alloc.limit // (alloc.page_bytes // alloc.blocks_per_page) - NULL_BLOCKS, alloc.num_blocks)
+            if need > can:
+                raise LimitExceeded(
+                    f"request {state.request_id} needs {need} blocks ({tokens} tokens: its prompt plus "
+                    f"max_new_tokens) but the KV limit holds {can} ({format_bytes(alloc.limit)}); "
+                    "raise the limit (ELASTIKV_LIMIT, elastikv limit NAME SIZE) or ask for fewer tokens",
+                    requested=need,
+                    available=can,
+                )
+        original(self, state)
+
+    return add_waiting_request
 
 
 def _wrap_prepare_next_batch(original: Callable[..., bool]) -> Callable[..., bool]:
@@ -177,7 +205,7 @@ def _cache_class() -> Any:
     return _cls
 
 
-def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:  # noqa: N803 (transformers' names)
+def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:
     class ElasticBlockManager(BlockManager):  # type: ignore[misc,valid-type]
         """transformers' block manager with ids from elastikv's allocator (no prefix sharing)."""
 

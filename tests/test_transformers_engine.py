@@ -1,0 +1,136 @@
+"""transformers continuous batching on elastikv's KV cache: the real engine, a tiny random Llama, on the CPU.
+
+Expected tokens come from plain ``model.generate`` (greedy, no continuous batching, no elastikv).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
+
+import torch  # noqa: E402
+from tests.tiny_models import build_tiny_llama  # noqa: E402
+
+from elastikv.config import Settings  # noqa: E402
+from elastikv.errors import UnsupportedEngine  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not transformers.__version__.startswith("5.17."),
+    reason=f"the engine supports transformers 5.17; this is {transformers.__version__}",
+)
+
+MIB = 1024**2
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_llama(tmp_path_factory.mktemp("tiny"))
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    yield m
+
+
+def _expected(model: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.set_attn_implementation("sdpa")  # plain transformers: no paged attention
+    with torch.no_grad():
+        return [model.generate(torch.tensor([p]), generation_config=gc)[0, len(p) :].tolist() for p in prompts]
+
+
+@pytest.fixture
+def elastic(tmp_path: Path, model: Any) -> Iterator[Any]:
+    """Continuous batching made elastic; yields a function that runs a batch and returns its outputs."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from elastikv.engines import transformers as tfe
+
+    def run(prompts: list[list[int]], max_new_tokens: int, **env: str) -> tuple[list[Any], Any]:
+        settings = Settings.from_env(
+            {
+                "ELASTIKV_HOST_MEMORY": "1GiB",
+                "ELASTIKV_RESERVE": "2MiB",
+                "ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger"),
+                **env,
+            }
+        )
+        tfe.enable(settings=settings, max_kv_tokens=4096)
+        model.set_attn_implementation("paged|sdpa")
+        gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        cb = ContinuousBatchingConfig(block_size=32, max_batch_tokens=256)
+        out = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb, warmup=False)
+        return list(out.values()), tfe._caches[-1]
+
+    yield run
+
+    for cache in tfe._caches:
+        cache.elastic.close()
+    tfe._caches.clear()
+    model.set_attn_implementation("sdpa")
+
+
+def _prompts(n: int, lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 500, (lengths[i % len(lengths)],), generator=g).tolist() for i in range(n)]
+
+
+def test_sixteen_concurrent_requests_match_plain_transformers(model: Any, elastic: Any) -> None:
+    prompts = _prompts(16, [5, 9, 13, 20, 40, 64, 100, 7], seed=1)
+    outs, cache = elastic(prompts, 24)
+    assert [o.error for o in outs] == [None] * 16
+    assert [o.generated_tokens for o in outs] == _expected(model, prompts, 24)
+    assert cache.elastic.allocator.stats().pages_mapped_total >= 1  # the blocks really came from elastikv
+    assert cache.key_cache[0].data_ptr() >= cache.elastic.space.raw.data_ptr()
+
+
+def test_one_generation_over_two_thousand_tokens_matches(model: Any, elastic: Any) -> None:
+    prompts = _prompts(1, [16], seed=2)
+    outs, _ = elastic(prompts, 2048)
+    assert len(outs[0].generated_tokens) == 2048
+    assert [outs[0].generated_tokens] == _expected(model, prompts, 2048)
+
+
+def test_a_flood_over_the_budget_all_completes_and_memory_returns(model: Any, elastic: Any) -> None:
+    # 24 requests x (400 + 64 tokens) = 24 x 15 blocks of 32 KiB = 11.25 MiB, against a 6 MiB limit.
+    prompts = _prompts(24, [400], seed=3)
+    t0 = time.perf_counter()
+    outs, cache = elastic(prompts, 64, ELASTIKV_LIMIT="6MiB")
+    seconds = time.perf_counter() - t0
+    stats = cache.elastic.allocator.stats()
+    assert [o.error for o in outs] == [None] * 24
+    assert [o.generated_tokens for o in outs] == _expected(model, prompts, 64)
+    # The cache held at most the limit: free counts told transformers the truth, so it queued and preempted
+    # (recomputing) instead of asking for more, and every answer is still exact.
+    assert stats.mapped_bytes <= 6 * MIB and stats.pages_mapped_total * stats.page_bytes <= 6 * MIB
+    deadline = time.monotonic() + 5
+    while cache.elastic.allocator.stats().mapped_bytes > 4 * MIB and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = cache.elastic.allocator.stats()
+    print(
+        f"\nflood of 24 x 464 tokens (11.25 MiB of KV) under a 6 MiB limit: {seconds:.1f} s; held at the end "
+        f"{stats.mapped_bytes / MIB:.0f} MiB, after settling {after.mapped_bytes / MIB:.0f} MiB"
+    )
+    assert after.blocks_in_use == 0 and after.mapped_bytes <= 4 * MIB  # null page + the 2 MiB reserve
+
+
+def test_a_request_larger_than_the_whole_budget_gets_a_clear_error(model: Any, elastic: Any) -> None:
+    prompts = _prompts(1, [100], seed=4)
+    outs, _ = elastic(prompts, 8000, ELASTIKV_LIMIT="4MiB")
+    assert outs[0].error is not None and "raise the limit" in outs[0].error, outs[0].error
+    assert "needs 254 blocks" in outs[0].error
+
+
+def test_an_unsupported_transformers_version_is_refused() -> None:
+    from elastikv.engines.transformers import check_version
+
+    with pytest.raises(UnsupportedEngine, match=r"supports transformers 5\.17; this is 5\.19\.0"):
+        check_version("5.19.0", (5, 19, 0))
