@@ -168,4 +168,4 @@ def make_model(path: str | Path, *, arch: str = "llama", size: str = "tiny", see
 
 
 def _total_bytes(shapes: dict[str, tuple[int, ...]], dtype: Any) -> int:
-    return sum(math.prod(s) for s in shapes.values()) * dtype.itemsize
+    return int(sum(math.prod(s) for s in shapes.values()) * dtype.itemsize)

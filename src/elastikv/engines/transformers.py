@@ -263,7 +263,7 @@ def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:
                     "elastikv's transformers engine handles models whose layers are all full attention; "
                     "this one has sliding-window layers"
                 )
-            bs, heads, dim, layers = self.block_size, self.num_key_value_heads, self.head_dim, len(self.key_cache)
+            bs, heads, dim, layers = self.block_size, self.num_key_value_heads, self.head_dim, len(self.key_cache)  # type: ignore[has-type]
             geometry = KVGeometry(1, (bs, layers, 2, heads, dim), dtype, buffers_per_layer=1)
             torch_device = torch.device(device)
             for old in _caches:  # a finished session's cache (generate_batch makes one per call): give it back
