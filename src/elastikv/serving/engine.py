@@ -1,0 +1,230 @@
+"""The embedded engine: one model, transformers continuous batching on an elastic KV cache, sleep and wake.
+
+Who owns what: the engine owns the model, the tokenizer and one ``ContinuousBatchingManager`` (its background
+thread runs the batches); the KV cache, and so the memory, belongs to the elastikv instance the manager's cache
+opened (``engines/transformers.py``). Requests are submitted from an asyncio loop and their tokens come back
+through transformers' result handlers, delivered on that loop.
+
+Sleep: level 1 moves the weights to pinned host memory (on a GPU; on a CPU they already live in host memory)
+and ends the manager, which closes the KV instance: every KV page is unmapped and its ledger row leaves. Level 2
+drops the weights instead; wake reloads them from the model's files. Wake puts the weights back (pinned
+memory copies at full speed) and starts a new manager; KV pages are mapped again as requests arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from elastikv.config import Settings
+from elastikv.errors import ConfigError, ElastikvError
+
+log = logging.getLogger("elastikv")
+
+
+class Asleep(ElastikvError):
+    """The engine is asleep: wake it (POST /wake_up) before sending requests."""
+
+
+@dataclass
+class Stats:
+    running: int = 0
+    waiting: int = 0
+    finished: int = 0
+    ttft: list[float] = field(default_factory=list)  # seconds to the first token, of requests since last read
+
+
+class Engine:
+    """Serves one model. Thread-safe for submission from one asyncio loop; sleep/wake serialised by a lock."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        name: str | None = None,
+        settings: Settings | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        block_size: int = 32,
+        max_batch_tokens: int = 512,
+        max_kv_tokens: int = 16384,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        from elastikv.engines import transformers as adapter
+
+        self.path = Path(model)
+        if not (self.path / "config.json").exists():
+            raise ConfigError(
+                f"{model}: no model directory there (config.json missing); make one with "
+                f"`elastikv make-model {model}` or pass a local model directory"
+            )
+        self.settings = settings or Settings.from_env()
+        self.name = name or self.settings.name or self.path.name
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype).to(self.device).eval()
+        adapter.enable(name=self.name, settings=self.settings, max_kv_tokens=max_kv_tokens)
+        eos = self.tokenizer.eos_token_id
+        self.generation_config = GenerationConfig(
+            do_sample=False, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id or 0, max_new_tokens=256
+        )
+        self.cb_config = ContinuousBatchingConfig(
+            block_size=block_size, max_batch_tokens=max_batch_tokens, use_async_batching=False
+        )
+        self._adapter = adapter
+        self._lock = threading.Lock()
+        self._manager: Any = None
+        self._asleep: int = 0  # 0 awake, else the level
+        self._host_weights: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.stats = Stats()
+        self._start()
+
+    # -- lifetime -----------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        self.model.set_attn_implementation("paged|sdpa")
+        self._manager = self.model.init_continuous_batching(
+            generation_config=self.generation_config, continuous_batching_config=self.cb_config
+        )
+        self._manager.start()
+
+    def _stop(self) -> None:
+        if self._manager is not None:
+            self._manager.stop(block=True)
+            self._manager.destroy()
+            self._manager = None
+        for cache in self._adapter._caches:  # the manager's cache: unmap every page, leave the ledger
+            cache.elastic.close()
+        self._adapter._caches.clear()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop()
+
+    @property
+    def instance(self) -> Any:
+        return self._adapter.latest_instance()
+
+    @property
+    def sleeping(self) -> int:
+        return self._asleep
+
+    # -- sleep and wake -------------------------------------------------------------------------------------
+    def sleep(self, level: int = 1) -> dict[str, Any]:
+        """Give back every KV page, and the weights' device memory (level 1: to pinned host memory; level 2:
+        dropped). Waits for requests in flight to finish."""
+        if level not in (1, 2):
+            raise ConfigError(f"sleep level {level!r}: use 1 (weights to host memory) or 2 (weights dropped)")
+        with self._lock:
+            if self._asleep:
+                return {"sleeping": self._asleep, "seconds": 0.0}
+            t0 = time.perf_counter()
+            self._stop()
+            params = list(self.model.parameters())
+            if level == 1 and self.device.type == "cuda":
+                for p in params:
+                    host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)
+                    host.copy_(p.data, non_blocking=True)
+                    self._host_weights.append((p, host))
+                torch.cuda.synchronize(self.device)
+                for p, host in self._host_weights:
+                    p.data = host
+            elif level == 2:
+                for p in params:
+                    p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._asleep = level
+            return {"sleeping": level, "seconds": time.perf_counter() - t0}
+
+    def wake_up(self) -> dict[str, Any]:
+        with self._lock:
+            if not self._asleep:
+                return {"sleeping": 0, "seconds": 0.0}
+            t0 = time.perf_counter()
+            if self._asleep == 2:
+                self._reload_weights()
+            elif self._host_weights:
+                for p, host in self._host_weights:
+                    p.data = host.to(self.device, non_blocking=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self._host_weights = []
+            self._start()
+            self._asleep = 0
+            return {"sleeping": 0, "seconds": time.perf_counter() - t0}
+
+    def _reload_weights(self) -> None:
+        from safetensors.torch import load_file
+
+        by_name = dict(self.model.named_parameters())
+        loaded: set[str] = set()
+        for f in sorted(self.path.glob("*.safetensors")):
+            for key, tensor in load_file(str(f), device=str(self.device)).items():
+                p = by_name.get(key)
+                if p is not None:
+                    p.data = tensor.to(p.dtype)
+                    loaded.add(key)
+        missing = set(by_name) - loaded
+        for key in missing:  # tied weights share a tensor with a loaded one
+            tied = self.model.get_parameter(key)
+            if tied.numel() == 0:
+                raise ElastikvError(f"waking {self.name}: weight {key} is not in {self.path}'s files")
+
+    # -- requests -----------------------------------------------------------------------------------------
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    async def generate(self, prompt: list[int], max_tokens: int) -> AsyncIterator[tuple[list[int], bool, str | None]]:
+        """Yields (all tokens so far, finished, error) as they come."""
+        if self._asleep:
+            raise Asleep(f"{self.name} is asleep (level {self._asleep}); POST /wake_up first")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        rid = f"req-{uuid.uuid4().hex[:12]}"
+        manager = self._manager
+        manager.register_result_handler(rid, queue.put_nowait)
+        t0 = time.perf_counter()
+        self.stats.waiting += 1
+        await loop.run_in_executor(
+            None, lambda: manager.add_request(prompt, request_id=rid, max_new_tokens=max_tokens, streaming=True)
+        )
+        first = True
+        try:
+            while True:
+                out = await queue.get()
+                if first:
+                    first = False
+                    self.stats.waiting -= 1
+                    self.stats.running += 1
+                    self.stats.ttft.append(time.perf_counter() - t0)
+                done = out.is_finished()
+                yield list(out.generated_tokens), done, out.error
+                if done:
+                    break
+        finally:
+            if first:
+                self.stats.waiting -= 1
+            else:
+                self.stats.running -= 1
+            self.stats.finished += 1

@@ -1,0 +1,206 @@
+"""An OpenAI-compatible HTTP server over the embedded engine (``elastikv engine --model DIR``).
+
+``/v1/completions`` and ``/v1/chat/completions`` (streamed as server-sent events with ``"stream": true``),
+``/v1/models``, ``/health``, ``/metrics`` (Prometheus), and sleep control: ``POST /sleep?level=1|2``,
+``POST /wake_up``, ``GET /is_sleeping``. A request to a sleeping engine gets 409 with what to do (the router
+wakes engines first). Decoding is greedy (the server's generation config); ``temperature`` is accepted and
+ignored, and said so in the model card.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+
+from elastikv.errors import ConfigError
+from elastikv.serving.engine import Asleep, Engine
+
+
+def create_app(engine: Engine) -> FastAPI:
+    app = FastAPI(title=f"elastikv engine: {engine.name}")
+    registry = CollectorRegistry()
+    labels = ["model"]
+    kv_mapped = Gauge("elastikv_kv_mapped_bytes", "KV memory mapped", labels, registry=registry)
+    kv_in_use = Gauge("elastikv_kv_in_use_bytes", "KV memory holding live blocks", labels, registry=registry)
+    kv_reserve = Gauge(
+        "elastikv_kv_reserve_bytes", "KV memory mapped and free (the reserve)", labels, registry=registry
+    )
+    running = Gauge("elastikv_requests_running", "Requests generating", labels, registry=registry)
+    waiting = Gauge("elastikv_requests_waiting", "Requests waiting for their first token", labels, registry=registry)
+    sleeping = Gauge("elastikv_sleeping", "0 awake, else the sleep level", labels, registry=registry)
+    ttft = Histogram("elastikv_time_to_first_token_seconds", "Time to first token", labels, registry=registry)
+
+    def usage(prompt: list[int], tokens: list[int]) -> dict[str, int]:
+        return {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(tokens),
+            "total_tokens": len(prompt) + len(tokens),
+        }
+
+    async def body_of(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError:
+            raise HTTPException(400, "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the body must be a JSON object")
+        return body
+
+    def check_model(body: dict[str, Any]) -> None:
+        model = body.get("model")
+        if model is not None and model != engine.name:
+            raise HTTPException(404, f"model {model!r} is not served here; this engine serves {engine.name!r}")
+
+    def max_tokens_of(body: dict[str, Any]) -> int:
+        value = body.get("max_tokens", body.get("max_completion_tokens", 256))
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise HTTPException(400, f"max_tokens must be a positive whole number, got {value!r}")
+        return value
+
+    async def run(prompt: list[int], max_tokens: int, stream: bool, make_chunk: Any, make_final: Any) -> Any:
+        if engine.sleeping:
+            raise HTTPException(409, f"{engine.name} is asleep; POST /wake_up first (the router does it for you)")
+        try:
+            gen = engine.generate(prompt, max_tokens)
+            if not stream:
+                final: list[int] = []
+                async for tokens, _done, error in gen:
+                    if error:
+                        raise HTTPException(400, error)
+                    final = tokens
+                return make_final(final)
+
+            async def events() -> AsyncIterator[bytes]:
+                sent = ""
+                async for tokens, done, error in gen:
+                    if error:
+                        yield f"data: {json.dumps({'error': {'message': error}})}\n\n".encode()
+                        break
+                    text = engine.decode(tokens)
+                    delta, sent = text[len(sent) :], text
+                    yield f"data: {json.dumps(make_chunk(delta, done, tokens))}\n\n".encode()
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        except Asleep as exc:
+            raise HTTPException(409, str(exc)) from None
+
+    def finish_reason(tokens: list[int], max_tokens: int) -> str:
+        return "length" if len(tokens) >= max_tokens else "stop"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body = await body_of(request)
+        check_model(body)
+        prompt_in = body.get("prompt", "")
+        if isinstance(prompt_in, list) and all(isinstance(t, int) for t in prompt_in):
+            prompt = list(prompt_in)
+        elif isinstance(prompt_in, str):
+            prompt = engine.encode(prompt_in)
+        else:
+            raise HTTPException(400, "prompt must be a string or a list of token ids (one prompt per request)")
+        max_tokens = max_tokens_of(body)
+        rid, created = f"cmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+
+        def chunk(delta: str, done: bool, tokens: list[int]) -> dict[str, Any]:
+            reason = finish_reason(tokens, max_tokens) if done else None
+            return {"id": rid, "object": "text_completion", "created": created, "model": engine.name,
+                    "choices": [{"index": 0, "text": delta, "finish_reason": reason, "logprobs": None}]}  # fmt: skip
+
+        def final(tokens: list[int]) -> dict[str, Any]:
+            out = chunk(engine.decode(tokens), True, tokens)
+            out["choices"][0]["token_ids"] = tokens
+            out["usage"] = usage(prompt, tokens)
+            return out
+
+        return await run(prompt, max_tokens, bool(body.get("stream")), chunk, final)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await body_of(request)
+        check_model(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise HTTPException(400, "messages must be a non-empty list of {role, content}")
+        prompt = engine.encode_chat(messages)
+        max_tokens = max_tokens_of(body)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
+
+        def chunk(delta: str, done: bool, tokens: list[int]) -> dict[str, Any]:
+            reason = finish_reason(tokens, max_tokens) if done else None
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": delta},
+                                 "finish_reason": reason}]}  # fmt: skip
+
+        def final(tokens: list[int]) -> dict[str, Any]:
+            return {"id": rid, "object": "chat.completion", "created": created, "model": engine.name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": engine.decode(tokens)},
+                                 "finish_reason": finish_reason(tokens, max_tokens), "token_ids": tokens}],
+                    "usage": usage(prompt, tokens)}  # fmt: skip
+
+        return await run(prompt, max_tokens, bool(body.get("stream")), chunk, final)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "elastikv",
+                                            "root": str(engine.path), "decoding": "greedy"}]}  # fmt: skip
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": engine.name, "sleeping": engine.sleeping}
+
+    @app.get("/is_sleeping")
+    async def is_sleeping() -> dict[str, Any]:
+        return {"is_sleeping": bool(engine.sleeping), "level": engine.sleeping}
+
+    @app.post("/sleep")
+    async def sleep(level: int = 1) -> dict[str, Any]:
+        import asyncio
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, engine.sleep, level)
+        except ConfigError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    @app.post("/wake_up")
+    async def wake_up() -> dict[str, Any]:
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, engine.wake_up)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        inst = engine.instance
+        if inst is not None and not engine.sleeping:
+            s = inst.allocator.stats()
+            kv_mapped.labels(engine.name).set(s.mapped_bytes)
+            kv_in_use.labels(engine.name).set(s.blocks_in_use * s.page_bytes // max(1, inst.allocator.blocks_per_page))
+            kv_reserve.labels(engine.name).set(
+                s.blocks_free_mapped * s.page_bytes // max(1, inst.allocator.blocks_per_page)
+            )
+        else:
+            for g in (kv_mapped, kv_in_use, kv_reserve):
+                g.labels(engine.name).set(0)
+        running.labels(engine.name).set(engine.stats.running)
+        waiting.labels(engine.name).set(engine.stats.waiting)
+        sleeping.labels(engine.name).set(engine.sleeping)
+        samples, engine.stats.ttft = engine.stats.ttft, []
+        for t in samples:
+            ttft.labels(engine.name).observe(t)
+        return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        code = {400: "invalid_request_error", 404: "model_not_found", 409: "engine_asleep"}.get(
+            exc.status_code, "error"
+        )
+        return JSONResponse({"error": {"message": exc.detail, "type": code}}, status_code=exc.status_code)
+
+    return app

@@ -1,0 +1,120 @@
+"""The embedded engine's OpenAI server, driven by the OpenAI Python client, on the CPU with a made model."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
+openai = pytest.importorskip("openai", reason="needs the OpenAI client: pip install openai")
+pytest.importorskip("uvicorn", reason="needs uvicorn: pip install -e '.[serve]'")
+
+pytestmark = pytest.mark.skipif(
+    not transformers.__version__.startswith("5.17."),
+    reason=f"the engine supports transformers 5.17; this is {transformers.__version__}",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
+    import uvicorn
+
+    from elastikv.config import Settings
+    from elastikv.models import make_model
+    from elastikv.serving.engine import Engine
+    from elastikv.serving.server import create_app
+
+    tmp = tmp_path_factory.mktemp("served")
+    path = make_model(tmp / "tiny", size="tiny")
+    settings = Settings.from_env(
+        {"ELASTIKV_HOST_MEMORY": "1GiB", "ELASTIKV_RESERVE": "2MiB", "ELASTIKV_LEDGER_DIR": str(tmp / "ledger")}
+    )
+    engine = Engine(path, name="tiny", settings=settings, device="cpu", dtype="float32")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    yield client, engine
+    server.should_exit = True
+    thread.join(timeout=10)
+    engine.close()
+
+
+PROMPT = "Return the number of items in a container."
+
+
+def test_completions_streamed_and_not_agree(served: tuple[Any, Any]) -> None:
+    client, _ = served
+    whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16)
+    assert whole.usage.completion_tokens == 16 and whole.choices[0].finish_reason == "length"
+    parts = [
+        c.choices[0].text for c in client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16, stream=True)
+    ]
+    assert "".join(parts) == whole.choices[0].text
+    assert len(parts) >= 2
+
+
+def test_chat_streamed_and_not_agree(served: tuple[Any, Any]) -> None:
+    client, _ = served
+    messages = [{"role": "user", "content": "Say something about lists."}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12)
+    streamed = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_sleep_gives_memory_back_and_wake_answers_the_same(served: tuple[Any, Any]) -> None:
+    import httpx
+
+    client, engine = served
+    before = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16)
+    base = str(client.base_url).removesuffix("/v1/")
+    held = engine.instance.allocator.stats().mapped_bytes
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    assert held > 0
+    r = httpx.post(f"{base}/sleep", params={"level": 2}, timeout=60)
+    assert r.status_code == 200 and r.json()["sleeping"] == 2
+    assert engine.instance is None  # the KV instance is closed: every page unmapped, its ledger row gone
+    assert sum(p.numel() * p.element_size() for p in engine.model.parameters()) == 0
+    assert httpx.get(f"{base}/is_sleeping").json() == {"is_sleeping": True, "level": 2}
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
+    assert refused.value.status_code == 409 and "wake_up" in str(refused.value)
+    r = httpx.post(f"{base}/wake_up", timeout=60)
+    assert r.status_code == 200
+    after = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=16)
+    assert after.choices[0].text == before.choices[0].text
+    print(
+        f"\nsleep level 2 released {held / 2**20:.0f} MiB of KV and {weights / 2**20:.1f} MiB of weights; "
+        f"wake took {r.json()['seconds']:.3f} s"
+    )
+
+
+def test_metrics_and_bad_requests(served: tuple[Any, Any]) -> None:
+    import httpx
+
+    client, _ = served
+    base = str(client.base_url).removesuffix("/v1/")
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
+    text = httpx.get(f"{base}/metrics").text
+    assert 'elastikv_kv_mapped_bytes{model="tiny"}' in text and "elastikv_time_to_first_token_seconds_count" in text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)
