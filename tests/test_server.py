@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,3 +119,56 @@ def test_metrics_and_bad_requests(served: tuple[Any, Any]) -> None:
         client.completions.create(model="other", prompt=PROMPT, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)
+
+
+def test_elastikv_engine_command_serves_and_shows_in_status(tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from elastikv.models import make_model
+
+    path = make_model(tmp_path / "tiny", size="tiny")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIKV")}
+    env.update(ELASTIKV_HOST_MEMORY="1GiB", ELASTIKV_RESERVE="2MiB", ELASTIKV_LEDGER_DIR=str(tmp_path / "ledger"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "elastikv.cli",
+        "engine",
+        "--model",
+        str(path),
+        "--port",
+        str(port),
+        "--limit",
+        "64MiB",
+    ]
+    cmd += ["--device", "cpu", "--dtype", "float32"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 8}
+        ).json()
+        assert reply["usage"]["completion_tokens"] == 8
+        status = subprocess.run(
+            [sys.executable, "-m", "elastikv.cli", "status", "--json"], env=env, capture_output=True, text=True
+        )
+        rows = [r for d in json.loads(status.stdout) for r in d["instances"]]
+        assert [(r["name"], r["engine"], r["limit_bytes"]) for r in rows] == [("tiny", "transformers", 64 * 2**20)]
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert "elastikv active: engine=transformers name=tiny" in out, out[-3000:]

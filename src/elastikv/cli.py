@@ -193,6 +193,58 @@ def limit(name: str, size: str | None, reset: bool, device: str | None) -> None:
     click.echo(f"{name}: limit {format_bytes(row.limit_bytes)} (was {format_bytes(before)}) on {ledger.device_label}")
 
 
+@main.command(name="engine")
+@click.option("--model", "model", required=True, help="A local model directory (see `elastikv make-model`).")
+@click.option(
+    "--name", default=None, help="The model name clients use and `elastikv status` shows (default: the directory name)."
+)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--limit", default=None, help="KV memory limit: 8GiB, 512MiB or 40% (default: ELASTIKV_LIMIT, else all).")
+@click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: the GPU if there is one).")
+@click.option("--dtype", default="auto", show_default=True, help="auto, bfloat16, float16 or float32.")
+@click.option("--max-batch-tokens", default=512, show_default=True, help="Tokens per forward pass.")
+@click.option("--max-kv-tokens", default=16384, show_default=True, help="KV tokens one batch may read.")
+def engine_cmd(
+    model: str,
+    name: str | None,
+    host: str,
+    port: int,
+    limit: str | None,
+    device: str | None,
+    dtype: str,
+    max_batch_tokens: int,
+    max_kv_tokens: int,
+) -> None:
+    """Serve one model with an elastic KV cache behind an OpenAI-compatible API (transformers engine)."""
+    import dataclasses
+
+    import uvicorn
+
+    from elastikv.engines.autopatch import _setup_logging
+    from elastikv.serving.engine import Engine
+    from elastikv.serving.server import create_app
+
+    settings = Settings.from_env()
+    if limit is not None:
+        settings = dataclasses.replace(settings, limit=parse_size(limit, what="--limit", allow_zero=False))
+    _setup_logging(settings.log_level)
+    engine = Engine(
+        model,
+        name=name,
+        settings=settings,
+        device=device,
+        dtype=dtype,
+        max_batch_tokens=max_batch_tokens,
+        max_kv_tokens=max_kv_tokens,
+    )
+    click.echo(f"elastikv engine: serving {engine.name} on http://{host}:{port}/v1 ({engine.device})", err=True)
+    try:
+        uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+    finally:
+        engine.close()
+
+
 @main.command(name="make-model")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--arch", default="llama", show_default=True, help="Model family.")
