@@ -103,7 +103,7 @@ def test_a_flood_over_the_budget_all_completes_and_memory_returns(model: Any, el
     # 24 requests x (400 + 64 tokens) = 24 x 15 blocks of 32 KiB = 11.25 MiB, against a 6 MiB limit.
     prompts = _prompts(24, [400], seed=3)
     t0 = time.perf_counter()
-    outs, cache = elastic(prompts, 64, ELASTIKV_LIMIT="6MiB")
+    outs, cache = elastic(prompts, 64, ELASTIKV_LIMIT="6MiB", ELASTIKV_PREFIX_CACHE="0")
     seconds = time.perf_counter() - t0
     stats = cache.elastic.allocator.stats()
     assert [o.error for o in outs] == [None] * 24
@@ -134,3 +134,23 @@ def test_an_unsupported_transformers_version_is_refused() -> None:
 
     with pytest.raises(UnsupportedEngine, match=r"supports transformers 5\.17; this is 5\.19\.0"):
         check_version("5.19.0", (5, 19, 0))
+
+
+def test_shared_prefixes_are_reused_and_the_cache_is_bounded(model: Any, elastic: Any) -> None:
+    head = _prompts(1, [256], seed=5)[0]  # a common 256-token "system prompt": 8 full blocks
+    prompts = [head + tail for tail in _prompts(6, [40], seed=6)]
+    outs, cache = elastic(prompts, 16, ELASTIKV_PREFIX_CACHE="1MiB")  # 32 blocks of 32 KiB may stay cached
+    assert [o.generated_tokens for o in outs] == _expected(model, prompts, 16)
+    assert cache.use_prefix_sharing and cache._total_prefix_length >= 5 * 256  # later requests reused the head
+    manager = cache._block_manager
+    assert 0 < len(manager._init_block_ids) <= 32
+    stats = cache.elastic.allocator.stats()
+    assert stats.blocks_in_use == len(manager._init_block_ids)  # only the bounded cached blocks stay live
+
+
+def test_with_no_prefix_cache_every_block_goes_back(model: Any, elastic: Any) -> None:
+    head = _prompts(1, [256], seed=5)[0]
+    prompts = [head + tail for tail in _prompts(4, [40], seed=7)]
+    outs, cache = elastic(prompts, 16, ELASTIKV_PREFIX_CACHE="0")
+    assert [o.generated_tokens for o in outs] == _expected(model, prompts, 16)
+    assert cache.elastic.allocator.stats().blocks_in_use == 0

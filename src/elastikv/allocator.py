@@ -656,6 +656,14 @@ class BlockAllocator:
     def _in_use_locked(self) -> int:
         return self._mapped_pages * self.blocks_per_page - self._free_total - self._null
 
+    def live_in_page(self, page: int) -> int:
+        """Blocks of ``page`` handed out and not freed (null blocks included): what keeps it mapped."""
+        with self._lock:
+            free = self._free[page]
+            if free is None:
+                return 0
+            return self.blocks_per_page - len(free)
+
     def stats(self) -> AllocatorStats:
         with self._lock:
             return AllocatorStats(

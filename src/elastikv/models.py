@@ -107,7 +107,7 @@ def make_model(path: str | Path, *, arch: str = "llama", size: str = "tiny", see
     path.mkdir(parents=True, exist_ok=True)
 
     tok = train_tokenizer(s.tokenizer_vocab)
-    fast = PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>", unk_token="<unk>", pad_token="</s>"
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -124,18 +124,18 @@ def make_model(path: str | Path, *, arch: str = "llama", size: str = "tiny", see
         head_dim=s.hidden // s.heads,
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
-        rope_theta=500000.0,
         tie_word_embeddings=False,
         bos_token_id=bos,
         eos_token_id=eos,
-        torch_dtype=s.dtype,
+        dtype=s.dtype,
     )
     config.save_pretrained(path)
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": bos, "eos_token_id": eos}) + "\n")
 
     # The parameter names and shapes of the real class, without allocating it; then one tensor at a time.
     with torch.device("meta"):
-        shapes = {name: tuple(p.shape) for name, p in LlamaForCausalLM(config).state_dict().items()}
+        meta_model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+        shapes = {name: tuple(p.shape) for name, p in meta_model.state_dict().items()}
     dtype = getattr(torch, s.dtype)
     gen = torch.Generator().manual_seed(seed)
     shard: dict[str, torch.Tensor] = {}

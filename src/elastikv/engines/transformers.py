@@ -19,9 +19,9 @@ changing its files; every model that then starts continuous batching (``generate
     request; with an elastic cache the batch waits instead (memory held by other instances comes back). Its IO
     buffers are sized from the read budget.
 
-Memory bound: a request whose prompt and output can never fit the limit is refused when it is submitted (by
-the embedded engine), not left waiting. Prefix sharing is off in this first version (``allow_block_sharing``
-is forced to False).
+Memory bound: a request whose prompt and output can never fit the limit fails alone, with the reason, when it
+is submitted, instead of waiting forever. Prefix sharing (transformers' own, on for full-attention models) is
+kept: blocks of cached prefixes stay mapped up to ``ELASTIKV_PREFIX_CACHE``.
 """
 
 from __future__ import annotations
@@ -207,31 +207,92 @@ def _cache_class() -> Any:
 
 def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:
     class ElasticBlockManager(BlockManager):  # type: ignore[misc,valid-type]
-        """transformers' block manager with ids from elastikv's allocator (no prefix sharing)."""
+        """transformers' block manager, its free blocks being elastikv's allocator.
 
-        def __init__(self, instance: Instance, block_size: int) -> None:
+        transformers keeps three kinds of block: in use (referenced by requests), *initialized* (free but holding
+        a complete block of a cached prefix, in ``_init_block_ids``) and *uninitialized* (free, no data, in
+        ``_uninit_block_ids``). Here the uninitialized ones are the allocator's (``_AllocatorQueue``): taking one
+        allocates it, giving one back frees it (its page is unmapped once empty). Initialized blocks stay
+        allocated, so mapped, up to ``cached_limit`` blocks; beyond that the ones whose eviction empties a page
+        go first (:meth:`_bound_cache`), so memory really returns.
+        """
+
+        def __init__(self, instance: Instance, block_size: int, cached_limit: int) -> None:
             super().__init__(0, block_size, tp_on=False)
             self.alloc = instance.allocator
             self.num_blocks = instance.space.num_blocks
-
-        @property
-        def num_free_blocks(self) -> int:
-            return self.alloc.available()
-
-        def has_enough_free_blocks(self, n_blocks: int) -> bool:
-            return self.alloc.available() >= n_blocks
+            self.cached_limit = cached_limit
+            self._uninit_block_ids = _AllocatorQueue(self.alloc)
 
         def get_free_blocks(
             self, n_blocks: int, last_block_id: int | None, shareable: bool, group_id: int
         ) -> list[int] | None:
-            try:
-                return self.alloc.allocate(n_blocks)
-            except AllocationRefused:
+            if not self.has_enough_free_blocks(n_blocks):  # may turn cached blocks back into free ones
                 return None
+            if not self._uninit_block_ids.take(n_blocks):  # all or nothing, before transformers pops them
+                return None
+            return super().get_free_blocks(n_blocks, last_block_id, shareable, group_id)  # type: ignore[no-any-return]
 
         def free_blocks(self, blocks: list[int], shareable: bool) -> None:
-            if blocks:
-                self.alloc.free(blocks)
+            super().free_blocks(blocks, shareable)
+            self._bound_cache()
+
+        def _bound_cache(self) -> None:
+            over = len(self._init_block_ids) - self.cached_limit
+            if over <= 0:
+                return
+            bpp = self.alloc.blocks_per_page
+            by_page: dict[int, list[int]] = {}
+            for block_id in self._init_block_ids:
+                by_page.setdefault(block_id // bpp, []).append(block_id)
+            # Pages whose every live block is a cached one first (evicting them gives the page back), fewest
+            # cached blocks first; then the rest, oldest first.
+            whole = sorted((ids for page, ids in by_page.items() if self.alloc.live_in_page(page) == len(ids)), key=len)
+            order = [b for ids in whole for b in ids]
+            chosen = set(order)
+            order += [b for b in self._init_block_ids if b not in chosen]
+            for block_id in order[:over]:
+                del self._init_block_ids[block_id]
+                block = self._id_to_block.pop(block_id)
+                self._hash_to_id.pop(block.hash, None)
+                self._uninit_block_ids.append(block_id)
+
+    class _AllocatorQueue:
+        """Stands in for the block manager's deque of uninitialized blocks, over the allocator."""
+
+        def __init__(self, alloc: Any) -> None:
+            self.alloc = alloc
+            self._taken: list[int] = []  # allocated by take(), popped next by transformers
+
+        def take(self, n: int) -> bool:
+            need = n - len(self._taken)
+            if need > 0:
+                try:
+                    self._taken += self.alloc.allocate(need)
+                except AllocationRefused:
+                    return False
+            return True
+
+        def __len__(self) -> int:
+            return len(self._taken) + int(self.alloc.available())
+
+        def popleft(self) -> int:
+            if not self._taken and not self.take(1):
+                raise AllocationRefused("no block to hand out")
+            return self._taken.pop(0)
+
+        def append(self, block_id: int) -> None:
+            self.alloc.free([block_id])
+
+        def extend(self, block_ids: Any) -> None:
+            ids = list(block_ids)
+            if ids:
+                self.alloc.free(ids)
+
+        def clear(self) -> None:
+            if self._taken:
+                self.alloc.free(self._taken)
+                self._taken = []
 
     class ElasticCache(PagedAttentionCache):  # type: ignore[misc,valid-type]
         """transformers' paged cache over an elastikv KVSpace (see the module docstring)."""
@@ -248,7 +309,6 @@ def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:
             cb = continuous_batching_config
             if distributed_helper.tp_size > 1:
                 raise UnsupportedEngine("elastikv's transformers engine runs on one device (no tensor parallelism)")
-            cb.allow_block_sharing = False
             cb.safety_margin = 0.0  # a margin of the *virtual* size would throttle every prefill
             if cb.max_batch_tokens is None:
                 cb.max_batch_tokens = 256
@@ -297,7 +357,9 @@ def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:
             self.read_trash_index = 0
             self.sentinel_index = 1
             self.write_trash_index = bs  # block 1
-            self._block_manager = ElasticBlockManager(self.elastic, bs)
+            block_bytes = space.geometry.group_bytes
+            cached = settings.prefix_cache.resolve(self.elastic.ledger.total_bytes) // block_bytes
+            self._block_manager = ElasticBlockManager(self.elastic, bs, cached_limit=cached)
             self.waits = 0
             _caches.append(self)
 

@@ -74,10 +74,11 @@ class Engine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype).to(self.device).eval()
+        loaded: Any = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype)
+        self.model: Any = loaded.to(self.device).eval()
         adapter.enable(name=self.name, settings=self.settings, max_kv_tokens=max_kv_tokens)
         eos = self.tokenizer.eos_token_id
-        self.generation_config = GenerationConfig(
+        self.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
             do_sample=False, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id or 0, max_new_tokens=256
         )
         self.cb_config = ContinuousBatchingConfig(
@@ -184,10 +185,10 @@ class Engine:
 
     # -- requests -----------------------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(ids, list):  # a BatchEncoding in some versions
             ids = ids["input_ids"]
-        return list(ids)
+        return [int(t) for t in ids]
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text).input_ids)
