@@ -172,3 +172,52 @@ def test_elastikv_engine_command_serves_and_shows_in_status(tmp_path: Path) -> N
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
     assert "elastikv active: engine=transformers name=tiny" in out, out[-3000:]
+
+
+def test_a_flood_over_the_limit_all_completes_through_the_server(tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+    import uvicorn
+
+    from elastikv.config import Settings
+    from elastikv.models import make_model
+    from elastikv.serving.engine import Engine
+    from elastikv.serving.server import create_app
+
+    path = make_model(tmp_path / "tiny", size="tiny")
+    settings = Settings.from_env(
+        {
+            "ELASTIKV_HOST_MEMORY": "1GiB",
+            "ELASTIKV_RESERVE": "2MiB",
+            "ELASTIKV_LIMIT": "6MiB",  # 24 requests x ~480 tokens need ~11 MiB of KV
+            "ELASTIKV_PREFIX_CACHE": "0",
+            "ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger"),
+        }
+    )
+    engine = Engine(path, name="tiny", settings=settings, device="cpu", dtype="float32")
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    prompt = " ".join(["Return a new list containing all items from the iterable in ascending order."] * 30)
+
+    async def flood() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as http:
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 32}
+            replies = await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(24)))
+            return [r.json() for r in replies]
+
+    try:
+        replies = asyncio.run(flood())
+        stats = engine.instance.allocator.stats()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        engine.close()
+    assert all(r["usage"]["prompt_tokens"] >= 400 for r in replies)  # so the flood needs ~2x the limit
+    assert [r["usage"]["completion_tokens"] for r in replies] == [32] * 24
+    assert len({r["choices"][0]["text"] for r in replies}) == 1  # same prompt, greedy: the same answer
+    assert stats.pages_mapped_total * stats.page_bytes <= 6 * 2**20  # never more than the limit

@@ -35,6 +35,12 @@ def create_app(engine: Engine) -> FastAPI:
     running = Gauge("elastikv_requests_running", "Requests generating", labels, registry=registry)
     waiting = Gauge("elastikv_requests_waiting", "Requests waiting for their first token", labels, registry=registry)
     sleeping = Gauge("elastikv_sleeping", "0 awake, else the sleep level", labels, registry=registry)
+    kv_waits = Gauge(
+        "elastikv_kv_waits",
+        "Batches that waited for KV memory (budget full, nothing to preempt)",
+        labels,
+        registry=registry,
+    )
     ttft = Histogram("elastikv_time_to_first_token_seconds", "Time to first token", labels, registry=registry)
 
     def usage(prompt: list[int], tokens: list[int]) -> dict[str, int]:
@@ -188,6 +194,8 @@ def create_app(engine: Engine) -> FastAPI:
         else:
             for g in (kv_mapped, kv_in_use, kv_reserve):
                 g.labels(engine.name).set(0)
+        caches = engine._adapter._caches
+        kv_waits.labels(engine.name).set(caches[-1].waits if caches else 0)
         running.labels(engine.name).set(engine.stats.running)
         waiting.labels(engine.name).set(engine.stats.waiting)
         sleeping.labels(engine.name).set(engine.sleeping)
