@@ -12,13 +12,13 @@ import pytest
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
 
 
+def _make_model(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "elastikv.cli", "make-model", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
 def test_make_model_writes_a_loadable_model_with_a_trained_tokenizer(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "elastikv.cli", "make-model", str(tmp_path / "m"), "--size", "tiny"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = _make_model(str(tmp_path / "m"), "--size", "tiny")
     assert out.returncode == 0, out.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -37,10 +37,5 @@ def test_make_model_writes_a_loadable_model_with_a_trained_tokenizer(tmp_path: P
 
 
 def test_make_model_rejects_an_unknown_size(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "elastikv.cli", "make-model", str(tmp_path / "m"), "--size", "huge"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = _make_model(str(tmp_path / "m"), "--size", "huge")
     assert out.returncode == 2 and "huge" in out.stderr
