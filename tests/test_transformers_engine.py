@@ -154,3 +154,31 @@ def test_with_no_prefix_cache_every_block_goes_back(model: Any, elastic: Any) ->
     outs, cache = elastic(prompts, 16, ELASTIKV_PREFIX_CACHE="0")
     assert [o.generated_tokens for o in outs] == _expected(model, prompts, 16)
     assert cache.elastic.allocator.stats().blocks_in_use == 0
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_cache_maps_device_memory_and_matches(model: Any, tmp_path: Path) -> None:
+    """The same engine on CUDA: the KV space is device memory mapped with the driver's VMM calls."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from elastikv.engines import transformers as tfe
+
+    gpu_model = model.to("cuda")
+    try:
+        prompts = _prompts(16, [5, 9, 13, 20, 40, 64, 100, 7], seed=1)
+        want = _expected(gpu_model, prompts, 24)
+        tfe.enable(settings=Settings.from_env({"ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger")}), max_kv_tokens=4096)
+        gpu_model.set_attn_implementation("paged|sdpa")
+        gc = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+        cb = ContinuousBatchingConfig(block_size=32, max_batch_tokens=256, use_async_batching=False)
+        out = gpu_model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb, warmup=False)
+        cache = tfe._caches[-1]
+        assert cache.elastic.backend.name == "cuda" and cache.key_cache[0].is_cuda
+        assert [o.generated_tokens for o in out.values()] == want
+    finally:
+        for cache in tfe._caches:
+            cache.elastic.close()
+        tfe._caches.clear()
+        model.to("cpu")
+        model.set_attn_implementation("sdpa")
