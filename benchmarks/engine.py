@@ -35,11 +35,9 @@ from elastikv.models import make_model
 
 
 def device_free() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info()[0])
-    import psutil
-
-    return int(psutil.virtual_memory().available)
+    """Free device memory (GPU). On a CPU there is no device: host memory freed by Python is not reliably
+    returned to the system, so the CPU run counts what sleep released (KV mapped + weight bytes) instead."""
+    return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else 0
 
 
 def throughput(model: Any, prompts: list[list[int]], new_tokens: int, block_size: int, batch_tokens: int) -> float:
@@ -51,10 +49,21 @@ def throughput(model: Any, prompts: list[list[int]], new_tokens: int, block_size
     cb = ContinuousBatchingConfig(block_size=block_size, max_batch_tokens=batch_tokens, num_blocks=blocks,
                                   use_async_batching=False)  # fmt: skip
     model.set_attn_implementation("paged|sdpa")
+    manager = model.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+    manager.start()
+    # Timed: from submission to the last token. Not timed: start-up and transformers' stop(), whose
+    # gc.collect() takes ~0.5 s and would swamp a short run.
     t0 = time.perf_counter()
-    out = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb, warmup=False)
+    ids = manager.add_requests(prompts, max_new_tokens=new_tokens)
+    done = 0
+    while done < len(ids):
+        out = manager.get_result(timeout=60)
+        if out is not None and out.is_finished():
+            assert len(out.generated_tokens) == new_tokens, out.error
+            done += 1
     seconds = time.perf_counter() - t0
-    assert all(len(o.generated_tokens) == new_tokens for o in out.values())
+    manager.stop(block=True)
+    manager.destroy()
     model.set_attn_implementation("sdpa")
     return len(prompts) * new_tokens / seconds
 
@@ -80,29 +89,34 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="elastikv-bench-") as tmp:
         path = Path(args.model_dir) if args.model_dir else make_model(Path(tmp) / args.size, size=args.size)
-        from transformers import AutoModelForCausalLM
-
         from elastikv.serving.engine import Engine
 
         dtype = torch.bfloat16 if args.size != "tiny" else torch.float32
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(10, 2000, (128,), generator=g).tolist() for _ in range(args.requests)]
 
-        # Baseline: transformers' own static paged cache, before elastikv patches anything.
-        plain = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to("cuda" if gpu else "cpu").eval()
-        throughput(plain, prompts[:2], 8, 32, 512)  # warm-up
-        base = [throughput(plain, prompts, args.new_tokens, 32, 512) for _ in range(args.repeats)]
-        del plain
-        if gpu:
-            torch.cuda.empty_cache()
+        # One model for both; repeats alternate between transformers' own static paged cache (the baseline)
+        # and elastikv's, by swapping the class continuous batching builds (elastikv's other hooks do nothing
+        # for a cache that is not elastic), so that drift in the machine hits both alike.
+        from transformers.generation.continuous_batching import continuous_api
 
+        static_cache = continuous_api.PagedAttentionCache
         settings = Settings.from_env({"ELASTIKV_RESERVE": "256MiB", "ELASTIKV_PREFIX_CACHE": "0"} if gpu else
                                      {"ELASTIKV_HOST_MEMORY": "2GiB", "ELASTIKV_RESERVE": "8MiB",
                                       "ELASTIKV_PREFIX_CACHE": "0"})  # fmt: skip
         engine = Engine(path, name="bench", settings=settings, dtype=str(dtype).removeprefix("torch."),
                         max_batch_tokens=512, max_kv_tokens=args.requests * (128 + args.new_tokens) + 1024)  # fmt: skip
         engine.close()  # the engine's own manager is not needed for the throughput runs
-        elastic = [throughput(engine.model, prompts, args.new_tokens, 32, 512) for _ in range(args.repeats)]
+        elastic_cache = continuous_api.PagedAttentionCache
+        base: list[float] = []
+        elastic: list[float] = []
+        for i in range(args.repeats + 1):  # the first pair warms up
+            for kind in ("static", "elastic") if i % 2 else ("elastic", "static"):
+                continuous_api.PagedAttentionCache = static_cache if kind == "static" else elastic_cache
+                tok_s = throughput(engine.model, prompts, args.new_tokens, 32, 512)
+                if i:
+                    (base if kind == "static" else elastic).append(tok_s)
+        continuous_api.PagedAttentionCache = elastic_cache
 
         # Sleep and wake through the engine, with a request before and after.
         engine.wake_up() if engine.sleeping else engine._start()
@@ -114,13 +128,15 @@ def main() -> None:
         free0 = device_free()
         slept = engine.sleep(level)
         free1 = device_free()
+        weights_asleep = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        kv_asleep = engine.instance.allocator.stats().mapped_bytes if engine.instance is not None else 0
         t0 = time.perf_counter()
         woke = engine.wake_up()
         after = asyncio.run(ask(engine, prompts[0][:32]))
         wake_to_answer = time.perf_counter() - t0
         engine.close()
 
-    released = free1 - free0
+    released = free1 - free0 if gpu else (kv - kv_asleep) + (weights - weights_asleep)  # CPU: counted
     ratio = statistics.median(elastic) / statistics.median(base)
     lines = [
         f"embedded engine on {device}: {args.size} random Llama ({dtype}), {args.requests} requests x 128 prompt "
