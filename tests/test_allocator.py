@@ -327,3 +327,19 @@ def test_whole_pages_go_straight_to_a_burst_and_come_back_block_by_block(backend
     assert alloc.stats().pages_mapped == 0
     alloc.close()
     space.close()
+
+
+def test_eviction_order_puts_page_emptying_blocks_first(backend: MemoryBackend) -> None:
+    space, alloc = make(backend, reserve_bytes=0)
+    try:
+        first = alloc.allocate(BPP)  # page 0, full
+        second = alloc.allocate(3)  # page 1: three live blocks
+        assert {b // BPP for b in first} == {0} and {b // BPP for b in second} == {1}
+        # An engine holds first[:5] and all of page 1 in a cache, oldest first: page 1's blocks empty their
+        # page when evicted, page 0's do not (27 other blocks live there).
+        order = alloc.eviction_order(first[:5] + second)
+        assert order[:3] == second and order[3:] == first[:5]
+        assert alloc.live_in_page(1) == 3 and alloc.live_in_page(0) == BPP and alloc.live_in_page(5) == 0
+    finally:
+        alloc.close()
+        space.close()

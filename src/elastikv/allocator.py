@@ -656,6 +656,20 @@ class BlockAllocator:
     def _in_use_locked(self) -> int:
         return self._mapped_pages * self.blocks_per_page - self._free_total - self._null
 
+    def eviction_order(self, candidates: Iterable[int]) -> list[int]:
+        """Order blocks an engine could evict (held, e.g. by a prefix cache, but unused) so that memory comes
+        back soonest: first the groups that are every live block of their page (evicting them empties the
+        page), smallest group first; then the others in the order given (an engine passes oldest first)."""
+        ids = list(candidates)
+        bpp = self.blocks_per_page
+        by_page: dict[int, list[int]] = {}
+        for b in ids:
+            by_page.setdefault(b // bpp, []).append(b)
+        whole = sorted((g for p, g in by_page.items() if self.live_in_page(p) == len(g)), key=len)
+        first = [b for g in whole for b in g]
+        taken = set(first)
+        return first + [b for b in ids if b not in taken]
+
     def live_in_page(self, page: int) -> int:
         """Blocks of ``page`` handed out and not freed (null blocks included): what keeps it mapped."""
         with self._lock:

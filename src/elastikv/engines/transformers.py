@@ -241,16 +241,7 @@ def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:
             over = len(self._init_block_ids) - self.cached_limit
             if over <= 0:
                 return
-            bpp = self.alloc.blocks_per_page
-            by_page: dict[int, list[int]] = {}
-            for block_id in self._init_block_ids:
-                by_page.setdefault(block_id // bpp, []).append(block_id)
-            # Pages whose every live block is a cached one first (evicting them gives the page back), fewest
-            # cached blocks first; then the rest, oldest first.
-            whole = sorted((ids for page, ids in by_page.items() if self.alloc.live_in_page(page) == len(ids)), key=len)
-            order = [b for ids in whole for b in ids]
-            chosen = set(order)
-            order += [b for b in self._init_block_ids if b not in chosen]
+            order = self.alloc.eviction_order(self._init_block_ids)  # oldest first, page-emptying before
             for block_id in order[:over]:
                 del self._init_block_ids[block_id]
                 block = self._id_to_block.pop(block_id)

@@ -106,6 +106,7 @@ TARGETS: tuple[Target, ...] = (
     Target("vllm.v1.core.kv_cache_utils", "FreeKVCacheBlockQueue.popleft_n", ("self", "n")),
     Target("vllm.v1.core.kv_cache_utils", "FreeKVCacheBlockQueue.append_n", ("self", "blocks")),
     Target("vllm.v1.core.kv_cache_utils", "FreeKVCacheBlockQueue.remove", ("self", "block")),
+    Target("vllm.v1.core.kv_cache_utils", "FreeKVCacheBlockQueue.get_all_free_blocks", ("self",)),
 )
 
 
@@ -618,12 +619,17 @@ def _make_pool_class(BlockPool: type, FreeKVCacheBlockQueue: type) -> type:
             self._bound_prefix_cache()
 
         def _bound_prefix_cache(self) -> None:
-            """Evict the least recently used cached blocks beyond ``ELASTIKV_PREFIX_CACHE``."""
+            """Evict cached blocks beyond ``ELASTIKV_PREFIX_CACHE``: page-emptying ones first, then the oldest."""
             assert self.instance is not None
             over = self.free_block_queue.num_free_blocks - self.instance.prefix_cache_blocks
             if over <= 0:
                 return
-            evicted = self.free_block_queue.popleft_n(over)
+            # Blocks that empty a page go first, so memory really returns; then the least recently used.
+            queue = self.free_block_queue
+            order = self._alloc.eviction_order(b.block_id for b in queue.get_all_free_blocks())[:over]
+            evicted = [self.blocks[i] for i in order]
+            for block in evicted:
+                queue.remove(block)
             if self._reuse_watchers_any():
                 self._notify_reuse(evicted)
             for block in evicted:
