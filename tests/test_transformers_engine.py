@@ -5,6 +5,7 @@ Expected tokens come from plain ``model.generate`` (greedy, no continuous batchi
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,3 +183,43 @@ def test_on_the_gpu_the_cache_maps_device_memory_and_matches(model: Any, tmp_pat
         tfe._caches.clear()
         model.to("cpu")
         model.set_attn_implementation("sdpa")
+
+
+def test_running_requests_wait_for_memory_another_instance_holds(model: Any, elastic: Any, tmp_path: Path) -> None:
+    """The device budget is full because another instance (a booking in the same ledger) holds it; the batch
+    waits, with no request failed, and finishes exactly once that instance gives its memory back."""
+    from elastikv.ledger import Ledger
+    from elastikv.memory import HostBackend
+
+    host = HostBackend(total_bytes=1024 * MIB)
+    ledger = Ledger(
+        host.device_id,
+        device_label=host.device_label,
+        total_bytes=host.total_bytes,
+        free_bytes=lambda: host.total_bytes,
+        directory=str(tmp_path / "ledger"),
+        budget=Settings.from_env({"ELASTIKV_DEVICE_BUDGET": "16MiB"}).device_budget,
+    )
+    hog = ledger.register("hog", engine="test", limit=16 * MIB, capacity=16 * MIB)
+    hog.book(12 * MIB)  # leaves 4 MiB: the null page and one more, 126 blocks; the batch below needs 168
+
+    def give_back() -> None:  # one second after the engine's cache has joined the ledger
+        deadline = time.monotonic() + 60
+        while not any(r.engine == "transformers" for r in ledger.summary().instances):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        time.sleep(1.0)
+        hog.release(12 * MIB)
+
+    threading.Thread(target=give_back, daemon=True).start()
+    prompts = _prompts(12, [400], seed=10)  # 12 x 14 blocks; seed 10: no prompt where plain generate meets EOS
+    try:
+        outs, cache = elastic(prompts, 32, ELASTIKV_DEVICE_BUDGET="16MiB", ELASTIKV_PREFIX_CACHE="0")
+    finally:
+        hog.close()
+        ledger.close()
+        host.close()
+    assert [o.error for o in outs] == [None] * 12
+    assert [o.generated_tokens for o in outs] == _expected(model, prompts, 32)
+    assert cache.waits > 0 or cache.elastic.allocator.stats().refusals > 0  # it really had to wait

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -114,20 +115,31 @@ def _wrap(owner: type, attr: str, make: Callable[[Any], Any]) -> None:
     setattr(owner, attr, wrapped)
 
 
-class _WaitForMemory(Exception):
-    """Nothing can be scheduled, nothing can be preempted: wait for memory (other instances) and retry."""
-
-
 def _is_elastic(cache: Any) -> bool:
     return getattr(cache, "elastic", None) is not None
 
 
+PATIENCE_S = 2.0  # how long running requests wait for memory held by other instances before one is preempted
+
+
 def _wrap_offload_requests(original: Callable[..., int]) -> Callable[..., int]:
     def offload_requests(self: Any) -> int:
-        n = original(self)
-        if n == 0 and _is_elastic(getattr(self, "cache", None)):
-            raise _WaitForMemory
-        return n
+        cache: Any = getattr(self, "cache", None)
+        if not _is_elastic(cache):
+            return original(self)
+        # Below its own limit, a cache that cannot grow is waiting for memory other instances hold: its running
+        # requests keep their blocks and wait (no recompute), for up to PATIENCE_S; then transformers preempts
+        # as usual, so that two instances each waiting on the other cannot wait forever. "Nothing offloaded"
+        # makes transformers give up on the batch (see _wrap_prepare_next_batch: it waits instead).
+        alloc = cache.elastic.allocator
+        now = time.monotonic()
+        if alloc.limit - alloc.stats().mapped_bytes >= alloc.page_bytes:
+            if cache.starved_since is None:
+                cache.starved_since = now
+            if now - cache.starved_since < PATIENCE_S:
+                return 0
+        cache.starved_since = None
+        return original(self)  # type: ignore[no-any-return]
 
     return offload_requests
 
@@ -154,11 +166,21 @@ def _wrap_add_waiting_request(original: Callable[..., None]) -> Callable[..., No
     return add_waiting_request
 
 
+NOTHING_SCHEDULABLE = "No requests can be scheduled and no requests can be offloaded."  # transformers 5.17
+
+
 def _wrap_prepare_next_batch(original: Callable[..., bool]) -> Callable[..., bool]:
     def prepare_next_batch(self: Any) -> bool:
         try:
-            return original(self)
-        except _WaitForMemory:
+            ready = original(self)
+            if ready and not self.scheduler.starved_requests:
+                self.cache.starved_since = None  # everyone got their blocks: the next wait starts afresh
+            return ready
+        except RuntimeError as exc:
+            # transformers fails every request here; with an elastic cache the memory is held by other
+            # instances (or comes back when trimmed): wait and schedule again. Nothing was scheduled.
+            if not _is_elastic(self.cache) or str(exc) != NOTHING_SCHEDULABLE:
+                raise
             self.cache.waits += 1
             return False  # the loop waits 0.1 s (or for a new request) and schedules again
 
@@ -352,7 +374,17 @@ def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:
             cached = settings.prefix_cache.resolve(self.elastic.ledger.total_bytes) // block_bytes
             self._block_manager = ElasticBlockManager(self.elastic, bs, cached_limit=cached)
             self.waits = 0
+            self.starved_since: float | None = None  # when running requests began to wait for memory
             _caches.append(self)
+
+        def allocate_blocks(self, n_blocks: int, request_id: str, allocated_blocks: int) -> int | None:
+            """As transformers', but a refusal after its free-count check (the device budget or the driver said
+            no in between) is "not now" (None), not an error that fails every request. One layer group only
+            (checked at start), so there is no partial allocation to undo."""
+            if not self.will_allocation_be_successful(n_blocks, allocated_blocks):
+                return None
+            got = self.group_cache_managers[0].allocate_blocks(n_blocks, request_id, self._block_manager)
+            return None if got is None else int(got)
 
     return ElasticCache
 
