@@ -3,6 +3,7 @@ with real out-of-memory from the backend mixed in (the device is filled with rea
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 
 import pytest
@@ -31,12 +32,12 @@ def make_machine(
             )
             self.page = self.space.page_bytes
             self.ledger = None
+            self.ledger_dir: str | None = None
             budget = None
             if through_ledger:  # book through a real ledger, with leases, as engine processes do
+                self.ledger_dir = tempfile.mkdtemp(prefix="elastikv-test-")
                 self.ledger = Ledger(
-                    self.backend.device_id,
-                    total_bytes=NUM_PAGES * 4 * self.page,
-                    directory=tempfile.mkdtemp(prefix="elastikv-test-"),
+                    self.backend.device_id, total_bytes=NUM_PAGES * 4 * self.page, directory=self.ledger_dir
                 )
                 capacity = NUM_PAGES * self.page
                 budget = self.ledger.register(
@@ -58,6 +59,7 @@ def make_machine(
             assert self.space.mapped_bytes == 0
             if self.ledger is not None:
                 self.ledger.close()
+                shutil.rmtree(self.ledger_dir or "", ignore_errors=True)  # one per hypothesis example
             self.space.close()
             self.backend.close()
 
