@@ -132,6 +132,7 @@ class Settings:
     ledger_dir: str | None = None
     prefix_cache: Size = Size(fraction=0.05)  # most memory idle cached prefixes may keep mapped (engines)
     peer_timeout: float = 30.0  # seconds a worker process may take to answer a page map/unmap
+    commit: str | None = None  # the commit benchmark results name, where the copy has no .git (the GPU machine)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -214,4 +215,5 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "ELASTIKV_LEDGER_DIR": ("ledger_dir", lambda raw, var: raw),
     "ELASTIKV_PREFIX_CACHE": ("prefix_cache", lambda raw, var: parse_size(raw, what=var, allow_percent=True)),
     "ELASTIKV_PEER_TIMEOUT": ("peer_timeout", lambda raw, var: _seconds(raw, var)),
+    "ELASTIKV_COMMIT": ("commit", lambda raw, var: raw),
 }

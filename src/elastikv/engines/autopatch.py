@@ -34,11 +34,12 @@ def _setup_logging(level: str) -> None:
 
 def vllm_plugin() -> None:
     """vLLM's plugin hook. Does nothing unless ``ELASTIKV=1``; then patches this process or stops it."""
-    from elastikv.config import Settings
+    from elastikv.config import ENV_VARS, Settings
 
+    _, flag = ENV_VARS["ELASTIKV"]
+    if not flag(os.environ.get("ELASTIKV", "0").strip() or "0", "ELASTIKV"):
+        return  # off: the other ELASTIKV_* variables are none of vLLM's business
     settings = Settings.from_env()  # a malformed ELASTIKV_* variable stops the engine with its reason
-    if not settings.enabled:
-        return
     _setup_logging(settings.log_level)
     from elastikv.engines import vllm
 
