@@ -54,7 +54,6 @@ SPECIAL = ["<unk>", "<s>", "</s>", "<|end|>", "<|system|>", "<|user|>", "<|assis
 def _corpus() -> list[str]:
     """English prose every Python install has: the standard library's docstrings."""
     import importlib
-    import pkgutil
     import sys
 
     texts: list[str] = []
@@ -72,7 +71,6 @@ def _corpus() -> list[str]:
                 texts.append(doc)
         if len(texts) > 6000:
             break
-    del pkgutil
     return texts
 
 

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from elastikv.errors import AllocationRefused, ConfigError, DriverError, ElastikvError, LimitExceeded, OutOfMemory
+from elastikv.memory import DoneFence
 from elastikv.space import KVSpace
 
 log = logging.getLogger(__name__)
@@ -215,14 +216,6 @@ class _Peer:
             self._sock = None
 
 
-class _DoneFence:
-    def done(self) -> bool:
-        return True
-
-    def wait(self) -> None:
-        return None
-
-
 class PeerPages:
     """The scheduler's view of pages that live in worker processes: a :class:`~elastikv.space.Pages`.
 
@@ -287,8 +280,8 @@ class PeerPages:
             if errors:
                 raise errors[0]
 
-    def fence(self) -> _DoneFence:
-        return _DoneFence()  # each worker drains its own device before an unmap (see the module docstring)
+    def fence(self) -> DoneFence:
+        return DoneFence()  # each worker drains its own device before an unmap (see the module docstring)
 
     @property
     def lost(self) -> list[str]:

@@ -26,6 +26,7 @@ kept: blocks of cached prefixes stay mapped up to ``ELASTIKV_PREFIX_CACHE``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -214,17 +215,13 @@ def _wrap_setup_static_tensors(original: Callable[..., None]) -> Callable[..., N
     return _setup_static_tensors
 
 
-_cls: Any = None
-
-
+@functools.cache
 def _cache_class() -> Any:
-    global _cls
-    if _cls is None:
-        from transformers.generation.continuous_batching.cache import PagedAttentionCache
-        from transformers.generation.continuous_batching.cache_manager import BlockManager
+    """ElasticCache, made once transformers is importable (this module must import without it)."""
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+    from transformers.generation.continuous_batching.cache_manager import BlockManager
 
-        _cls = _make_classes(PagedAttentionCache, BlockManager)
-    return _cls
+    return _make_classes(PagedAttentionCache, BlockManager)
 
 
 def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:

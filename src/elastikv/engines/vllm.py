@@ -31,6 +31,7 @@ touching anything, and the contract test parses the installed vLLM's sources aga
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import logging
@@ -47,7 +48,7 @@ from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
 from elastikv.engines.peer import PageServer, PeerPages
 from elastikv.errors import AllocationRefused, ConfigError, ElastikvError, UnsupportedEngine
-from elastikv.instance import Booked, DeviceFacts, book
+from elastikv.instance import Booked, DeviceFacts, book, host_memory
 from elastikv.memory import MemoryBackend, open_backend
 from elastikv.space import KVGeometry, KVSpace, default_chunk_bytes
 
@@ -197,8 +198,6 @@ def _worker_backend(device: torch.device) -> _WorkerCache:
                 f"unset ELASTIKV_BACKEND or set it to {kind}"
             )
         index = (device.index if device.index is not None else torch.cuda.current_device()) if kind == "cuda" else 0
-        from elastikv.instance import host_memory
-
         backend = open_backend(kind, device=index, host_memory=host_memory(settings))
         _worker = _WorkerCache(backend)
         lifecycle.on_exit(_worker.close)
@@ -264,7 +263,6 @@ def _wrap_determine_available_memory(original: Callable[..., int]) -> Callable[.
         )
         return capacity
 
-    determine_available_memory.__wrapped__ = original  # type: ignore[attr-defined]
     return determine_available_memory
 
 
@@ -276,7 +274,6 @@ def _wrap_initialize_from_config(original: Callable[..., None]) -> Callable[...,
         finally:
             _real_allocation.worker = None
 
-    initialize_from_config.__wrapped__ = original  # type: ignore[attr-defined]
     return initialize_from_config
 
 
@@ -426,7 +423,6 @@ def _wrap_initialize_kv_caches(original: Callable[..., Any]) -> Callable[..., An
         self._elastikv = _pending[0]
         return kv_cache_config
 
-    _initialize_kv_caches.__wrapped__ = original  # type: ignore[attr-defined]
     return _initialize_kv_caches
 
 
@@ -440,7 +436,6 @@ def _wrap_shutdown(original: Callable[..., Any]) -> Callable[..., Any]:
                 log.exception("elastikv: closing the KV cache failed")
         return original(self)
 
-    shutdown.__wrapped__ = original  # type: ignore[attr-defined]
     return shutdown
 
 
@@ -452,7 +447,6 @@ def _wrap_get_num_blocks_to_allocate(original: Callable[..., int]) -> Callable[.
             pool.secure(n)
         return n
 
-    get_num_blocks_to_allocate.__wrapped__ = original  # type: ignore[attr-defined]
     return get_num_blocks_to_allocate
 
 
@@ -467,21 +461,16 @@ def _wrap_allocate_slots(original: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             pool.end_admission()
 
-    allocate_slots.__wrapped__ = original  # type: ignore[attr-defined]
     return allocate_slots
 
 
-_pool_cls: Any = None
-
-
+@functools.cache
 def _pool_class() -> Any:
-    global _pool_cls
-    if _pool_cls is None:
-        from vllm.v1.core.block_pool import BlockPool
-        from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
+    """ElasticBlockPool, made once vLLM is importable (this module must import without it)."""
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue
 
-        _pool_cls = _make_pool_class(BlockPool, FreeKVCacheBlockQueue)
-    return _pool_cls
+    return _make_pool_class(BlockPool, FreeKVCacheBlockQueue)
 
 
 def _make_pool_class(BlockPool: type, FreeKVCacheBlockQueue: type) -> type:
@@ -693,7 +682,10 @@ def _patch(module: str, qualname: str, make: Callable[[Any], Any]) -> None:
     if key in _originals:
         return
     _originals[key] = current
-    setattr(owner, attr, make(current))
+    wrapped = make(current)
+    if inspect.isfunction(wrapped) and getattr(wrapped, "__wrapped__", None) is None:
+        wrapped.__wrapped__ = current  # inspect.unwrap finds vLLM's own
+    setattr(owner, attr, wrapped)
 
 
 def apply() -> None:

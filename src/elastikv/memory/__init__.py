@@ -9,12 +9,13 @@ import logging
 
 from elastikv.config import BACKENDS, check_choice
 from elastikv.errors import BackendUnavailable
-from elastikv.memory.backend import Chunk, Fence, MemoryBackend, round_up
+from elastikv.memory.backend import Chunk, DoneFence, Fence, MemoryBackend, round_up
 from elastikv.memory.host import HostBackend, physical_memory
 
 __all__ = [
     "BackendUnavailable",
     "Chunk",
+    "DoneFence",
     "Fence",
     "HostBackend",
     "MemoryBackend",

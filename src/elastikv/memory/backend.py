@@ -32,6 +32,17 @@ class Fence(Protocol):
     def wait(self) -> None: ...
 
 
+class DoneFence:
+    """A fence that has always passed: for work that is synchronous (host memory), or that the other side waits
+    for itself (a worker process drains its device before it unmaps)."""
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        return None
+
+
 class Chunk(Protocol):
     """An opaque handle to one physical allocation."""
 

@@ -33,7 +33,7 @@ import torch
 
 from elastikv.config import format_bytes
 from elastikv.errors import ConfigError, DriverError, OutOfMemory
-from elastikv.memory.backend import round_up
+from elastikv.memory.backend import DoneFence, round_up
 
 # Linux values, the same on x86_64 and aarch64.
 PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
@@ -100,16 +100,6 @@ def _machine_id() -> str:
         except OSError:
             pass
     return socket.gethostname()
-
-
-class _DoneFence:
-    """Host work is synchronous: by the time anyone asks, it has completed."""
-
-    def done(self) -> bool:
-        return True
-
-    def wait(self) -> None:
-        return None
 
 
 @dataclass(frozen=True)
@@ -215,8 +205,8 @@ class HostBackend:
         """Bytes the kernel really holds for this backend's chunks (the memfd's allocated blocks)."""
         return os.fstat(self._fd).st_blocks * 512
 
-    def record_fence(self, streams: Sequence[int] = ()) -> _DoneFence:
-        return _DoneFence()
+    def record_fence(self, streams: Sequence[int] = ()) -> DoneFence:
+        return DoneFence()
 
     def tensor(self, va: int, nbytes: int) -> torch.Tensor:
         buf = (ctypes.c_uint8 * nbytes).from_address(va)

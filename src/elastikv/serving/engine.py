@@ -118,6 +118,12 @@ class Engine:
         return self._adapter.latest_instance()
 
     @property
+    def kv_waits(self) -> int:
+        """Batches that waited for KV memory, in the current cache (0 while asleep)."""
+        caches = self._adapter._caches
+        return int(caches[-1].waits) if caches else 0
+
+    @property
     def sleeping(self) -> int:
         return self._asleep
 

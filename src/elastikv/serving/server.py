@@ -194,8 +194,7 @@ def create_app(engine: Engine) -> FastAPI:
         else:
             for g in (kv_mapped, kv_in_use, kv_reserve):
                 g.labels(engine.name).set(0)
-        caches = engine._adapter._caches
-        kv_waits.labels(engine.name).set(caches[-1].waits if caches else 0)
+        kv_waits.labels(engine.name).set(engine.kv_waits)
         running.labels(engine.name).set(engine.stats.running)
         waiting.labels(engine.name).set(engine.stats.waiting)
         sleeping.labels(engine.name).set(engine.sleeping)
