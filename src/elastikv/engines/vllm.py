@@ -684,7 +684,7 @@ def _patch(module: str, qualname: str, make: Callable[[Any], Any]) -> None:
     _originals[key] = current
     wrapped = make(current)
     if inspect.isfunction(wrapped) and getattr(wrapped, "__wrapped__", None) is None:
-        wrapped.__wrapped__ = current  # inspect.unwrap finds vLLM's own
+        wrapped.__wrapped__ = current  # type: ignore[attr-defined]  # inspect.unwrap finds the original
     setattr(owner, attr, wrapped)
 
 
