@@ -205,6 +205,12 @@ def limit(name: str, size: str | None, reset: bool, device: str | None) -> None:
 @click.option("--dtype", default="auto", show_default=True, help="auto, bfloat16, float16 or float32.")
 @click.option("--max-batch-tokens", default=512, show_default=True, help="Tokens per forward pass.")
 @click.option("--max-kv-tokens", default=16384, show_default=True, help="KV tokens one batch may read.")
+@click.option(
+    "--static-kv",
+    default=None,
+    help="Run without elastikv: transformers' own KV cache of this size (e.g. 64MiB), held from start to end. "
+    "The baseline elastikv is compared with.",
+)
 def engine_cmd(
     model: str,
     name: str | None,
@@ -215,6 +221,7 @@ def engine_cmd(
     dtype: str,
     max_batch_tokens: int,
     max_kv_tokens: int,
+    static_kv: str | None,
 ) -> None:
     """Serve one model with an elastic KV cache behind an OpenAI-compatible API (transformers engine)."""
     import dataclasses
@@ -237,12 +244,40 @@ def engine_cmd(
         dtype=dtype,
         max_batch_tokens=max_batch_tokens,
         max_kv_tokens=max_kv_tokens,
+        static_kv=None
+        if static_kv is None
+        else parse_size(static_kv, what="--static-kv", allow_percent=False).resolve(0),
     )
     click.echo(f"elastikv engine: serving {engine.name} on http://{host}:{port}/v1 ({engine.device})", err=True)
     try:
-        uvicorn.run(create_app(engine), host=host, port=port, log_level="warning")
+        uvicorn.run(create_app(engine, close_on_shutdown=True), host=host, port=port, log_level="warning")
     finally:
         engine.close()
+
+
+@main.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--host", default=None, help="Listen address (default: the config's listen, else 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Listen port (default: the config's listen, else 8000).")
+@click.option("--log-dir", default=None, help="Where each engine's log goes (default: a new temporary directory).")
+def serve(config: str, host: str | None, port: int | None, log_dir: str | None) -> None:
+    """Serve every model in CONFIG behind one OpenAI-compatible endpoint: routing by model, idle sleep,
+    wake on demand, engine supervision. Ctrl-C or SIGTERM stops every engine."""
+    import uvicorn
+
+    from elastikv.engines.autopatch import _setup_logging
+    from elastikv.router.app import create_app
+    from elastikv.router.config import load_config
+    from elastikv.router.router import Router
+
+    cfg = load_config(config)
+    if host is not None or port is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, host=host or cfg.host, port=port or cfg.port)
+    _setup_logging(Settings.from_env().log_level)
+    router = Router(cfg, log_dir=log_dir)
+    uvicorn.run(create_app(router), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 @main.command(name="make-model")

@@ -133,6 +133,7 @@ class Settings:
     prefix_cache: Size = Size(fraction=0.05)  # most memory idle cached prefixes may keep mapped (engines)
     peer_timeout: float = 30.0  # seconds a worker process may take to answer a page map/unmap
     commit: str | None = None  # the commit benchmark results name, where the copy has no .git (the GPU machine)
+    admin_token: str | None = None  # the router's admin token, where its config file does not give one
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -216,4 +217,5 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "ELASTIKV_PREFIX_CACHE": ("prefix_cache", lambda raw, var: parse_size(raw, what=var, allow_percent=True)),
     "ELASTIKV_PEER_TIMEOUT": ("peer_timeout", lambda raw, var: _seconds(raw, var)),
     "ELASTIKV_COMMIT": ("commit", lambda raw, var: raw),
+    "ELASTIKV_ADMIN_TOKEN": ("admin_token", lambda raw, var: raw),
 }

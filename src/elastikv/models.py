@@ -11,6 +11,7 @@ found on every machine), so prompts in plain text tokenize to sensible lengths.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ def _corpus() -> list[str]:
     return texts
 
 
+@functools.cache  # training takes seconds; models made in one process (the demo's three) share the result
 def train_tokenizer(vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

@@ -35,6 +35,15 @@ class Asleep(ElastikvError):
     """The engine is asleep: wake it (POST /wake_up) before sending requests."""
 
 
+def kv_bytes_per_token(model: Any) -> int:
+    """K and V of one token in every layer, in the model's dtype (full attention)."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    dtype_bytes = next(model.parameters()).element_size()
+    return int(2 * c.num_hidden_layers * kv_heads * head_dim * dtype_bytes)
+
+
 @dataclass
 class Stats:
     running: int = 0
@@ -57,6 +66,7 @@ class Engine:
         block_size: int = 32,
         max_batch_tokens: int = 512,
         max_kv_tokens: int = 16384,
+        static_kv: int | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -76,13 +86,26 @@ class Engine:
         torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
         loaded: Any = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype)
         self.model: Any = loaded.to(self.device).eval()
-        adapter.enable(name=self.name, settings=self.settings, max_kv_tokens=max_kv_tokens)
+        # static_kv: the baseline elastikv is measured against: transformers' own paged cache of that many bytes,
+        # allocated at start and held for good, with elastikv left off in this process.
+        self.static_kv = static_kv
+        num_blocks = None
+        if static_kv is None:
+            adapter.enable(name=self.name, settings=self.settings, max_kv_tokens=max_kv_tokens)
+        else:
+            num_blocks = static_kv // (block_size * kv_bytes_per_token(self.model))
+            if num_blocks < 2:
+                raise ConfigError(f"--static-kv {static_kv} bytes holds fewer than 2 blocks of {block_size} tokens")
         eos = self.tokenizer.eos_token_id
         self.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
             do_sample=False, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id or 0, max_new_tokens=256
         )
         self.cb_config = ContinuousBatchingConfig(
-            block_size=block_size, max_batch_tokens=max_batch_tokens, use_async_batching=False
+            block_size=block_size,
+            max_batch_tokens=max_batch_tokens,
+            use_async_batching=False,
+            num_blocks=num_blocks,
+            safety_margin=0.0,  # as elastikv's caches: admission limited by memory alone, in both modes
         )
         self._adapter = adapter
         self._lock = threading.Lock()
@@ -90,6 +113,7 @@ class Engine:
         self._asleep: int = 0  # 0 awake, else the level
         self._host_weights: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self.stats = Stats()
+        self.wakes = 0  # completed wake_up calls (the router's tests count them)
         self._start()
 
     # -- lifetime -----------------------------------------------------------------------------------------
@@ -108,6 +132,10 @@ class Engine:
         for cache in self._adapter._caches:  # the manager's cache: unmap every page, leave the ledger
             cache.elastic.close()
         self._adapter._caches.clear()
+        if self.static_kv is not None:
+            import gc
+
+            gc.collect()  # transformers' static cache tensors go with the manager
 
     def close(self) -> None:
         with self._lock:
@@ -170,6 +198,7 @@ class Engine:
                 self._host_weights = []
             self._start()
             self._asleep = 0
+            self.wakes += 1
             return {"sleeping": 0, "seconds": time.perf_counter() - t0}
 
     def _reload_weights(self) -> None:

@@ -9,6 +9,8 @@ ignored, and said so in the model card.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -23,8 +25,19 @@ from elastikv.errors import ConfigError
 from elastikv.serving.engine import Asleep, Engine
 
 
-def create_app(engine: Engine) -> FastAPI:
-    app = FastAPI(title=f"elastikv engine: {engine.name}")
+def create_app(engine: Engine, *, close_on_shutdown: bool = False) -> FastAPI:
+    """The engine's app. With ``close_on_shutdown`` the server's shutdown (SIGTERM, Ctrl-C) closes the engine, so
+    its KV pages are unmapped and its ledger row leaves before the process ends."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if close_on_shutdown:
+                await asyncio.get_running_loop().run_in_executor(None, engine.close)
+
+    app = FastAPI(title=f"elastikv engine: {engine.name}", lifespan=lifespan)
     registry = CollectorRegistry()
     labels = ["model"]
     kv_mapped = Gauge("elastikv_kv_mapped_bytes", "KV memory mapped", labels, registry=registry)
@@ -41,6 +54,7 @@ def create_app(engine: Engine) -> FastAPI:
         labels,
         registry=registry,
     )
+    wakes = Gauge("elastikv_wakes", "Completed wake_up calls since start", labels, registry=registry)
     ttft = Histogram("elastikv_time_to_first_token_seconds", "Time to first token", labels, registry=registry)
 
     def usage(prompt: list[int], tokens: list[int]) -> dict[str, int]:
@@ -168,8 +182,6 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.post("/sleep")
     async def sleep(level: int = 1) -> dict[str, Any]:
-        import asyncio
-
         try:
             return await asyncio.get_running_loop().run_in_executor(None, engine.sleep, level)
         except ConfigError as exc:
@@ -177,8 +189,6 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.post("/wake_up")
     async def wake_up() -> dict[str, Any]:
-        import asyncio
-
         return await asyncio.get_running_loop().run_in_executor(None, engine.wake_up)
 
     @app.get("/metrics")
@@ -194,10 +204,13 @@ def create_app(engine: Engine) -> FastAPI:
         else:
             for g in (kv_mapped, kv_in_use, kv_reserve):
                 g.labels(engine.name).set(0)
+            if engine.static_kv is not None and not engine.sleeping:
+                kv_mapped.labels(engine.name).set(engine.static_kv)  # held from start to end
         kv_waits.labels(engine.name).set(engine.kv_waits)
         running.labels(engine.name).set(engine.stats.running)
         waiting.labels(engine.name).set(engine.stats.waiting)
         sleeping.labels(engine.name).set(engine.sleeping)
+        wakes.labels(engine.name).set(engine.wakes)
         samples, engine.stats.ttft = engine.stats.ttft, []
         for t in samples:
             ttft.labels(engine.name).observe(t)

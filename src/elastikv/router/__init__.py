@@ -1,0 +1,1 @@
+"""The router: many models behind one OpenAI endpoint (``elastikv serve``)."""

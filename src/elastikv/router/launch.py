@@ -1,0 +1,81 @@
+"""How each kind of engine is started, put to sleep and woken: the only engine-specific part of the router.
+
+An engine is a child process serving the OpenAI API on 127.0.0.1:PORT for one model. elastikv is made active in
+it through the environment (``ELASTIKV=1``, its instance name, its limit), exactly as ``elastikv run`` would, so
+the router needs no engine changes either. Sleep and wake are HTTP calls to the engine's own endpoints:
+
+==========  =====================================  ==========================================================
+engine      sleep                                  wake
+==========  =====================================  ==========================================================
+elastikv    ``POST /sleep?level=N``                ``POST /wake_up``
+vllm        ``POST /sleep?level=N`` (the router    ``POST /wake_up``
+            adds ``--enable-sleep-mode`` and
+            ``VLLM_SERVER_DEV_MODE=1``; CUDA only)
+sglang      ``POST /release_memory_occupation``    ``POST /resume_memory_occupation`` (``--enable-memory-saver``)
+command     none: ``sleep_level: stop`` ends the process, the next request starts it again
+==========  =====================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+
+from elastikv.router.config import ModelSpec
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What to run for one model, and how to reach it once it runs."""
+
+    argv: list[str]
+    env: dict[str, str]
+    sleep: tuple[str, str] | None  # (method, path with "{level}") to put it to sleep; None: only "stop" can
+    wake: tuple[str, str] | None
+
+
+def launch(spec: ModelSpec, port: int, *, host: str = "127.0.0.1") -> Launch:
+    """The command line and environment that start ``spec``'s engine on ``port``."""
+    env = {**os.environ, **spec.env, "ELASTIKV_NAME": spec.name}
+    env.pop("ELASTIKV_ADMIN_TOKEN", None)  # the router's secret; engines have no use for it
+    if spec.engine != "command":
+        env["ELASTIKV"] = "1"
+    level = spec.sleep_level
+    sleep = wake = None
+    model = spec.model or ""
+    if spec.engine == "elastikv":
+        argv = [sys.executable, "-m", "elastikv.cli", "engine", "--model", model, "--name", spec.name]
+        argv += ["--host", host, "--port", str(port)]
+        sleep, wake = ("POST", "/sleep?level={level}"), ("POST", "/wake_up")  # always served
+    elif spec.engine == "vllm":
+        # The module, not `vllm serve`: the same server, and it also works where the `vllm` script is missing.
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        argv += ["--served-model-name", spec.name, "--host", host, "--port", str(port)]
+        if level in (1, 2):
+            argv.append("--enable-sleep-mode")
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM serves /sleep and /wake_up only in its dev mode
+            sleep, wake = ("POST", "/sleep?level={level}"), ("POST", "/wake_up")
+    elif spec.engine == "sglang":
+        argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model]
+        argv += ["--served-model-name", spec.name, "--host", host, "--port", str(port)]
+        if level in (1, 2):
+            argv.append("--enable-memory-saver")
+            sleep, wake = ("POST", "/release_memory_occupation"), ("POST", "/resume_memory_occupation")
+    else:
+        fields = {"{port}": str(port), "{host}": host, "{model}": model, "{name}": spec.name}
+        argv = [_fill(part, fields) for part in spec.command or ()]
+    return Launch(argv=argv + list(spec.args), env=env, sleep=sleep, wake=wake)
+
+
+def _fill(part: str, fields: dict[str, str]) -> str:
+    # Plain replacement, not str.format: a command may hold other braces (JSON arguments, shell snippets).
+    for key, value in fields.items():
+        part = part.replace(key, value)
+    return part
+
+
+def describe(argv: list[str]) -> str:
+    """The command line as a user would type it (for logs and status)."""
+    return shlex.join(argv)

@@ -1,0 +1,394 @@
+"""One model's engine process as the router sees it: start, health, sleep, wake, crash and restart.
+
+Who owns what: a ``ManagedModel`` owns its child process (and the process group the child leads, so an engine's
+own helpers, such as vLLM's engine core and workers, go with it) and the model's state. Everything here runs on
+the router's one asyncio loop, so a state change with no ``await`` between the check and the assignment is atomic.
+
+States and who moves between them::
+
+    STARTING --healthy--> AWAKE --idle or admin--> DRAINING --no request in flight--> SLEEPING --> ASLEEP
+    ASLEEP   --a request or admin wake--> WAKING --> AWAKE        (sleep_level "stop": STOPPED, then STARTING)
+    any      --the process exits unasked--> RESTARTING --backoff, start, healthy--> AWAKE
+
+Invariants:
+1. ``lock`` is held for every transition that talks to the engine (start, sleep, wake, restart), so there is one
+   wake at a time per model: requests that find the model asleep queue on the lock, the first wakes it, the rest
+   find it AWAKE and go straight through. No request is dropped or answered with an error because of a sleep.
+2. A request is counted in ``active`` from admission to the last byte relayed. Admission happens only in AWAKE
+   (checked and counted without an ``await`` in between), and sleep starts only when ``active`` is 0, so the
+   engine never goes to sleep under a request.
+3. While RESTARTING, requests are refused at once with ``Unavailable`` (the HTTP layer's 503 with the reason),
+   never queued behind a start that may take minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from elastikv.errors import ElastikvError
+from elastikv.router.config import ModelSpec
+from elastikv.router.launch import Launch, describe, launch
+
+log = logging.getLogger("elastikv.router")
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+STABLE_AFTER_S = 60.0  # an engine up this long has its backoff reset
+STOP_GRACE_S = 15.0  # SIGTERM, then this long, then SIGKILL
+DRAIN_TIMEOUT_S = 120.0  # an admin sleep waits this long for requests in flight
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    AWAKE = "awake"
+    DRAINING = "draining"
+    SLEEPING = "sleeping"
+    ASLEEP = "asleep"
+    WAKING = "waking"
+    STOPPED = "stopped"
+    RESTARTING = "restarting"
+
+
+class Unavailable(ElastikvError):
+    """The model cannot take requests now (its engine crashed and is restarting, or failed to wake)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineExited(ElastikvError):
+    """The engine process ended while the router was starting or waking it."""
+
+
+@dataclass
+class Counters:
+    wakes: int = 0
+    sleeps: int = 0
+    restarts: int = 0
+    crashes: int = 0
+    wake_seconds: list[float] = field(default_factory=list)  # since the metrics last read them
+    start_seconds: float = 0.0
+
+
+class ManagedModel:
+    def __init__(self, spec: ModelSpec, port: int, client: httpx.AsyncClient, log_dir: Path) -> None:
+        self.spec = spec
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = client
+        self.log_path = log_dir / f"{spec.name}.log"
+        self.launch: Launch = launch(spec, port)
+        self.state = State.STOPPED
+        self.lock = asyncio.Lock()
+        self.active = 0
+        self.last_used = time.monotonic()
+        self.counters = Counters()
+        self.last_exit: str | None = None  # why the last process ended, for status and 503s
+        self._proc: asyncio.subprocess.Process | None = None
+        self._started_at = 0.0
+        self._backoff = BACKOFF_FIRST_S
+        self._restart_at = 0.0
+        self._restart_task: asyncio.Task[None] | None = None
+        self._sleep_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- requests --------------------------------------------------------------------------------------------
+    async def acquire(self) -> None:
+        """Admit one request: wake or start the engine if needed. Raises ``Unavailable``."""
+        while True:
+            if self.state is State.AWAKE:
+                self.active += 1  # no await since the check: invariant 2
+                self.last_used = time.monotonic()
+                return
+            self.refuse_if_down()
+            await self._bring_up()
+
+    def release(self) -> None:
+        self.active -= 1
+        self.last_used = time.monotonic()
+
+    def refuse_if_down(self) -> None:
+        if self._closing:
+            raise Unavailable(f"model {self.spec.name!r} is shutting down", retry_after_s=5.0)
+        if self.state is State.RESTARTING:
+            wait = max(0.0, self._restart_at - time.monotonic())
+            raise Unavailable(
+                f"model {self.spec.name!r} is restarting: its engine {self.last_exit or 'exited'}; "
+                f"restart {self.counters.crashes} is under way (log: {self.log_path}); retry shortly",
+                retry_after_s=max(1.0, wait),
+            )
+
+    async def _bring_up(self) -> None:
+        async with self.lock:
+            self.refuse_if_down()
+            if self.state is State.ASLEEP:
+                await self._wake()
+            elif self.state is State.STOPPED:
+                t0 = time.monotonic()
+                await self._start_locked()
+                self.counters.wakes += 1
+                self.counters.wake_seconds.append(time.monotonic() - t0)
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the engine and wait until it is healthy. On failure it is retried in the background."""
+        async with self.lock:
+            try:
+                await self._start_locked()
+            except EngineExited as exc:
+                log.error("%s", exc)
+                self._schedule_restart()
+
+    async def _start_locked(self) -> None:
+        self.state = State.STARTING
+        t0 = time.monotonic()
+        log_file = self.log_path.open("ab")
+        try:
+            log_file.write(f"\n=== elastikv serve: starting {describe(self.launch.argv)}\n".encode())
+            log_file.flush()
+            proc = await asyncio.create_subprocess_exec(
+                *self.launch.argv,
+                env=self.launch.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # its own process group: Ctrl-C reaches the router, which stops it in order
+            )
+        finally:
+            log_file.close()
+        self._proc = proc
+        asyncio.get_running_loop().create_task(self._watch(proc))
+        try:
+            await self._wait_healthy(proc)
+        except BaseException:
+            await self._terminate(proc)
+            raise
+        self._started_at = time.monotonic()
+        self.counters.start_seconds = self._started_at - t0
+        self.state = State.AWAKE
+        self.last_used = time.monotonic()
+        log.info("%s: ready in %.1f s (pid %d, port %d)", self.spec.name, self._started_at - t0, proc.pid, self.port)
+
+    async def _wait_healthy(self, proc: asyncio.subprocess.Process) -> None:
+        deadline = time.monotonic() + self.spec.start_timeout_s
+        while True:
+            if proc.returncode is not None:
+                raise EngineExited(
+                    f"{self.spec.name}: the engine exited with code {proc.returncode} while starting; "
+                    f"the end of its log ({self.log_path}):\n{self.log_tail()}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                r = await self.client.get(self.url + self.spec.health_path, timeout=2.0)
+                if r.status_code == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise EngineExited(
+                    f"{self.spec.name}: not healthy after {self.spec.start_timeout_s:.0f} s (start_timeout); "
+                    f"the end of its log ({self.log_path}):\n{self.log_tail()}"
+                )
+            await asyncio.sleep(0.1)
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if proc is not self._proc or self._closing or self.state in (State.SLEEPING, State.STOPPED):
+            return  # a process we ended on purpose
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        self.last_exit = how
+        self.counters.crashes += 1
+        if self.state is State.STARTING:
+            return  # the start in progress sees it and reports it
+        log.error("%s: the engine %s; restarting (log: %s)", self.spec.name, how, self.log_path)
+        self._schedule_restart()
+
+    def _schedule_restart(self) -> None:
+        self.state = State.RESTARTING
+        if self._started_at and time.monotonic() - self._started_at > STABLE_AFTER_S:
+            self._backoff = BACKOFF_FIRST_S
+        delay, self._backoff = self._backoff, min(BACKOFF_MAX_S, self._backoff * 2)
+        self._restart_at = time.monotonic() + delay
+        if self._restart_task is None or self._restart_task.done():
+            self._restart_task = asyncio.get_running_loop().create_task(self._restart_after(delay))
+
+    async def _restart_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        async with self.lock:
+            if self._closing or self.state is not State.RESTARTING:
+                return
+            try:
+                await self._start_locked()
+            except EngineExited as exc:
+                log.error("%s", exc)
+                self.state = State.RESTARTING
+            else:
+                self.counters.restarts += 1
+                return
+        self._restart_task = None
+        self._schedule_restart()
+
+    async def close(self) -> None:
+        """Stop the engine for good (router shutdown)."""
+        self._closing = True
+        for task in (self._restart_task, self._sleep_task):
+            if task is not None and not task.done():
+                task.cancel()
+        if self._proc is not None:
+            await self._terminate(self._proc)
+        self.state = State.STOPPED
+
+    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM the engine's process group, SIGKILL it after the grace period."""
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                log.warning("%s: no exit %.0f s after SIGTERM; killing it", self.spec.name, STOP_GRACE_S)
+        # The leader may be gone while its helpers linger: the group goes in any case.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+
+    # -- sleep and wake --------------------------------------------------------------------------------------
+    def idle_for(self) -> float:
+        return time.monotonic() - self.last_used
+
+    def maybe_sleep_when_idle(self) -> None:
+        """Called periodically: start a sleep if the model has been idle for its ``idle`` time."""
+        idle = self.spec.idle_s
+        if idle is None or self.state is not State.AWAKE or self.active or self.idle_for() < idle:
+            return
+        if self._sleep_task is None or self._sleep_task.done():
+            self._sleep_task = asyncio.get_running_loop().create_task(self._sleep_quietly())
+
+    async def _sleep_quietly(self) -> None:
+        try:
+            await self.sleep(reason=f"idle {self.idle_for():.0f} s")
+        except (Unavailable, EngineExited, httpx.HTTPError) as exc:
+            log.warning("%s: idle sleep failed: %s", self.spec.name, exc)
+
+    async def sleep(self, level: int | str | None = None, *, reason: str = "admin") -> dict[str, Any]:
+        """Put the model to sleep once the requests in flight have finished (new ones wait, then wake it)."""
+        level = self.spec.sleep_level if level is None else level
+        async with self.lock:
+            if self.state is not State.AWAKE:
+                return {"model": self.spec.name, "state": self.state.value, "changed": False}
+            if reason.startswith("idle") and (self.active or self.idle_for() < (self.spec.idle_s or 0)):
+                return {"model": self.spec.name, "state": self.state.value, "changed": False}  # used meanwhile
+            self.state = State.DRAINING  # new requests now queue on the lock
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            while self.active:
+                if time.monotonic() > deadline:
+                    self.state = State.AWAKE
+                    raise Unavailable(f"{self.spec.name}: requests still in flight after {DRAIN_TIMEOUT_S:.0f} s")
+                await asyncio.sleep(0.02)
+            self.state = State.SLEEPING
+            t0 = time.monotonic()
+            try:
+                if level == "stop" or self.launch.sleep is None:
+                    level = "stop"
+                    if self._proc is not None:
+                        await self._terminate(self._proc)
+                    self.state = State.STOPPED
+                else:
+                    method, path = self.launch.sleep
+                    await self._call(method, path.replace("{level}", str(level)))
+                    self.state = State.ASLEEP
+            except BaseException:
+                if self.state is State.SLEEPING:
+                    self.state = State.AWAKE if self._alive() else State.RESTARTING
+                raise
+            self.counters.sleeps += 1
+            seconds = time.monotonic() - t0
+            log.info("%s: asleep (level %s, %s) in %.2f s", self.spec.name, level, reason, seconds)
+            return {"model": self.spec.name, "state": self.state.value, "changed": True, "seconds": seconds}
+
+    async def wake(self) -> dict[str, Any]:
+        """Wake the model now (admin); requests do this on their own."""
+        t0 = time.monotonic()
+        before = self.counters.wakes
+        async with self.lock:
+            self.refuse_if_down()
+            if self.state is State.ASLEEP:
+                await self._wake()
+            elif self.state is State.STOPPED:
+                await self._start_locked()
+                self.counters.wakes += 1
+        return {
+            "model": self.spec.name,
+            "state": self.state.value,
+            "changed": self.counters.wakes > before,
+            "seconds": time.monotonic() - t0,
+        }
+
+    async def _wake(self) -> None:
+        assert self.launch.wake is not None
+        self.state = State.WAKING
+        t0 = time.monotonic()
+        try:
+            await self._call(*self.launch.wake)
+        except BaseException as exc:
+            if not self._alive():
+                self.state = State.RESTARTING if not self._closing else State.STOPPED
+                raise Unavailable(f"{self.spec.name}: the engine {self.last_exit or 'exited'} while waking") from exc
+            self.state = State.ASLEEP
+            raise Unavailable(f"{self.spec.name}: waking failed: {exc}") from exc
+        seconds = time.monotonic() - t0
+        self.counters.wakes += 1
+        self.counters.wake_seconds.append(seconds)
+        self.state = State.AWAKE
+        self.last_used = time.monotonic()
+        log.info("%s: awake in %.2f s", self.spec.name, seconds)
+
+    async def _call(self, method: str, path: str) -> None:
+        r = await self.client.request(method, self.url + path, json={}, timeout=self.spec.start_timeout_s)
+        if r.status_code >= 400:
+            raise Unavailable(f"{self.spec.name}: {method} {path} answered {r.status_code}: {r.text[:500]}")
+
+    def _alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    # -- reporting -------------------------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._alive() and self._proc is not None else None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def status(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "model": self.spec.name,
+            "engine": self.spec.engine,
+            "state": self.state.value,
+            "pid": self.pid,
+            "port": self.port,
+            "active": self.active,
+            "idle_s": round(self.idle_for(), 1),
+            "sleep_after_s": self.spec.idle_s,
+            "sleep_level": self.spec.sleep_level,
+            "wakes": c.wakes,
+            "sleeps": c.sleeps,
+            "restarts": c.restarts,
+            "crashes": c.crashes,
+            "last_exit": self.last_exit,
+            "log": str(self.log_path),
+            "command": describe(self.launch.argv),
+        }

@@ -1,0 +1,334 @@
+"""`elastikv serve` end to end on the CPU: real engine processes (the embedded engine on the host backend) behind
+the real router process, driven over HTTP as a client would.
+
+One router serves three tiny models for the whole module (starting engines is the slow part); the tests run in
+file order and the last one stops it with SIGTERM and checks that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="needs httpx: pip install -e '.[serve]'")
+pytest.importorskip("yaml", reason="needs PyYAML: pip install -e '.[serve]'")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not transformers.__version__.startswith("5.17."),
+        reason=f"the engine supports transformers 5.17; this is {transformers.__version__}",
+    ),
+]
+
+TOKEN = "test-admin-token"
+MODELS = ("alpha", "beta", "gamma")
+IDLE_S = 1.5
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    url: str
+    ledger_dir: Path
+    log_dir: Path
+    shm_before: set[str]
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        r = httpx.get(f"{self.url}/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+        r.raise_for_status()
+        return {row["model"]: row for row in r.json()["models"]}
+
+    def engine_metric(self, model: str, metric: str) -> float:
+        port = self.status()[model]["port"]
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith(metric + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{metric} not in {model}'s metrics")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    from elastikv.models import make_model
+
+    tmp = tmp_path_factory.mktemp("router")
+    for seed, name in enumerate(MODELS):
+        make_model(tmp / name, size="tiny", seed=seed)
+    port = _free_port()
+    ledger_dir = tmp / "ledger"
+    config = {
+        "listen": f"127.0.0.1:{port}",
+        "admin_token": TOKEN,
+        "env": {
+            "ELASTIKV_BACKEND": "host",
+            "ELASTIKV_HOST_MEMORY": "512MiB",
+            "ELASTIKV_RESERVE": "2MiB",
+            "ELASTIKV_LEDGER_DIR": str(ledger_dir),
+        },
+        "models": [
+            {"name": name, "model": f"./{name}", "idle": f"{IDLE_S}s", "sleep_level": 1, "args": ["--dtype", "float32"]}
+            for name in MODELS
+        ],
+    }
+    import yaml
+
+    (tmp / "router.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shm_before = _shm()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIKV")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "elastikv.cli", "serve", str(tmp / "router.yaml"), "--log-dir", str(tmp / "logs")],
+        env=env,
+        stdout=(tmp / "router.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, (tmp / "router.log").read_text()
+        assert time.monotonic() < deadline, (tmp / "router.log").read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    yield Served(proc, url, ledger_dir, tmp / "logs", shm_before)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def complete(
+    served: Served, model: str, prompt: str = "Return a list of items.", max_tokens: int = 8
+) -> httpx.Response:
+    return httpx.post(
+        f"{served.url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens}, timeout=120
+    )
+
+
+def test_requests_are_routed_by_model(served: Served) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    answers = {}
+    for name in MODELS:
+        out = client.completions.create(model=name, prompt="Return a list of items.", max_tokens=12)
+        assert out.model == name and out.usage.completion_tokens == 12
+        # The engine itself answers the same (its own port), so the router sent it there and changed nothing.
+        port = served.status()[name]["port"]
+        body = {"model": name, "prompt": "Return a list of items.", "max_tokens": 12}
+        direct = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body).json()
+        assert direct["choices"][0]["text"] == out.choices[0].text
+        answers[name] = out.choices[0].text
+    assert len(set(answers.values())) == 3, "three different models give three different answers"
+    chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi"}], max_tokens=6)
+    assert chat.model == "beta" and chat.usage.completion_tokens == 6
+    assert sorted(m.id for m in client.models.list().data) == sorted(MODELS)
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="delta", prompt="x", max_tokens=2)
+    body = err.value.response.json()["error"]
+    assert body["code"] == "model_not_found" and body["param"] == "model" and "alpha, beta, gamma" in body["message"]
+    missing = httpx.post(f"{served.url}/v1/completions", json={"prompt": "x"})
+    assert missing.status_code == 400 and "model" in missing.json()["error"]["message"]
+
+
+def test_streaming_arrives_incrementally(served: Served) -> None:
+    arrivals: list[tuple[float, str]] = []
+    t0 = time.monotonic()
+    body = {"model": "alpha", "prompt": "Describe a dictionary.", "max_tokens": 96, "stream": True}
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append((time.monotonic() - t0, line[6:]))
+    assert arrivals[-1][1] == "[DONE]"
+    chunks = [json.loads(d) for _, d in arrivals[:-1]]
+    assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 10
+    first, last = arrivals[0][0], arrivals[-1][0]
+    # 96 tokens take a good part of a second on this CPU: the first must reach the client well before the last
+    # (a router that buffered the answer would deliver them all at once).
+    assert last - first > 0.2, arrivals
+    spread = [t for t, _ in arrivals if first + 0.05 < t < last - 0.05]
+    assert len(spread) >= 3, f"chunks were not relayed as they came: {[round(t, 3) for t, _ in arrivals]}"
+
+
+def test_admin_endpoints_need_the_token(served: Served) -> None:
+    for method, path, body in (("GET", "/admin/status", None), ("POST", "/admin/sleep", {"model": "alpha"}),
+                               ("POST", "/admin/wake", {"model": "alpha"})):  # fmt: skip
+        none = httpx.request(method, served.url + path, json=body)
+        assert none.status_code == 401 and "Bearer" in none.json()["error"]["message"]
+        wrong = httpx.request(method, served.url + path, json=body, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 403 and wrong.json()["error"]["message"] == "wrong admin token"
+    ok = httpx.get(served.url + "/admin/status", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and {m["model"] for m in ok.json()["models"]} == set(MODELS)
+    unknown = httpx.post(served.url + "/admin/sleep", json={"model": "delta"},
+                         headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+    assert unknown.status_code == 404
+
+
+def admin(served: Served, action: str, model: str, **extra: Any) -> dict[str, Any]:
+    r = httpx.post(f"{served.url}/admin/{action}", json={"model": model, **extra},
+                   headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)  # fmt: skip
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def test_idle_models_sleep_and_give_their_memory_back(served: Served) -> None:
+    complete(served, "gamma")
+    deadline = time.monotonic() + IDLE_S + 10
+    while served.status()["gamma"]["state"] != "asleep":
+        assert time.monotonic() < deadline, served.status()["gamma"]
+        time.sleep(0.1)
+    port = served.status()["gamma"]["port"]
+    assert httpx.get(f"http://127.0.0.1:{port}/is_sleeping").json()["is_sleeping"] is True
+    assert served.status()["gamma"]["kv_mapped_bytes"] == 0  # its ledger row left with its cache
+    assert complete(served, "gamma").status_code == 200  # woken by the request
+
+
+async def _many(url: str, jobs: list[tuple[str, str, int]]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=None)) as client:
+        return await asyncio.gather(*(
+            client.post(f"{url}/v1/completions", json={"model": m, "prompt": p, "max_tokens": n})
+            for m, p, n in jobs
+        ))  # fmt: skip
+
+
+def test_concurrent_first_requests_to_a_sleeping_model_wake_it_once(served: Served) -> None:
+    admin(served, "sleep", "beta")
+    assert served.status()["beta"]["state"] == "asleep"
+    router_before = served.status()["beta"]["wakes"]
+    engine_before = served.engine_metric("beta", "elastikv_wakes")
+    results = asyncio.run(_many(served.url, [("beta", f"Question {i} about sets.", 6) for i in range(24)]))
+    assert [r.status_code for r in results] == [200] * 24
+    assert all(1 <= r.json()["usage"]["completion_tokens"] <= 6 for r in results)
+    assert served.status()["beta"]["wakes"] == router_before + 1
+    assert served.engine_metric("beta", "elastikv_wakes") == engine_before + 1
+
+
+def test_200_requests_across_three_models_with_sleep_and_wake_underneath(served: Served) -> None:
+    before = served.status()
+    jobs = [(MODELS[i % 3], f"Item {i}: explain what a queue does.", 4 + i % 5) for i in range(200)]
+
+    async def waves() -> list[httpx.Response]:
+        out: list[httpx.Response] = []
+        # Four waves; between them every model idles past its sleep time, so each wave wakes sleeping models,
+        # and during the third an admin sleep lands on a model with requests in flight (it drains, sleeps,
+        # and the requests queued meanwhile wake it again).
+        for k, wave in enumerate((jobs[:40], jobs[40:90], jobs[90:150], jobs[150:])):
+            task = asyncio.ensure_future(_many(served.url, wave))
+            if k == 2:
+                await asyncio.sleep(0.3)
+                async with httpx.AsyncClient(timeout=120) as c:
+                    r = await c.post(f"{served.url}/admin/sleep", json={"model": "alpha"},
+                                     headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+                    assert r.status_code == 200, r.text
+            out += await task
+            await asyncio.sleep(IDLE_S + 1.0)
+        return out
+
+    results = asyncio.run(waves())
+    assert len(results) == 200
+    assert [r.status_code for r in results] == [200] * 200, [r.text for r in results if r.status_code != 200][:3]
+    for (model, _prompt, n), r in zip(jobs, results, strict=True):
+        body = r.json()
+        used = body["usage"]["completion_tokens"]  # fewer when the random model happens to emit its end token
+        assert body["model"] == model and 1 <= used <= n
+        assert body["choices"][0]["finish_reason"] == ("length" if used == n else "stop")
+    after = served.status()
+    for name in MODELS:
+        assert after[name]["wakes"] - before[name]["wakes"] >= 3, (name, before[name], after[name])
+        assert after[name]["sleeps"] - before[name]["sleeps"] >= 3
+        assert after[name]["restarts"] == before[name]["restarts"]
+
+
+def test_a_killed_engine_is_restarted_and_the_others_keep_answering(served: Served) -> None:
+    complete(served, "gamma")
+    status = served.status()["gamma"]
+    assert status["pid"] is not None
+    os.kill(status["pid"], signal.SIGKILL)
+    refused = None
+    deadline = time.monotonic() + 5
+    while refused is None and time.monotonic() < deadline:
+        r = complete(served, "gamma")
+        if r.status_code == 503:
+            refused = r
+        time.sleep(0.05)
+    assert refused is not None, "requests to a crashed engine get 503 while it restarts"
+    error = refused.json()["error"]
+    assert "gamma" in error["message"] and "SIGKILL" in error["message"] and "restart" in error["message"]
+    assert int(refused.headers["Retry-After"]) >= 1
+    for name in ("alpha", "beta"):  # the others are unaffected
+        assert complete(served, name).status_code == 200
+    deadline = time.monotonic() + 90
+    while served.status()["gamma"]["state"] != "awake":
+        assert time.monotonic() < deadline, served.status()["gamma"]
+        time.sleep(0.2)
+    assert complete(served, "gamma").status_code == 200
+    after = served.status()["gamma"]
+    assert after["restarts"] == 1 and after["crashes"] == 1 and after["pid"] != status["pid"]
+    assert "SIGKILL" in after["last_exit"]
+
+
+def test_router_metrics(served: Served) -> None:
+    text = httpx.get(f"{served.url}/metrics").text
+    assert 'elastikv_router_model_state{model="alpha",state=' in text
+    assert 'elastikv_router_requests_total{code="200",model="beta"}' in text
+    assert 'elastikv_router_restarts{model="gamma"} 1.0' in text
+    assert "elastikv_router_wake_seconds_count" in text
+
+
+def test_sigterm_stops_every_engine_and_leaves_nothing(served: Served) -> None:
+    from elastikv.ledger import Ledger, ledger_files
+
+    pids = [row["pid"] for row in served.status().values() if row["pid"]]
+    assert len(pids) == 3
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after shutting down
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    files = ledger_files(served.ledger_dir)
+    assert files, "the engines booked memory in this ledger"
+    for path in files:
+        ledger = Ledger.open_existing(path)
+        try:
+            assert ledger.instances() == []
+        finally:
+            ledger.close()
+    assert _shm() - served.shm_before == set()
+    # Every engine left the ledger itself on SIGTERM (a row reaped after its process died would be logged).
+    log = (served.log_dir.parent / "router.log").read_text()
+    assert not [pid for pid in pids if f"of dead process {pid} " in log], log[-2000:]
+
+
+def test_a_bad_config_is_refused_with_its_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("models:\n  - name: a\n    model: ./nowhere\n    idle: 5x\n")
+    r = subprocess.run([sys.executable, "-m", "elastikv.cli", "serve", str(tmp_path / "bad.yaml")],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2
+    assert "bad.yaml:" in r.stderr and "models[0]" in r.stderr
