@@ -246,3 +246,78 @@ def test_the_openai_server_started_through_elastikv_run(model: Path, tmp_path: P
     rows = [row for device in json.loads(status.stdout) for row in device["instances"]]
     assert [(r["name"], r["engine"]) for r in rows] == [("served", "vllm")]
     assert log.read_text().count("patched in process") == 3  # API server, engine core, worker
+
+
+def test_the_router_serves_vllm_stops_it_when_idle_and_starts_it_on_demand(
+    model: Path, tmp_path: Path, static: Any
+) -> None:
+    """`engine: vllm` behind `elastikv serve`: elastikv made active in vLLM by the router (three patched
+    processes), answers equal to vLLM without elastikv, and `sleep_level: stop` (vLLM's own sleep mode needs CUDA)
+    ends the engine when idle, leaving nothing in the ledger, and starts it again for the next request."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--skip-tokenizer-init", "--block-size", "32", "--max-model-len", "2048", "--enforce-eager"]
+    args += ["--gpu-memory-utilization", "0.2", "--enable-prefix-caching"]
+    config = {
+        "listen": f"127.0.0.1:{port}",
+        "admin_token": "t",
+        "models": [
+            {
+                "name": "tiny-vllm",
+                "engine": "vllm",
+                "model": str(model),
+                "idle": "3s",
+                "sleep_level": "stop",
+                "args": args,
+            }
+        ],
+    }
+    import yaml
+
+    (tmp_path / "router.yaml").write_text(yaml.safe_dump(config))
+    env = engine_env(tmp_path, elastic=False, multiprocess=True)
+    cmd = [sys.executable, "-m", "elastikv.cli", "serve", str(tmp_path / "router.yaml"), "--log-dir", str(tmp_path)]
+    url = f"http://127.0.0.1:{port}"
+    with (tmp_path / "router.log").open("w") as out:
+        router = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with contextlib.closing(socket.create_connection(("127.0.0.1", port), timeout=1)):
+                    pass
+                break
+            except OSError:
+                assert router.poll() is None and time.monotonic() < deadline, (tmp_path / "router.log").read_text()
+                time.sleep(1)
+        prompt = SHARED[0]
+        body = {"model": "tiny-vllm", "prompt": prompt, "max_tokens": 16, "temperature": 0, "return_token_ids": True}
+        first = _post(f"{url}/v1/completions", body)
+        status = _admin_status(url)
+        assert status["state"] == "awake" and status["engine"] == "vllm"
+        deadline = time.monotonic() + 60
+        while _admin_status(url)["state"] != "stopped":
+            assert time.monotonic() < deadline, _admin_status(url)
+            time.sleep(0.5)
+        rows = subprocess.run([sys.executable, "-m", "elastikv.cli", "status", "--json"], env=env,
+                              capture_output=True, text=True, check=True)  # fmt: skip
+        assert [row for d in json.loads(rows.stdout) for row in d["instances"]] == []
+        second = _post(f"{url}/v1/completions", body)  # starts vLLM again, then answers
+        assert _admin_status(url)["wakes"] == 1
+    finally:
+        router.terminate()
+        router.wait(timeout=120)
+    expected = static([prompt])[0]
+    assert first["choices"][0]["token_ids"] == expected and second["choices"][0]["token_ids"] == expected
+    assert (tmp_path / "tiny-vllm.log").read_text().count("patched in process") == 6  # 3 processes, twice
+
+
+def _admin_status(url: str) -> dict[str, Any]:
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/admin/status", headers={"Authorization": "Bearer t"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return dict(json.loads(r.read())["models"][0])
