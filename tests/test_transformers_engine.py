@@ -223,3 +223,43 @@ def test_running_requests_wait_for_memory_another_instance_holds(model: Any, ela
     assert [o.error for o in outs] == [None] * 12
     assert [o.generated_tokens for o in outs] == _expected(model, prompts, 32)
     assert cache.waits > 0 or cache.elastic.allocator.stats().refusals > 0  # it really had to wait
+
+
+def test_a_cache_opened_while_the_budget_is_full_waits_for_room(model: Any, elastic: Any, tmp_path: Path) -> None:
+    """Another instance holds the whole device budget when the cache opens, so not even its null blocks' page
+    can be mapped: the batching thread waits (it used to die, dropping every request) and the batch completes,
+    token for token, once that instance gives its memory back."""
+    from elastikv.ledger import Ledger
+    from elastikv.memory import HostBackend
+
+    host = HostBackend(total_bytes=1024 * MIB)
+    ledger = Ledger(
+        host.device_id,
+        device_label=host.device_label,
+        total_bytes=host.total_bytes,
+        free_bytes=lambda: host.total_bytes,
+        directory=str(tmp_path / "ledger"),
+        budget=Settings.from_env({"ELASTIKV_DEVICE_BUDGET": "16MiB"}).device_budget,
+    )
+    hog = ledger.register("hog", engine="test", limit=16 * MIB, capacity=16 * MIB)
+    hog.book(16 * MIB)
+    released_at: list[float] = []
+
+    def give_back() -> None:
+        time.sleep(1.5)
+        released_at.append(time.monotonic())
+        hog.release(16 * MIB)
+
+    threading.Thread(target=give_back, daemon=True).start()
+    prompts = _prompts(4, [100], seed=10)
+    try:
+        outs, cache = elastic(prompts, 16, ELASTIKV_DEVICE_BUDGET="16MiB", ELASTIKV_PREFIX_CACHE="0")
+        done_at = time.monotonic()
+    finally:
+        hog.close()
+        ledger.close()
+        host.close()
+    assert [o.error for o in outs] == [None] * 4
+    assert [o.generated_tokens for o in outs] == _expected(model, prompts, 16)
+    assert released_at and done_at > released_at[0]  # it could only finish after the memory came back
+    assert cache.elastic.allocator.stats().pages_mapped >= 1

@@ -498,7 +498,13 @@ class BlockAllocator:
         try:
             self._map_pages(pages, by_caller=False)
         except AllocationRefused as exc:
-            raise ConfigError(f"cannot map the {self._null} null block(s) the engine needs: {exc}") from exc
+            need = len(pages) * self.page_bytes
+            if self._budget.limit < need:  # can never fit: a setting to change
+                raise ConfigError(f"cannot map the {self._null} null block(s) the engine needs: {exc}") from exc
+            # The device is full now; it may not be later (other instances give memory back): the caller may wait.
+            raise type(exc)(
+                f"cannot map the {self._null} null block(s) the engine needs yet: {exc}", requested=self._null
+            ) from exc
         with self._lock:
             for b in range(self._null):
                 self._allocated[b] = 1

@@ -33,10 +33,24 @@ def main() -> None:
 
 
 @main.command()
+@click.option("--out", default="elastikv-demo", show_default=True, help="Where the PNG, the JSON and the trace go.")
+@click.option("--duration", default=30.0, show_default=True, help="Seconds of trace, replayed once per mode.")
+@click.option("--budget", default="12MiB", show_default=True, help="KV memory the three models share.")
+@click.option("--seed", default=0, show_default=True, help="The trace comes from this seed.")
+def demo(out: str, duration: float, budget: str, seed: int) -> None:
+    """Three models on one device under bursty traffic: elastic sharing against a static split of the same
+    memory, side by side. Prints time to first token per model and mode; writes a PNG of memory over time."""
+    from elastikv.demo import DemoPlan, run_demo
+
+    size = parse_size(budget, what="--budget", allow_percent=False, allow_zero=False).resolve(0)
+    run_demo(out, DemoPlan(duration=duration, seed=seed, budget=size))
+
+
+@main.command(name="cache-demo")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Memory backend (default: auto).")
 @click.option("--layout", type=click.Choice(LAYOUTS), default=None, help="KV layout (default: interleaved).")
 @click.option("--steps", default=24, show_default=True, help="Steps of the simulated workload.")
-def demo(backend: str | None, layout: str | None, steps: int) -> None:
+def cache_demo(backend: str | None, layout: str | None, steps: int) -> None:
     """Grow and shrink one elastic KV cache under a burst of requests, printing what it mapped."""
     from elastikv.cache_demo import run_demo
 

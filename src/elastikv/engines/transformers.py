@@ -344,14 +344,16 @@ def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:
                 from dataclasses import replace
 
                 settings = replace(settings, backend="host")
-            self.elastic: Instance = open_instance(
-                geometry,
-                engine="transformers",
-                name=_options.name,
-                settings=settings,
-                layout="interleaved",
-                num_blocks=asked,
-                null_blocks=NULL_BLOCKS,
+            self.elastic: Instance = _open_when_room(
+                lambda: open_instance(
+                    geometry,
+                    engine="transformers",
+                    name=_options.name,
+                    settings=settings,
+                    layout="interleaved",
+                    num_blocks=asked,
+                    null_blocks=NULL_BLOCKS,
+                )
             )
             space = self.elastic.space
             n = space.num_blocks
@@ -384,6 +386,28 @@ def _make_classes(PagedAttentionCache: type, BlockManager: type) -> Any:
             return None if got is None else int(got)
 
     return ElasticCache
+
+
+OPEN_RETRY_S = 0.25
+
+
+def _open_when_room(open_: Callable[[], Instance]) -> Instance:
+    """Open the cache's instance, waiting while the device budget has no room even for its null blocks (other
+    instances hold it all). This runs on transformers' batching thread: requests queue meanwhile, none is lost;
+    raising instead would end that thread and drop every request."""
+    waited_since = None
+    while True:
+        try:
+            inst = open_()
+        except AllocationRefused as exc:
+            if waited_since is None:
+                waited_since = time.monotonic()
+                log.warning("elastikv: waiting for memory to open the KV cache: %s", exc)
+            time.sleep(OPEN_RETRY_S)
+            continue
+        if waited_since is not None:
+            log.info("elastikv: KV cache opened after waiting %.1f s for memory", time.monotonic() - waited_since)
+        return inst
 
 
 def latest_instance() -> Instance | None:

@@ -25,7 +25,7 @@ from elastikv.router.supervisor import ManagedModel
 
 log = logging.getLogger("elastikv.router")
 
-IDLE_CHECK_S = 0.25
+WATCH_EVERY_S = 0.25
 
 
 def free_port() -> int:
@@ -42,23 +42,25 @@ class Router:
         # No read timeout: a long generation may stream for minutes; connecting is what must be quick.
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(None, connect=5.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            # Idle connections are dropped before the engine's server drops them (uvicorn: after 5 s), so a request
+            # never goes out on a connection the other end is closing at that moment.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0),
         )
         self.models: dict[str, ManagedModel] = {}
         for spec in config.models:
             self.models[spec.name] = ManagedModel(spec, spec.port or free_port(), self.client, self.log_dir)
-        self._idle_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         log.info("starting %d engine(s); their logs are in %s", len(self.models), self.log_dir)
         await asyncio.gather(*(m.start() for m in self.models.values()))
-        self._idle_task = asyncio.get_running_loop().create_task(self._watch_idle())
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_models())
 
     async def stop(self) -> None:
-        if self._idle_task is not None:
-            self._idle_task.cancel()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._idle_task
+                await self._watch_task
         await asyncio.gather(*(m.close() for m in self.models.values()), return_exceptions=True)
         await self.client.aclose()
         left = self.ledger_rows()  # this access also clears the rows of every engine that just ended
@@ -67,11 +69,12 @@ class Router:
             log.warning("still in the ledger after stopping: %s", ", ".join(ours))
         log.info("stopped every engine")
 
-    async def _watch_idle(self) -> None:
+    async def _watch_models(self) -> None:
         while True:
-            await asyncio.sleep(IDLE_CHECK_S)
+            await asyncio.sleep(WATCH_EVERY_S)
             for m in self.models.values():
                 m.maybe_sleep_when_idle()
+                m.maybe_check_health()
 
     def ledger_dirs(self) -> list[str | None]:
         """The ledger directories the engines book in (their ELASTIKV_LEDGER_DIR, else the default)."""

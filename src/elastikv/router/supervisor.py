@@ -47,6 +47,9 @@ BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # an engine up this long has its backoff reset
 STOP_GRACE_S = 15.0  # SIGTERM, then this long, then SIGKILL
 DRAIN_TIMEOUT_S = 120.0  # an admin sleep waits this long for requests in flight
+HEALTH_EVERY_S = 5.0  # an engine that is up is asked for its health this often
+HEALTH_TIMEOUT_S = 10.0
+HEALTH_FAILURES = 3  # checks failed in a row before the engine is killed and restarted
 
 
 class State(enum.Enum):
@@ -102,6 +105,10 @@ class ManagedModel:
         self._restart_at = 0.0
         self._restart_task: asyncio.Task[None] | None = None
         self._sleep_task: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._health_failures = 0
+        self._last_health = time.monotonic()
+        self._killed_because: str | None = None  # set when the router itself kills a hung engine
         self._closing = False
 
     # -- requests --------------------------------------------------------------------------------------------
@@ -205,6 +212,8 @@ class ManagedModel:
         if proc is not self._proc or self._closing or self.state in (State.SLEEPING, State.STOPPED):
             return  # a process we ended on purpose
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        if self._killed_because:
+            how, self._killed_because = f"{self._killed_because}, so the router killed it", None
         self.last_exit = how
         self.counters.crashes += 1
         if self.state is State.STARTING:
@@ -240,7 +249,7 @@ class ManagedModel:
     async def close(self) -> None:
         """Stop the engine for good (router shutdown)."""
         self._closing = True
-        for task in (self._restart_task, self._sleep_task):
+        for task in (self._restart_task, self._sleep_task, self._health_task):
             if task is not None and not task.done():
                 task.cancel()
         if self._proc is not None:
@@ -260,6 +269,34 @@ class ManagedModel:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         await proc.wait()
+
+    # -- health --------------------------------------------------------------------------------------------
+    def maybe_check_health(self) -> None:
+        """Called periodically: ask an awake engine for its health now and then; one that fails
+        ``HEALTH_FAILURES`` checks in a row (hung, or its batching thread died) is killed, and so restarted."""
+        if self.state is not State.AWAKE or time.monotonic() - self._last_health < HEALTH_EVERY_S:
+            return
+        if self._health_task is None or self._health_task.done():
+            self._last_health = time.monotonic()
+            self._health_task = asyncio.get_running_loop().create_task(self._check_health())
+
+    async def _check_health(self) -> None:
+        proc = self._proc
+        try:
+            r = await self.client.get(self.url + self.spec.health_path, timeout=HEALTH_TIMEOUT_S)
+            problem = None if r.status_code == 200 else f"answered its health check with {r.status_code}"
+        except httpx.HTTPError as exc:
+            problem = f"did not answer its health check ({type(exc).__name__})"
+        if problem is None or proc is not self._proc or self.state is not State.AWAKE:
+            self._health_failures = 0
+            return
+        self._health_failures += 1
+        log.warning("%s: the engine %s (%d of %d)", self.spec.name, problem, self._health_failures, HEALTH_FAILURES)
+        if self._health_failures >= HEALTH_FAILURES and proc is not None and proc.returncode is None:
+            self._health_failures = 0
+            self._killed_because = problem
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # its exit is a crash: the watcher restarts it
 
     # -- sleep and wake --------------------------------------------------------------------------------------
     def idle_for(self) -> float:

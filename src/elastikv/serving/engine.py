@@ -35,6 +35,10 @@ class Asleep(ElastikvError):
     """The engine is asleep: wake it (POST /wake_up) before sending requests."""
 
 
+class EngineDied(ElastikvError):
+    """transformers' batching thread has ended: the engine cannot answer any more (its log says why)."""
+
+
 def kv_bytes_per_token(model: Any) -> int:
     """K and V of one token in every layer, in the model's dtype (full attention)."""
     c = model.config
@@ -104,8 +108,7 @@ class Engine:
             block_size=block_size,
             max_batch_tokens=max_batch_tokens,
             use_async_batching=False,
-            num_blocks=num_blocks,
-            safety_margin=0.0,  # as elastikv's caches: admission limited by memory alone, in both modes
+            num_blocks=num_blocks,  # static: transformers' own cache, with its own admission margin
         )
         self._adapter = adapter
         self._lock = threading.Lock()
@@ -154,6 +157,11 @@ class Engine:
     @property
     def sleeping(self) -> int:
         return self._asleep
+
+    @property
+    def healthy(self) -> bool:
+        """Asleep, or awake with transformers' batching thread alive (it ends on an error it cannot handle)."""
+        return bool(self._asleep) or (self._manager is not None and self._manager.is_running())
 
     # -- sleep and wake -------------------------------------------------------------------------------------
     def sleep(self, level: int = 1) -> dict[str, Any]:
@@ -248,7 +256,15 @@ class Engine:
         first = True
         try:
             while True:
-                out = await queue.get()
+                try:
+                    out = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if manager.is_running() or self._manager is not manager:
+                        continue  # still working (or asleep meanwhile; the router never sleeps a busy engine)
+                    raise EngineDied(
+                        f"{self.name}: transformers' batching thread has stopped; the request is lost "
+                        "(the engine's log says why); restart the engine"
+                    ) from None
                 if first:
                     first = False
                     self.stats.waiting -= 1

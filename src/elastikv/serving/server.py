@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
 from elastikv.errors import ConfigError
-from elastikv.serving.engine import Asleep, Engine
+from elastikv.serving.engine import Asleep, Engine, EngineDied
 
 
 def create_app(engine: Engine, *, close_on_shutdown: bool = False) -> FastAPI:
@@ -91,21 +91,27 @@ def create_app(engine: Engine, *, close_on_shutdown: bool = False) -> FastAPI:
             gen = engine.generate(prompt, max_tokens)
             if not stream:
                 final: list[int] = []
-                async for tokens, _done, error in gen:
-                    if error:
-                        raise HTTPException(400, error)
-                    final = tokens
+                try:
+                    async for tokens, _done, error in gen:
+                        if error:
+                            raise HTTPException(400, error)
+                        final = tokens
+                except EngineDied as exc:
+                    raise HTTPException(503, str(exc)) from None
                 return make_final(final)
 
             async def events() -> AsyncIterator[bytes]:
                 sent = ""
-                async for tokens, done, error in gen:
-                    if error:
-                        yield f"data: {json.dumps({'error': {'message': error}})}\n\n".encode()
-                        break
-                    text = engine.decode(tokens)
-                    delta, sent = text[len(sent) :], text
-                    yield f"data: {json.dumps(make_chunk(delta, done, tokens))}\n\n".encode()
+                try:
+                    async for tokens, done, error in gen:
+                        if error:
+                            yield f"data: {json.dumps({'error': {'message': error}})}\n\n".encode()
+                            break
+                        text = engine.decode(tokens)
+                        delta, sent = text[len(sent) :], text
+                        yield f"data: {json.dumps(make_chunk(delta, done, tokens))}\n\n".encode()
+                except EngineDied as exc:
+                    yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'engine_died'}})}\n\n".encode()
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -173,8 +179,10 @@ def create_app(engine: Engine, *, close_on_shutdown: bool = False) -> FastAPI:
                                             "root": str(engine.path), "decoding": "greedy"}]}  # fmt: skip
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.name, "sleeping": engine.sleeping}
+    async def health() -> JSONResponse:
+        ok = engine.healthy
+        body = {"status": "ok" if ok else "dead", "model": engine.name, "sleeping": engine.sleeping}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/is_sleeping")
     async def is_sleeping() -> dict[str, Any]:
@@ -218,7 +226,7 @@ def create_app(engine: Engine, *, close_on_shutdown: bool = False) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        code = {400: "invalid_request_error", 404: "model_not_found", 409: "engine_asleep"}.get(
+        code = {400: "invalid_request_error", 404: "model_not_found", 409: "engine_asleep", 503: "engine_died"}.get(
             exc.status_code, "error"
         )
         return JSONResponse({"error": {"message": exc.detail, "type": code}}, status_code=exc.status_code)

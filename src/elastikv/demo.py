@@ -1,0 +1,275 @@
+"""``elastikv demo``: three models on one device, elastic sharing against a static split of the same memory.
+
+What it runs, all on this machine with nothing downloaded: three tiny random-weight Llamas (``make_model``),
+each served by the embedded engine in its own process behind the router (``elastikv serve``'s code, in this
+process), on the GPU where there is one, else on host memory. The same intermittent trace (each model nearly idle,
+peaking at its own moment) is replayed twice:
+
+- **static**: each engine runs without elastikv, with transformers' own KV cache of a third of the budget, held
+  from start to end (what a fixed split of the device gives each model);
+- **elastic**: each engine with elastikv, all three sharing the whole budget (``ELASTIKV_DEVICE_BUDGET``), idle
+  models put to sleep by the router and woken by their next request.
+
+Both modes read at most the same number of KV tokens per step (the static cache's size), so what differs is
+only where the memory may go. It prints a table of time to first token and completed requests per model and
+mode, and writes a PNG of each model's KV memory over time, the trace and a JSON of every figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from elastikv.config import format_bytes
+from elastikv.router.config import ModelSpec, RouterConfig
+from elastikv.workload import Arrival, Outcome, intermittent, replay, save_trace, summary
+
+MODES = ("static", "elastic")
+MiB = 1024**2
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoPlan:
+    models: tuple[str, ...] = ("llama-a", "llama-b", "llama-c")
+    # Sized so that KV memory is what binds at a peak, not this machine's compute: a static third holds about 40
+    # of these requests at once, a peak brings about 50 within a second, and each holds its blocks for ~100 steps.
+    budget: int = 12 * MiB  # KV memory all three share (elastic) or split in thirds (static)
+    duration: float = 30.0  # seconds of trace
+    base_rate: float = 0.1  # requests/s per model between peaks
+    peak_rate: float = 100.0  # extra requests/s at the top of a model's peak
+    peak_width: float = 1.0  # seconds
+    prompt_tokens: int = 64
+    output_tokens: int = 96
+    idle_s: float = 6.0  # elastic mode: sleep a model after this long without requests
+    seed: int = 0
+
+
+def run_demo(out_dir: str | Path, plan: DemoPlan = DemoPlan(), *, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="elastikv-demo-"))
+    device, dtype = _device()
+    console.print(f"[bold]elastikv demo[/]: {len(plan.models)} models on {device}, a KV budget of "
+                  f"{format_bytes(plan.budget)}; work files in {work}")  # fmt: skip
+    with console.status("making three tiny random-weight models (no download)..."):
+        paths = _make_models(work, plan.models)
+    trace = intermittent(plan.models, duration=plan.duration, base_rate=plan.base_rate, peak_rate=plan.peak_rate,
+                         peak_width=plan.peak_width, prompt_tokens=plan.prompt_tokens,
+                         output_tokens=plan.output_tokens, seed=plan.seed)  # fmt: skip
+    save_trace(trace, out / "trace.jsonl")
+    console.print(f"trace: {len(trace)} requests over {plan.duration:.0f} s, each model peaking in turn "
+                  f"({plan.prompt_tokens} prompt + {plan.output_tokens} output tokens each)")  # fmt: skip
+    results: dict[str, Any] = {}
+    for mode in MODES:
+        results[mode] = asyncio.run(_run_mode(mode, plan, paths, trace, work, device, dtype, console))
+    report = _report(plan, trace, results, device)
+    _print_table(console, plan, report)
+    png = _plot(out / "demo-memory.png", plan, results, device)
+    (out / "demo.json").write_text(json.dumps(report, indent=2))
+    console.print(f"wrote {png}, {out / 'demo.json'} and {out / 'trace.jsonl'}")
+    return report
+
+
+def _device() -> tuple[str, str]:
+    import torch
+
+    from elastikv.memory import open_backend
+
+    backend = open_backend()
+    label = backend.device_label
+    backend.close()
+    on_gpu = torch.cuda.is_available() and backend.name == "cuda"
+    return (label if on_gpu else f"the CPU ({label})"), ("bfloat16" if on_gpu else "float32")
+
+
+def _make_models(work: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    from elastikv.models import make_model
+
+    return {name: make_model(work / name, size="tiny", seed=i) for i, name in enumerate(names)}
+
+
+def _config(mode: str, plan: DemoPlan, paths: dict[str, Path], work: Path, dtype: str) -> RouterConfig:
+    from elastikv.router.router import free_port
+
+    third = plan.budget // len(plan.models)
+    env = {
+        "ELASTIKV_LEDGER_DIR": str(work / "ledger"),  # the demo's own book: other elastikv users are left alone
+        "ELASTIKV_DEVICE_BUDGET": str(plan.budget),
+        "ELASTIKV_HOST_MEMORY": "1GiB",  # on a CPU: the pretend device holding the budget
+        "ELASTIKV_RESERVE": "0",  # an idle engine holds only its null blocks' page
+        "ELASTIKV_PREFIX_CACHE": "0",  # the trace's prompts share nothing; keep no finished blocks
+    }
+    specs = []
+    for name in plan.models:
+        tokens = third // _kv_bytes_per_token(paths[name], dtype)
+        args = ["--dtype", dtype, "--max-kv-tokens", str(tokens)]
+        if mode == "static":
+            args += ["--static-kv", str(third)]
+        specs.append(ModelSpec(
+            name=name, engine="elastikv", model=str(paths[name]), command=None, args=tuple(args), env=env,
+            limit=None, idle_s=plan.idle_s if mode == "elastic" else None, sleep_level=1, port=free_port(),
+            health_path="/health", start_timeout_s=300.0,
+        ))  # fmt: skip
+    return RouterConfig(host="127.0.0.1", port=free_port(), admin_token=None, models=tuple(specs), source=None)
+
+
+def _kv_bytes_per_token(path: Path, dtype: str) -> int:
+    c = json.loads((path / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    size = 4 if dtype == "float32" else 2
+    return int(2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * size)
+
+
+async def _run_mode(mode: str, plan: DemoPlan, paths: dict[str, Path], trace: list[Arrival], work: Path,
+                    device: str, dtype: str, console: Console) -> dict[str, Any]:  # fmt: skip
+    import uvicorn
+
+    from elastikv.router.app import create_app
+    from elastikv.router.router import Router
+
+    config = _config(mode, plan, paths, work, dtype)
+    router = Router(config, log_dir=work / f"logs-{mode}")
+    server = uvicorn.Server(uvicorn.Config(create_app(router), host=config.host, port=config.port,
+                                           log_level="warning", lifespan="on"))  # fmt: skip
+    what = ("each engine without elastikv, a static third of the budget" if mode == "static"
+            else "elastikv sharing the whole budget, idle models asleep")  # fmt: skip
+    logging.getLogger("elastikv").setLevel(logging.WARNING)
+    serving = asyncio.create_task(server.serve())
+    with console.status(f"{mode}: starting {len(plan.models)} engines ({what})..."):
+        while not server.started:
+            if serving.done():
+                serving.result()
+                raise RuntimeError("the router stopped while starting")
+            await asyncio.sleep(0.1)
+    samples: list[tuple[float, dict[str, int]]] = []
+    stop = threading.Event()
+    t0 = time.monotonic()
+    third = plan.budget // len(plan.models)
+
+    def sample() -> None:  # in a thread: the ledger is SQLite
+        while not stop.is_set():
+            if mode == "static":
+                held = {name: third for name in plan.models}
+            else:
+                rows = router.ledger_rows()
+                held = {name: rows.get(name, 0) for name in plan.models}
+            samples.append((time.monotonic() - t0, held))
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    columns = (TextColumn(f"[bold]{mode:>7}[/] replaying"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[note]}"), TimeElapsedColumn())  # fmt: skip
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(mode, total=len(trace), note="")
+            failed = 0
+
+            def done(o: Outcome) -> None:
+                nonlocal failed
+                failed += 0 if o.ok else 1
+                held = samples[-1][1] if samples else {}
+                note = "  ".join(f"{n}: {format_bytes(b)}" for n, b in held.items())
+                progress.update(task, advance=1, note=note + (f"  [red]{failed} failed[/]" if failed else ""))
+
+            outcomes = await replay(f"http://{config.host}:{config.port}", trace, on_done=done)
+    finally:
+        stop.set()
+        sampler.join()
+        states = {name: m.status() for name, m in router.models.items()}
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await serving
+    return {"outcomes": outcomes, "samples": samples, "models": states}
+
+
+def _report(plan: DemoPlan, trace: list[Arrival], results: dict[str, Any], device: str) -> dict[str, Any]:
+    report: dict[str, Any] = {"device": device, "plan": dataclasses.asdict(plan), "requests": len(trace),
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "modes": {}}  # fmt: skip
+    for mode in MODES:
+        outcomes: list[Outcome] = results[mode]["outcomes"]
+        per_model = {name: summary([o for o in outcomes if o.arrival.model == name]) for name in plan.models}
+        peak = max((sum(h.values()) for _, h in results[mode]["samples"]), default=0)
+        report["modes"][mode] = {
+            "all": summary(outcomes),
+            "models": per_model,
+            "peak_kv_bytes": peak,
+            "wakes": sum(s["wakes"] for s in results[mode]["models"].values()),
+            "sleeps": sum(s["sleeps"] for s in results[mode]["models"].values()),
+            "memory": [(round(t, 2), held) for t, held in results[mode]["samples"]],
+        }
+    s, e = report["modes"]["static"]["all"], report["modes"]["elastic"]["all"]
+    report["elastic_over_static"] = {k: _ratio(e[k], s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean")}
+    return report
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def _print_table(console: Console, plan: DemoPlan, report: dict[str, Any]) -> None:
+    table = Table(title="time to first token (ms) and requests completed, per model", title_justify="left")
+    for col in ("model", "mode", "completed", "TTFT mean", "p50", "p99", "TPOT mean"):
+        table.add_column(col, justify="left" if col in ("model", "mode") else "right")
+    for name in (*plan.models, "all"):
+        for mode in MODES:
+            m = report["modes"][mode]
+            s = m["all"] if name == "all" else m["models"][name]
+            times = (_ms(s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean"))
+            table.add_row(name, mode, f"{s['completed']}/{s['requests']}", *times, end_section=mode == "elastic")
+    console.print(table)
+    r = report["elastic_over_static"]
+    e, s = report["modes"]["elastic"], report["modes"]["static"]
+    console.print(
+        f"elastic / static TTFT: mean [bold]{r['ttft_mean']:.2f}[/], p50 {r['ttft_p50']:.2f}, "
+        f"p99 [bold]{r['ttft_p99']:.2f}[/] (lower is better); TPOT {r['tpot_mean']:.2f}. KV memory at most "
+        f"{format_bytes(e['peak_kv_bytes'])} (elastic, {e['sleeps']} sleeps, {e['wakes']} wakes) vs "
+        f"{format_bytes(s['peak_kv_bytes'])} held throughout (static)."
+    )
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
+
+
+def _plot(path: Path, plan: DemoPlan, results: dict[str, Any], device: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(MODES), 1, figsize=(10, 6.5), sharex=True, sharey=True)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for ax, mode in zip(axes, MODES, strict=True):
+        samples = results[mode]["samples"]
+        t = [s[0] for s in samples]
+        stacks = [[s[1].get(name, 0) / MiB for s in samples] for name in plan.models]
+        ax.stackplot(t, stacks, labels=plan.models, colors=colors[: len(plan.models)], alpha=0.8, step="post")
+        ax.axhline(plan.budget / MiB, color="black", linestyle="--", linewidth=1, label="budget")
+        for i, name in enumerate(plan.models):  # when each model's requests arrived
+            at = [o.arrival.at for o in results[mode]["outcomes"] if o.arrival.model == name]
+            ax.plot(at, [-0.6 - 0.5 * i] * len(at), "|", color=colors[i], markersize=6)
+        ax.set_title(f"{mode}: " + ("each model holds a fixed third" if mode == "static"
+                                    else "the models share the budget; idle ones sleep"), loc="left")  # fmt: skip
+        ax.set_ylabel("KV memory (MiB)")
+    axes[-1].set_xlabel("seconds (ticks below: request arrivals per model)")
+    axes[0].legend(loc="upper right", ncols=len(plan.models) + 1, fontsize=8)
+    fig.suptitle(f"elastikv demo: KV memory per model over time, {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
