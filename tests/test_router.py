@@ -332,3 +332,42 @@ def test_a_bad_config_is_refused_with_its_line(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2
     assert "bad.yaml:" in r.stderr and "models[0]" in r.stderr
+
+
+def test_a_hung_engine_is_killed_and_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine that stops answering (SIGSTOP: alive, but hung) fails its health checks and is replaced."""
+    from elastikv.models import make_model
+    from elastikv.router import supervisor
+    from elastikv.router.config import parse_config
+    from elastikv.router.router import Router
+
+    monkeypatch.setattr(supervisor, "HEALTH_EVERY_S", 0.3)
+    monkeypatch.setattr(supervisor, "HEALTH_TIMEOUT_S", 0.5)
+    make_model(tmp_path / "m", size="tiny")
+    text = (f"env: {{ELASTIKV_BACKEND: host, ELASTIKV_HOST_MEMORY: 256MiB, ELASTIKV_LEDGER_DIR: {tmp_path / 'l'}}}\n"
+            "models: [{name: m, model: ./m, idle: never, args: [--dtype, float32]}]\n")  # fmt: skip
+    config = parse_config(text, fmt="yaml", source=tmp_path / "router.yaml")
+
+    async def scenario() -> dict[str, Any]:
+        router = Router(config, log_dir=tmp_path / "logs")
+        await router.start()
+        try:
+            m = router.models["m"]
+            hung = m.pid
+            assert hung is not None and m.state.value == "awake"
+            os.kill(hung, signal.SIGSTOP)
+            deadline = time.monotonic() + 120
+            while not (m.counters.restarts == 1 and m.state.value == "awake"):
+                assert time.monotonic() < deadline, m.status()
+                await asyncio.sleep(0.1)
+            r = await router.client.post(f"{m.url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+            assert r.status_code == 200
+            return {**m.status(), "hung": hung}
+        finally:
+            await router.stop()
+
+    status = asyncio.run(scenario())
+    assert status["pid"] != status["hung"] and status["crashes"] == 1
+    assert "health check" in status["last_exit"] and "router killed it" in status["last_exit"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(status["hung"], 0)

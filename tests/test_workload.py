@@ -1,0 +1,54 @@
+"""The demo's and benchmarks' workload: an intermittent trace, its file form, and the figures over outcomes."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from elastikv.errors import ConfigError
+from elastikv.workload import Arrival, Outcome, intermittent, load_trace, percentile, save_trace, summary
+
+MODELS = ("a", "b", "c")
+
+
+def test_each_model_peaks_in_turn_and_is_nearly_idle_otherwise() -> None:
+    trace = intermittent(MODELS, duration=30, base_rate=0.1, peak_rate=50, peak_width=2, prompt_tokens=8,
+                         output_tokens=4, seed=3)  # fmt: skip
+    assert trace == sorted(trace, key=lambda a: a.at) and all(0 <= a.at < 30 for a in trace)
+    for i, m in enumerate(MODELS):
+        times = [a.at for a in trace if a.model == m]
+        centre = (i + 0.5) * 10
+        near = [t for t in times if abs(t - centre) < 1]
+        assert len(near) >= 30, (m, len(near))  # the peak: ~50 expected
+        assert len(times) - len(near) <= 10  # the rest of 30 s at 0.1/s: ~3 expected
+        assert abs(statistics.median(near) - centre) < 0.3
+    again = intermittent(MODELS, duration=30, base_rate=0.1, peak_rate=50, peak_width=2, prompt_tokens=8,
+                         output_tokens=4, seed=3)  # fmt: skip
+    assert again == trace  # a seed gives one trace
+
+
+def test_a_trace_survives_its_file_and_a_bad_line_names_itself(tmp_path: Path) -> None:
+    trace = intermittent(MODELS, duration=5, base_rate=1, peak_rate=10, peak_width=1, prompt_tokens=8,
+                         output_tokens=4, seed=1)  # fmt: skip
+    save_trace(trace, tmp_path / "t.jsonl")
+    assert load_trace(tmp_path / "t.jsonl") == trace
+    (tmp_path / "bad.jsonl").write_text('{"at": 1, "model": "a", "prompt_tokens": 8, "output_tokens": 4}\n{"at": 2}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: not a trace line"):
+        load_trace(tmp_path / "bad.jsonl")
+    with pytest.raises(ConfigError, match="positive"):
+        intermittent(MODELS, duration=0, base_rate=1, peak_rate=1, peak_width=1, prompt_tokens=1, output_tokens=1)
+
+
+def test_percentiles_and_the_summary() -> None:
+    assert percentile([3, 1, 2], 50) == 2 and percentile([1, 2], 50) == 1.5 and percentile([5], 99) == 5
+    assert math.isnan(percentile([], 50))
+    a = Arrival(0.0, "a", 8, 4)
+    outcomes = [Outcome(a, 200, ttft=0.1 * (i + 1), latency=0.1 * (i + 1) + 0.3, tokens=4) for i in range(10)]
+    outcomes.append(Outcome(a, 503, error="restarting"))
+    s = summary(outcomes)
+    assert (s["requests"], s["completed"], s["failed"]) == (11, 10, 1)
+    assert s["ttft_mean"] == pytest.approx(0.55) and s["ttft_p50"] == pytest.approx(0.55)
+    assert s["tpot_mean"] == pytest.approx(0.1)  # 0.3 s over the 3 tokens after the first
