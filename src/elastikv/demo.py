@@ -93,7 +93,8 @@ def _device() -> tuple[str, str]:
     label = backend.device_label
     backend.close()
     on_gpu = torch.cuda.is_available() and backend.name == "cuda"
-    return (label if on_gpu else f"the CPU ({label})"), ("bfloat16" if on_gpu else "float32")
+    # float32 on the GPU too: the same bytes per token everywhere, so the budget binds at the same load.
+    return (label if on_gpu else f"the CPU ({label})"), "float32"
 
 
 def _make_models(work: Path, names: tuple[str, ...]) -> dict[str, Path]:
