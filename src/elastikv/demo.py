@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import tempfile
 import threading
 import time
@@ -200,7 +201,8 @@ async def _run_mode(mode: str, plan: DemoPlan, paths: dict[str, Path], trace: li
 
 def _report(plan: DemoPlan, trace: list[Arrival], results: dict[str, Any], device: str) -> dict[str, Any]:
     report: dict[str, Any] = {"device": device, "plan": dataclasses.asdict(plan), "requests": len(trace),
-                              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "modes": {}}  # fmt: skip
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
+                              "modes": {}}  # fmt: skip
     for mode in MODES:
         outcomes: list[Outcome] = results[mode]["outcomes"]
         per_model = {name: summary([o for o in outcomes if o.arrival.model == name]) for name in plan.models}
