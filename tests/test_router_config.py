@@ -238,6 +238,13 @@ def test_admin_token(models: Path, written: str, token: str) -> None:
     assert config.admin_token == token
 
 
+def test_without_admin_token_the_token_comes_from_elastikv_admin_token(models: Path) -> None:
+    text = "models: [{name: a, model: ./models/a}]\n"
+    src = models / "r.yaml"
+    assert parse_config(text, fmt="yaml", source=src, environ={"ELASTIKV_ADMIN_TOKEN": "s"}).admin_token == "s"
+    assert parse_config(text, fmt="yaml", source=src, environ={}).admin_token is None
+
+
 def test_admin_token_variable_must_be_set(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ROUTER_TEST_UNSET", raising=False)
     path = write(models, "models: [{name: a, model: ./models/a}]\nadmin_token: $ROUTER_TEST_UNSET\n")
