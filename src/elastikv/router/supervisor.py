@@ -144,9 +144,20 @@ class ManagedModel:
                 await self._wake()
             elif self.state is State.STOPPED:
                 t0 = time.monotonic()
-                await self._start_locked()
+                await self._start_for_wake()
                 self.counters.wakes += 1
                 self.counters.wake_seconds.append(time.monotonic() - t0)
+
+    async def _start_for_wake(self) -> None:
+        """Start a stopped engine (``sleep_level: stop``); lock held. A start that fails is a crash."""
+        try:
+            await self._start_locked()
+        except EngineExited as exc:
+            log.error("%s", exc)
+            self._schedule_restart()
+            raise Unavailable(
+                f"{self.spec.name}: the engine failed to start again; retrying (log: {self.log_path})"
+            ) from exc
 
     # -- lifetime --------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -361,7 +372,7 @@ class ManagedModel:
             if self.state is State.ASLEEP:
                 await self._wake()
             elif self.state is State.STOPPED:
-                await self._start_locked()
+                await self._start_for_wake()
                 self.counters.wakes += 1
         return {
             "model": self.spec.name,
