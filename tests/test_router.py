@@ -371,3 +371,33 @@ def test_a_hung_engine_is_killed_and_restarted(tmp_path: Path, monkeypatch: pyte
     assert "health check" in status["last_exit"] and "router killed it" in status["last_exit"]
     with pytest.raises(ProcessLookupError):
         os.kill(status["hung"], 0)
+
+
+def test_an_engine_that_cannot_start_is_retried_and_its_requests_get_503(tmp_path: Path) -> None:
+    """A `command` engine that exits at once: the router keeps serving, answers its requests with 503 and the
+    reason, and keeps retrying with backoff; the engine's output is in its log."""
+    from elastikv.router.app import create_app
+    from elastikv.router.config import parse_config
+    from elastikv.router.router import Router
+
+    text = ("models:\n  - name: broken\n    engine: command\n    port: 1\n    idle: never\n"
+            f"    command: [{sys.executable!r}, -c, 'import sys; print(\"boom\"); sys.exit(3)']\n")  # fmt: skip
+    router = Router(parse_config(text, fmt="yaml", source=tmp_path / "r.yaml"), log_dir=tmp_path / "logs")
+
+    async def scenario() -> tuple[int, dict[str, Any], dict[str, str]]:
+        await router.start()
+        try:
+            transport = httpx.ASGITransport(app=create_app(router, manage_lifetime=False))
+            async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
+                r = await client.post("/v1/completions", json={"model": "broken", "prompt": "x"})
+                await asyncio.sleep(1.6)  # backoff 0.5 s, then 1 s: at least one more attempt
+                return r.status_code, r.json()["error"], dict(r.headers)
+        finally:
+            await router.stop()
+
+    code, error, headers = asyncio.run(scenario())
+    m = router.models["broken"]
+    assert code == 503 and "exited with code 3" in error["message"] and "restart" in error["message"]
+    assert error["code"] == "engine_unavailable" and int(headers["retry-after"]) >= 1
+    assert m.counters.crashes >= 2  # it was tried again
+    assert "boom" in m.log_path.read_text()
