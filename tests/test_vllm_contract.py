@@ -8,8 +8,6 @@ release that moves one fails this test in CI instead of failing users.
 
 from __future__ import annotations
 
-import ast
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,76 +18,21 @@ from tests.tiny_models import build_tiny_llama
 from tests.vllm_harness import needs_vllm
 
 from elastikv.engines import autopatch
+from elastikv.engines.contract import source_problems
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _source(module: str, root: Path | None = None) -> ast.Module | None:
-    """The module's syntax tree: from the installed vLLM, or from an unpacked release under ``root``."""
-    if root is None:
-        spec = importlib.util.find_spec(module)
-        path = Path(spec.origin) if spec is not None and spec.origin else None
-    else:
-        base = root.joinpath(*module.split("."))
-        path = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.exists()), None)
-    if path is None:
-        return None
-    return ast.parse(path.read_text(), filename=str(path))
-
-
-def _top_level_names(tree: ast.Module) -> dict[str, ast.AST]:
-    names: dict[str, ast.AST] = {}
-    for node in tree.body:
-        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            names[node.name] = node
-        elif isinstance(node, ast.ImportFrom):
-            for alias in node.names:
-                names[alias.asname or alias.name] = node
-        elif isinstance(node, ast.Assign):
-            for t in node.targets:
-                if isinstance(t, ast.Name):
-                    names[t.id] = node
-    return names
-
-
-def _params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
-    a = fn.args
-    return [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)] + ([a.vararg.arg] if a.vararg else [])
 
 
 def contract_problems(root: Path | None = None) -> list[str]:
     """Every adapter target the vLLM source (installed, or unpacked under ``root``) does not provide.
 
-    ``python tests/test_vllm_contract.py DIR`` checks a release without installing it (unzip its wheel's
-    ``vllm/*.py`` into DIR): how 0.33 was checked on a machine that can only run 0.32.
+    ``python tests/test_vllm_contract.py DIR`` (or ``python -m elastikv.engines.contract vllm DIR``) checks a
+    release without installing it (unzip its wheel's ``vllm/*.py`` into DIR): how 0.33 was checked on a machine
+    that can only run 0.32.
     """
     from elastikv.engines.vllm import TARGETS
 
-    problems = []
-    for t in TARGETS:
-        tree = _source(t.module, root)
-        if tree is None:
-            if not t.optional:
-                problems.append(f"{t.module}: module missing")
-            continue
-        head, *rest = t.qualname.split(".")
-        node = _top_level_names(tree).get(head)
-        if node is None:
-            problems.append(f"{t.module}: no top-level {head}")
-            continue
-        if rest:
-            assert isinstance(node, ast.ClassDef), f"{t.module}.{head} is not a class here"
-            methods = {n.name: n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-            node = methods.get(rest[0])
-            if node is None:
-                problems.append(f"{t.module}.{t.qualname}: not defined on the class")
-                continue
-        if t.params:
-            assert isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-            lacking = [p for p in t.params if p not in _params(node)]
-            if lacking:
-                problems.append(f"{t.module}.{t.qualname}: lacks parameters {lacking}")
-    return problems
+    return source_problems(TARGETS, root)
 
 
 @needs_vllm

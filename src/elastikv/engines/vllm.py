@@ -46,6 +46,7 @@ import torch
 
 from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
+from elastikv.engines.contract import Target
 from elastikv.engines.peer import PageServer, PeerPages
 from elastikv.errors import AllocationRefused, ConfigError, ElastikvError, UnsupportedEngine
 from elastikv.instance import Booked, DeviceFacts, book, host_memory
@@ -55,16 +56,6 @@ from elastikv.space import KVGeometry, KVSpace, default_chunk_bytes
 log = logging.getLogger("elastikv")
 
 SUPPORTED: tuple[tuple[int, int], ...] = ((0, 32), (0, 33))
-
-
-@dataclass(frozen=True)
-class Target:
-    """One name the adapter relies on: ``qualname`` in ``module``, with at least these parameters."""
-
-    module: str
-    qualname: str
-    params: tuple[str, ...] = ()
-    optional: bool = False  # absent in some builds (checked only where the module exists)
 
 
 TARGETS: tuple[Target, ...] = (

@@ -1,0 +1,115 @@
+"""An adapter's contract with its engine's source: the names it patches or calls, checked by parsing the source.
+
+Each adapter lists its ``TARGETS``; :func:`source_problems` parses the engine's installed (or unpacked) source
+files with ``ast`` and reports every target that is not bound at the top of its module, not defined on its
+class, or lacks a parameter the adapter passes. Nothing of the engine is imported, so a release can be checked
+on a machine where it cannot run: ``python -m elastikv.engines.contract vllm|sglang DIR`` over its unpacked
+wheel. CI runs the same check on the installed engines, so a release that moves a target fails CI, not users.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Target:
+    """One name an adapter relies on: ``qualname`` in ``module``, with at least these parameters."""
+
+    module: str
+    qualname: str
+    params: tuple[str, ...] = ()
+    optional: bool = False  # absent in some builds (checked only where the module exists)
+
+
+def module_source(module: str, root: Path | None = None) -> ast.Module | None:
+    """The module's syntax tree: from the installed package, or from an unpacked release under ``root``."""
+    if root is None:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):  # a parent package that fails to import, or is absent
+            spec = None
+        path = Path(spec.origin) if spec is not None and spec.origin else None
+    else:
+        base = root.joinpath(*module.split("."))
+        path = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.exists()), None)
+    if path is None or path.suffix != ".py":
+        return None
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def top_level_names(tree: ast.Module) -> dict[str, ast.AST]:
+    names: dict[str, ast.AST] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            names[node.name] = node
+        elif isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                names[alias.asname or alias.name] = node
+        elif isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    names[t.id] = node
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names[node.target.id] = node
+    return names
+
+
+def params(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    a = fn.args
+    return [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)] + ([a.vararg.arg] if a.vararg else [])
+
+
+def source_problems(targets: Iterable[Target], root: Path | None = None) -> list[str]:
+    """Every target the source (installed, or unpacked under ``root``) does not provide, one line each."""
+    problems = []
+    for t in targets:
+        tree = module_source(t.module, root)
+        if tree is None:
+            if not t.optional:
+                problems.append(f"{t.module}: module missing")
+            continue
+        head, *rest = t.qualname.split(".")
+        node = top_level_names(tree).get(head)
+        if node is None:
+            problems.append(f"{t.module}: no top-level {head}")
+            continue
+        if rest:
+            if not isinstance(node, ast.ClassDef):
+                problems.append(f"{t.module}.{head}: not a class here")
+                continue
+            methods = {n.name: n for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            found = methods.get(rest[0])
+            if found is None:
+                problems.append(f"{t.module}.{t.qualname}: not defined on the class")
+                continue
+            node = found
+        if t.params:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                problems.append(f"{t.module}.{t.qualname}: not a function here")
+                continue
+            lacking = [p for p in t.params if p not in params(node)]
+            if lacking:
+                problems.append(f"{t.module}.{t.qualname}: lacks parameters {lacking}")
+    return problems
+
+
+def _targets(engine: str) -> tuple[Target, ...]:
+    if engine == "vllm":
+        from elastikv.engines.vllm import TARGETS
+
+        return TARGETS
+    raise SystemExit(f"unknown engine {engine!r}: vllm")
+
+
+if __name__ == "__main__":  # python -m elastikv.engines.contract ENGINE [DIR]
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit("usage: python -m elastikv.engines.contract vllm [DIR-with-the-unpacked-source]")
+    found = source_problems(_targets(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) == 3 else None)
+    print("\n".join(found) if found else f"every {sys.argv[1]} target is present")
+    sys.exit(1 if found else 0)
