@@ -54,6 +54,8 @@ class Router:
     async def start(self) -> None:
         log.info("starting %d engine(s); their logs are in %s", len(self.models), self.log_dir)
         await asyncio.gather(*(m.start() for m in self.models.values()))
+        c = self.config
+        log.info("serving %s on http://%s:%d/v1", ", ".join(self.models), c.host, c.port)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_models())
 
     async def stop(self) -> None:
