@@ -99,17 +99,35 @@ def source_problems(targets: Iterable[Target], root: Path | None = None) -> list
     return problems
 
 
+def installed_root(package: str) -> Path | None:
+    """The directory holding ``package`` as installed, found without importing it (SGLang's ``__init__`` needs
+    its whole dependency set; its files can be read without any)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))).parent
+
+
 def _targets(engine: str) -> tuple[Target, ...]:
     if engine == "vllm":
         from elastikv.engines.vllm import TARGETS
 
         return TARGETS
-    raise SystemExit(f"unknown engine {engine!r}: vllm")
+    if engine == "sglang":
+        from elastikv.engines.sglang import TARGETS as SGLANG_TARGETS
+
+        return SGLANG_TARGETS
+    raise SystemExit(f"unknown engine {engine!r}: vllm or sglang")
 
 
 if __name__ == "__main__":  # python -m elastikv.engines.contract ENGINE [DIR]
     if len(sys.argv) not in (2, 3):
-        raise SystemExit("usage: python -m elastikv.engines.contract vllm [DIR-with-the-unpacked-source]")
-    found = source_problems(_targets(sys.argv[1]), Path(sys.argv[2]) if len(sys.argv) == 3 else None)
+        raise SystemExit("usage: python -m elastikv.engines.contract vllm|sglang [DIR-with-the-unpacked-source]")
+    engine = sys.argv[1]
+    root = Path(sys.argv[2]) if len(sys.argv) == 3 else installed_root(engine)
+    found = source_problems(_targets(engine), root)
     print("\n".join(found) if found else f"every {sys.argv[1]} target is present")
     sys.exit(1 if found else 0)
