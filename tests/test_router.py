@@ -60,14 +60,6 @@ class Served:
         raise AssertionError(f"{metric} not in {model}'s metrics")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _shm() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
@@ -79,7 +71,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("router")
     for seed, name in enumerate(MODELS):
         make_model(tmp / name, size="tiny", seed=seed)
-    port = _free_port()
+    from elastikv.router.router import free_port
+
+    port = free_port()
     ledger_dir = tmp / "ledger"
     config = {
         "listen": f"127.0.0.1:{port}",

@@ -185,9 +185,8 @@ def test_on_the_gpu_the_cache_maps_device_memory_and_matches(model: Any, tmp_pat
         model.set_attn_implementation("sdpa")
 
 
-def test_running_requests_wait_for_memory_another_instance_holds(model: Any, elastic: Any, tmp_path: Path) -> None:
-    """The device budget is full because another instance (a booking in the same ledger) holds it; the batch
-    waits, with no request failed, and finishes exactly once that instance gives its memory back."""
+def _hog(tmp_path: Path) -> tuple[Any, Any, Any]:
+    """Another instance in the engine's ledger (a 16 MiB device budget on host memory): (host, ledger, its budget)."""
     from elastikv.ledger import Ledger
     from elastikv.memory import HostBackend
 
@@ -200,7 +199,13 @@ def test_running_requests_wait_for_memory_another_instance_holds(model: Any, ela
         directory=str(tmp_path / "ledger"),
         budget=Settings.from_env({"ELASTIKV_DEVICE_BUDGET": "16MiB"}).device_budget,
     )
-    hog = ledger.register("hog", engine="test", limit=16 * MIB, capacity=16 * MIB)
+    return host, ledger, ledger.register("hog", engine="test", limit=16 * MIB, capacity=16 * MIB)
+
+
+def test_running_requests_wait_for_memory_another_instance_holds(model: Any, elastic: Any, tmp_path: Path) -> None:
+    """The device budget is full because another instance (a booking in the same ledger) holds it; the batch
+    waits, with no request failed, and finishes exactly once that instance gives its memory back."""
+    host, ledger, hog = _hog(tmp_path)
     hog.book(12 * MIB)  # leaves 4 MiB: the null page and one more, 126 blocks; the batch below needs 168
 
     def give_back() -> None:  # one second after the engine's cache has joined the ledger
@@ -229,19 +234,7 @@ def test_a_cache_opened_while_the_budget_is_full_waits_for_room(model: Any, elas
     """Another instance holds the whole device budget when the cache opens, so not even its null blocks' page
     can be mapped: the batching thread waits (it used to die, dropping every request) and the batch completes,
     token for token, once that instance gives its memory back."""
-    from elastikv.ledger import Ledger
-    from elastikv.memory import HostBackend
-
-    host = HostBackend(total_bytes=1024 * MIB)
-    ledger = Ledger(
-        host.device_id,
-        device_label=host.device_label,
-        total_bytes=host.total_bytes,
-        free_bytes=lambda: host.total_bytes,
-        directory=str(tmp_path / "ledger"),
-        budget=Settings.from_env({"ELASTIKV_DEVICE_BUDGET": "16MiB"}).device_budget,
-    )
-    hog = ledger.register("hog", engine="test", limit=16 * MIB, capacity=16 * MIB)
+    host, ledger, hog = _hog(tmp_path)
     hog.book(16 * MIB)
     released_at: list[float] = []
 

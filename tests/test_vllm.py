@@ -256,9 +256,9 @@ def test_the_router_serves_vllm_stops_it_when_idle_and_starts_it_on_demand(
     ends the engine when idle, leaving nothing in the ledger, and starts it again for the next request."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from elastikv.router.router import free_port
+
+    port = free_port()
     args = ["--skip-tokenizer-init", "--block-size", "32", "--max-model-len", "2048", "--enforce-eager"]
     args += ["--gpu-memory-utilization", "0.2", "--enable-prefix-caching"]
     config = {

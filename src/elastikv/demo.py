@@ -35,6 +35,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from elastikv.config import format_bytes
+from elastikv.models import kv_bytes_per_token
 from elastikv.router.config import ModelSpec, RouterConfig
 from elastikv.workload import Arrival, Outcome, intermittent, replay, save_trace, summary
 
@@ -117,7 +118,8 @@ def _config(mode: str, plan: DemoPlan, paths: dict[str, Path], work: Path, dtype
     }
     specs = []
     for name in plan.models:
-        tokens = third // _kv_bytes_per_token(paths[name], dtype)
+        config = json.loads((paths[name] / "config.json").read_text())
+        tokens = third // kv_bytes_per_token(config, 4 if dtype == "float32" else 2)
         args = ["--dtype", dtype, "--max-kv-tokens", str(tokens)]
         if mode == "static":
             args += ["--static-kv", str(third)]
@@ -127,13 +129,6 @@ def _config(mode: str, plan: DemoPlan, paths: dict[str, Path], work: Path, dtype
             health_path="/health", start_timeout_s=300.0,
         ))  # fmt: skip
     return RouterConfig(host="127.0.0.1", port=free_port(), admin_token=None, models=tuple(specs), source=None)
-
-
-def _kv_bytes_per_token(path: Path, dtype: str) -> int:
-    c = json.loads((path / "config.json").read_text())
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    size = 4 if dtype == "float32" else 2
-    return int(2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * size)
 
 
 async def _run_mode(mode: str, plan: DemoPlan, paths: dict[str, Path], trace: list[Arrival], work: Path,

@@ -208,17 +208,20 @@ def create_app(router: Router, *, manage_lifetime: bool = True) -> FastAPI:
             return error(403, "wrong admin token", type_="permission_error")
         return None
 
-    async def admin_model(request: Request) -> ManagedModel | JSONResponse:
+    async def admin_target(request: Request) -> tuple[ManagedModel, dict[str, Any]] | JSONResponse:
+        """The model an admin request names, and its body; or the refusal to send back."""
+        if (no := refused(request)) is not None:
+            return no
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             body = None
         name = body.get("model") if isinstance(body, dict) else None
-        if name not in router.models:
+        if not isinstance(body, dict) or name not in router.models:
             return error(404 if isinstance(name, str) else 400,
                          f"give an existing model as {{\"model\": NAME}}; served here: {', '.join(router.models)}",
                          type_="invalid_request_error", param="model")  # fmt: skip
-        return router.models[name]
+        return router.models[name], body
 
     @app.get("/admin/status")
     async def admin_status(request: Request) -> Response:
@@ -230,12 +233,11 @@ def create_app(router: Router, *, manage_lifetime: bool = True) -> FastAPI:
 
     @app.post("/admin/sleep")
     async def admin_sleep(request: Request) -> Response:
-        if (no := refused(request)) is not None:
-            return no
-        model = await admin_model(request)
-        if isinstance(model, JSONResponse):
-            return model
-        level = (await request.json()).get("level")
+        target = await admin_target(request)
+        if isinstance(target, JSONResponse):
+            return target
+        model, body = target
+        level = body.get("level")
         if level not in (None, 1, 2, "stop"):
             return error(400, f'level {level!r}: use 1, 2 or "stop"', type_="invalid_request_error", param="level")
         try:
@@ -245,13 +247,11 @@ def create_app(router: Router, *, manage_lifetime: bool = True) -> FastAPI:
 
     @app.post("/admin/wake")
     async def admin_wake(request: Request) -> Response:
-        if (no := refused(request)) is not None:
-            return no
-        model = await admin_model(request)
-        if isinstance(model, JSONResponse):
-            return model
+        target = await admin_target(request)
+        if isinstance(target, JSONResponse):
+            return target
         try:
-            return JSONResponse(await model.wake())
+            return JSONResponse(await target[0].wake())
         except Unavailable as exc:
             return unavailable(exc)
 

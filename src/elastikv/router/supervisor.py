@@ -138,15 +138,18 @@ class ManagedModel:
             )
 
     async def _bring_up(self) -> None:
+        """Wake an asleep model or start a stopped one, counted as one wake; a no-op if another got there first."""
         async with self.lock:
             self.refuse_if_down()
+            if self.state not in (State.ASLEEP, State.STOPPED):
+                return
+            t0 = time.monotonic()
             if self.state is State.ASLEEP:
                 await self._wake()
-            elif self.state is State.STOPPED:
-                t0 = time.monotonic()
+            else:
                 await self._start_for_wake()
-                self.counters.wakes += 1
-                self.counters.wake_seconds.append(time.monotonic() - t0)
+            self.counters.wakes += 1
+            self.counters.wake_seconds.append(time.monotonic() - t0)
 
     async def _start_for_wake(self) -> None:
         """Start a stopped engine (``sleep_level: stop``); lock held. A start that fails is a crash."""
@@ -367,13 +370,7 @@ class ManagedModel:
         """Wake the model now (admin); requests do this on their own."""
         t0 = time.monotonic()
         before = self.counters.wakes
-        async with self.lock:
-            self.refuse_if_down()
-            if self.state is State.ASLEEP:
-                await self._wake()
-            elif self.state is State.STOPPED:
-                await self._start_for_wake()
-                self.counters.wakes += 1
+        await self._bring_up()
         return {
             "model": self.spec.name,
             "state": self.state.value,
@@ -394,8 +391,6 @@ class ManagedModel:
             self.state = State.ASLEEP
             raise Unavailable(f"{self.spec.name}: waking failed: {exc}") from exc
         seconds = time.monotonic() - t0
-        self.counters.wakes += 1
-        self.counters.wake_seconds.append(seconds)
         self.state = State.AWAKE
         self.last_used = time.monotonic()
         log.info("%s: awake in %.2f s", self.spec.name, seconds)

@@ -27,6 +27,7 @@ import torch
 
 from elastikv.config import Settings
 from elastikv.errors import ConfigError, ElastikvError
+from elastikv.models import kv_bytes_per_token
 
 log = logging.getLogger("elastikv")
 
@@ -39,13 +40,7 @@ class EngineDied(ElastikvError):
     """transformers' batching thread has ended: the engine cannot answer any more (its log says why)."""
 
 
-def kv_bytes_per_token(model: Any) -> int:
-    """K and V of one token in every layer, in the model's dtype (full attention)."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    dtype_bytes = next(model.parameters()).element_size()
-    return int(2 * c.num_hidden_layers * kv_heads * head_dim * dtype_bytes)
+_DIED = object()  # put in a request's queue when the batching thread is found dead
 
 
 @dataclass
@@ -97,7 +92,8 @@ class Engine:
         if static_kv is None:
             adapter.enable(name=self.name, settings=self.settings, max_kv_tokens=max_kv_tokens)
         else:
-            num_blocks = static_kv // (block_size * kv_bytes_per_token(self.model))
+            per_token = kv_bytes_per_token(self.model.config.to_dict(), next(self.model.parameters()).element_size())
+            num_blocks = static_kv // (block_size * per_token)
             if num_blocks < 2:
                 raise ConfigError(f"--static-kv {static_kv} bytes holds fewer than 2 blocks of {block_size} tokens")
         eos = self.tokenizer.eos_token_id
@@ -116,6 +112,8 @@ class Engine:
         self._asleep: int = 0  # 0 awake, else the level
         self._host_weights: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         self.stats = Stats()
+        self._queues: dict[str, asyncio.Queue[Any]] = {}  # requests waiting for tokens, by id
+        self._watchdog: asyncio.Task[None] | None = None
         self.wakes = 0  # completed wake_up calls (the router's tests count them)
         self._start()
 
@@ -226,6 +224,24 @@ class Engine:
             if tied.numel() == 0:
                 raise ElastikvError(f"waking {self.name}: weight {key} is not in {self.path}'s files")
 
+    def _watch_manager(self, loop: asyncio.AbstractEventLoop) -> None:
+        """While requests wait for tokens, check once a second that transformers' batching thread lives; if it
+        died (it drops its requests without a word), end every waiting request with ``EngineDied``. One task per
+        engine, off the per-token path."""
+        if self._watchdog is not None and not self._watchdog.done():
+            return
+
+        async def watch() -> None:
+            while self._queues:
+                await asyncio.sleep(1.0)
+                manager = self._manager
+                if manager is not None and not manager.is_running():  # None: asleep, nothing in flight
+                    for q in self._queues.values():
+                        q.put_nowait(_DIED)
+                    return
+
+        self._watchdog = loop.create_task(watch())
+
     # -- requests -----------------------------------------------------------------------------------------
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         ids: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -248,6 +264,8 @@ class Engine:
         rid = f"req-{uuid.uuid4().hex[:12]}"
         manager = self._manager
         manager.register_result_handler(rid, queue.put_nowait)
+        self._queues[rid] = queue
+        self._watch_manager(loop)
         t0 = time.perf_counter()
         self.stats.waiting += 1
         await loop.run_in_executor(
@@ -256,15 +274,12 @@ class Engine:
         first = True
         try:
             while True:
-                try:
-                    out = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if manager.is_running() or self._manager is not manager:
-                        continue  # still working (or asleep meanwhile; the router never sleeps a busy engine)
+                out = await queue.get()
+                if out is _DIED:
                     raise EngineDied(
                         f"{self.name}: transformers' batching thread has stopped; the request is lost "
                         "(the engine's log says why); restart the engine"
-                    ) from None
+                    )
                 if first:
                     first = False
                     self.stats.waiting -= 1
@@ -275,6 +290,7 @@ class Engine:
                 if done:
                     break
         finally:
+            self._queues.pop(rid, None)
             if first:
                 self.stats.waiting -= 1
             else:
