@@ -216,6 +216,7 @@ class BlockAllocator:
         self._pages_mapped_by_caller = 0
         self._refusals = 0
         self._waiters = 0  # threads in _wait(): notify only when someone listens
+        self._idle = False  # set by idle(): no reserve kept until the next allocate
         self._closed = False
 
         self._pin_null_blocks()
@@ -232,6 +233,7 @@ class BlockAllocator:
         if type(n) is not int or n <= 0:
             raise ValueError(f"allocate(n) needs a positive whole number of blocks, got {n!r}")
         with self._lock:
+            self._idle = False
             if n <= self._free_total:
                 return self._take(n)
         return self._allocate_slow(n)
@@ -538,7 +540,7 @@ class BlockAllocator:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._policy.observe(now, self._in_use_locked())
-            self._target = self._policy.target_blocks()
+            self._target = 0 if self._idle else self._policy.target_blocks()
         self._budget.sync(self.stats())  # a shared budget publishes our figures and reads live limits
         self._refill()
         self._trim(now)
@@ -572,7 +574,7 @@ class BlockAllocator:
                 self._surplus_since = now
             elif not surplus:
                 self._surplus_since = None
-            if self._surplus_since is not None and now - self._surplus_since < self._trim_delay:
+            if self._surplus_since is not None and now - self._surplus_since < self._trim_delay and not self._idle:
                 surplus = 0
             count = max(surplus, min(len(empty), math.ceil(over_bytes / self.page_bytes)) if over_bytes > 0 else 0)
             if not count:
@@ -638,6 +640,14 @@ class BlockAllocator:
             )
             return self.capacity_bytes
         return nbytes
+
+    def idle(self) -> None:
+        """The engine has gone idle (put to sleep, cache flushed): keep no reserve and unmap every empty page
+        now (fenced, as always), until the next ``allocate`` brings the reserve back."""
+        with self._lock:
+            self._idle = True
+            self._target = 0
+        self._wake.set()
 
     def set_limit(self, nbytes: int) -> None:
         """Change the limit now. Lowering it below what is mapped stops growth, gives the reserve back at

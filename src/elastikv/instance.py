@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from elastikv import lifecycle
@@ -106,13 +106,16 @@ def open_instance(
     layout: LayoutName | None = None,
     num_blocks: int | None = None,
     null_blocks: int = 0,
+    streams: Sequence[int] | None = None,
 ) -> Instance:
+    """Open an elastic KV cache for ``geometry`` (see the module docstring). ``streams``: the raw CUDA stream
+    handles whose queued work must finish before a page is unmapped (default: KVSpace's)."""
     settings = settings or Settings.from_env()
     owns_backend = backend is None
     if backend is None:
         backend = open_backend(settings.backend, device=settings.device, host_memory=host_memory(settings))
     try:
-        return _open(geometry, backend, owns_backend, engine, name, settings, layout, num_blocks, null_blocks)
+        return _open(geometry, backend, owns_backend, engine, name, settings, layout, num_blocks, null_blocks, streams)
     except BaseException:
         if owns_backend:
             backend.close()
@@ -129,8 +132,16 @@ def _open(
     layout: LayoutName | None,
     num_blocks: int | None,
     null_blocks: int,
+    streams: Sequence[int] | None,
 ) -> Instance:
-    space = KVSpace(backend, geometry, layout=layout or settings.layout, num_blocks=num_blocks, null_blocks=null_blocks)
+    space = KVSpace(
+        backend,
+        geometry,
+        layout=layout or settings.layout,
+        num_blocks=num_blocks,
+        null_blocks=null_blocks,
+        streams=streams,
+    )
     try:
         name, ledger, budget, allocator = book(
             space, DeviceFacts.of(backend), engine=engine, name=name, settings=settings

@@ -1,4 +1,8 @@
-"""Start-up hook: with ``ELASTIKV=1``, every engine process patches itself as it starts.
+"""Start-up hooks: with ``ELASTIKV=1``, every engine process patches itself as it starts.
+
+SGLang loads the ``sglang.srt.plugins`` entry points in each of its processes (``launch_server``, ``sglang
+serve``, ``Engine``; the HTTP server, the detokenizer and every scheduler, all started by spawn): elastikv
+registers :func:`sglang_plugin` there. The same holds for vLLM:
 
 vLLM loads the ``vllm.general_plugins`` entry points in each of its processes (API server, engine core, every
 worker), whether started as ``vllm serve``, ``python -m vllm.entrypoints.openai.api_server`` or ``LLM(...)``,
@@ -50,6 +54,27 @@ def vllm_plugin() -> None:
         raise
 
 
+def sglang_plugin() -> None:
+    """SGLang's plugin hook (group ``sglang.srt.plugins``, loaded in every SGLang process). Does nothing unless
+    ``ELASTIKV=1``; then patches this process or stops it. SGLang logs and swallows a plugin's exceptions (the
+    engine would run static, silently), so a refusal is a ``SystemExit``, which it does not catch."""
+    from elastikv.config import ENV_VARS, Settings
+
+    _, flag = ENV_VARS["ELASTIKV"]
+    if not flag(os.environ.get("ELASTIKV", "0").strip() or "0", "ELASTIKV"):
+        return
+    try:
+        settings = Settings.from_env()
+        _setup_logging(settings.log_level)
+        from elastikv.engines import sglang
+
+        sglang.apply()
+    except Exception as exc:
+        _setup_logging("INFO")
+        logging.getLogger("elastikv").error("elastikv: refusing to run SGLang unpatched: %s", exc)
+        raise SystemExit(f"elastikv: refusing to run SGLang unpatched: {exc}") from exc
+
+
 def run(argv: Sequence[str]) -> NoReturn:
     """Replace this process with ``argv``, with ``ELASTIKV=1`` set."""
     from elastikv.config import Settings
@@ -65,6 +90,12 @@ def run(argv: Sequence[str]) -> NoReturn:
         raise ConfigError(
             f"VLLM_PLUGINS={allowed!r} leaves out {PLUGIN_NAME!r}, so vLLM would run without elastikv; "
             f"add it: VLLM_PLUGINS={allowed},{PLUGIN_NAME}"
+        )
+    allowed = env.get("SGLANG_PLUGINS")
+    if allowed is not None and PLUGIN_NAME not in [p.strip() for p in allowed.split(",")]:
+        raise ConfigError(
+            f"SGLANG_PLUGINS={allowed!r} leaves out {PLUGIN_NAME!r}, so SGLang would run without elastikv; "
+            f"add it: SGLANG_PLUGINS={allowed},{PLUGIN_NAME}"
         )
     if shutil.which(argv[0]) is None:
         raise ConfigError(f"command not found: {argv[0]}")

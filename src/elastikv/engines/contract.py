@@ -10,11 +10,14 @@ wheel. CI runs the same check on the installed engines, so a release that moves 
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,42 @@ def source_problems(targets: Iterable[Target], root: Path | None = None) -> list
             lacking = [p for p in t.params if p not in params(node)]
             if lacking:
                 problems.append(f"{t.module}.{t.qualname}: lacks parameters {lacking}")
+    return problems
+
+
+def resolve(target: Target) -> Any | None:
+    """The object ``target`` names, imported (the engine's own process), or None if it is optional and absent."""
+    try:
+        obj: Any = importlib.import_module(target.module)
+    except ImportError:
+        if target.optional:
+            return None
+        raise
+    for part in target.qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def runtime_problems(targets: Iterable[Target]) -> list[str]:
+    """The run-time twin of :func:`source_problems`: every target absent from the imported engine or lacking a
+    parameter the adapter passes, as readable lines. Adapters call it before patching anything."""
+    problems: list[str] = []
+    for t in targets:
+        where = f"{t.module}.{t.qualname}"
+        try:
+            obj = resolve(t)
+        except (ImportError, AttributeError) as exc:
+            problems.append(f"{where}: missing ({exc})")
+            continue
+        if obj is None or not t.params:
+            continue
+        try:
+            names = set(inspect.signature(obj).parameters)
+        except (TypeError, ValueError):
+            continue
+        lacking = [p for p in t.params if p not in names]
+        if lacking:
+            problems.append(f"{where}: no parameter {', '.join(lacking)}")
     return problems
 
 

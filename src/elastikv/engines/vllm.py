@@ -46,7 +46,7 @@ import torch
 
 from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
-from elastikv.engines.contract import Target
+from elastikv.engines.contract import Target, runtime_problems
 from elastikv.engines.peer import PageServer, PeerPages
 from elastikv.errors import AllocationRefused, ConfigError, ElastikvError, UnsupportedEngine
 from elastikv.instance import Booked, DeviceFacts, book, host_memory
@@ -121,39 +121,9 @@ def check_version(text: str, tup: tuple[int, ...]) -> None:
         )
 
 
-def resolve(target: Target) -> Any | None:
-    """The object ``target`` names, or None if it is optional and its module is absent."""
-    try:
-        obj: Any = importlib.import_module(target.module)
-    except ImportError:
-        if target.optional:
-            return None
-        raise
-    for part in target.qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def missing_targets() -> list[str]:
     """Every target that is absent or lacks a parameter the adapter passes, as readable lines."""
-    problems: list[str] = []
-    for t in TARGETS:
-        where = f"{t.module}.{t.qualname}"
-        try:
-            obj = resolve(t)
-        except (ImportError, AttributeError) as exc:
-            problems.append(f"{where}: missing ({exc})")
-            continue
-        if obj is None or not t.params:
-            continue
-        try:
-            names = set(inspect.signature(obj).parameters)
-        except (TypeError, ValueError):
-            continue
-        lacking = [p for p in t.params if p not in names]
-        if lacking:
-            problems.append(f"{where}: no parameter {', '.join(lacking)}")
-    return problems
+    return runtime_problems(TARGETS)
 
 
 # ============================================================================================ worker side
