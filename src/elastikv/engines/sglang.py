@@ -79,7 +79,11 @@ TARGETS: tuple[Target, ...] = (
     Target("sglang.srt.plugins", "load_plugins"),
     Target("sglang.srt.plugins", "GENERAL_PLUGINS_GROUP"),
     # sizing (patched)
-    Target(f"{_MEM}.kv_cache_configurator", "KVCacheConfigurator._profile_available_bytes", ("self", "pre_model_load_memory")),
+    Target(
+        f"{_MEM}.kv_cache_configurator",
+        "KVCacheConfigurator._profile_available_bytes",
+        ("self", "pre_model_load_memory"),
+    ),
     Target(f"{_MEM}.kv_cache_configurator", "TokenToKVPoolAllocator"),  # rebound: the allocators it builds
     Target(f"{_MEM}.kv_cache_configurator", "PagedTokenToKVPoolAllocator"),
     Target(
@@ -142,11 +146,17 @@ TARGETS: tuple[Target, ...] = (
         ("self", "num_tokens", "tree_cache", "requests", "spec_algorithm"),
     ),
     Target(
-        f"{_MEM}.allocator.base", "BaseTokenToKVPoolAllocator.evict_to_free_tokens", ("self", "tree_cache", "num_tokens")
+        f"{_MEM}.allocator.base",
+        "BaseTokenToKVPoolAllocator.evict_to_free_tokens",
+        ("self", "tree_cache", "num_tokens"),
     ),
     Target(f"{_MEM}.allocator.base", "BaseTokenToKVPoolAllocator.free_group_end", ("self",)),
     # admission (subclassed)
-    Target(f"{_MEM}.prefill_budget", "PrefillBudget.__init__", ("self", "allocator", "tree_cache", "num_mixed_decode_tokens")),
+    Target(
+        f"{_MEM}.prefill_budget",
+        "PrefillBudget.__init__",
+        ("self", "allocator", "tree_cache", "num_mixed_decode_tokens"),
+    ),
     Target(
         f"{_MEM}.prefill_budget",
         "PrefillBudget.check_prefill",
@@ -335,7 +345,7 @@ def _wrap_build_allocator(original: Callable[..., Any]) -> Callable[..., Any]:
 
 # ============================================================================================ allocator
 def _pool_instance(kvcache: Any) -> Instance:
-    inst = getattr(kvcache, "_elastikv", None)
+    inst: Instance | None = getattr(kvcache, "_elastikv", None)
     if inst is None:
         raise UnsupportedEngine(
             f"ELASTIKV=1, but SGLang built its KV pool as {type(kvcache).__name__}, which elastikv does not back "
@@ -504,11 +514,11 @@ def _make_classes(Paged: type, get_num_new_pages: Callable[..., int], EvictParam
         # -- SGLang's allocator interface ----------------------------------------------------------------
         def available_size(self) -> int:
             pages = len(self._secured) + self._alloc.available()
-            return min(pages, self.num_pages - len(self._out)) * self.page_size
+            return int(min(pages, self.num_pages - len(self._out)) * self.page_size)
 
         def withheld_tokens(self) -> int:
             """Tokens of SGLang's capacity that are neither free for it nor held by it: the limit's doing."""
-            return (self.num_pages - len(self._out)) * self.page_size - self.available_size()
+            return int((self.num_pages - len(self._out)) * self.page_size) - self.available_size()
 
         def merge_and_sort_free(self) -> None:
             pass  # never staged: need_sort is refused
@@ -576,8 +586,9 @@ def _make_classes(Paged: type, get_num_new_pages: Callable[..., int], EvictParam
             self._secured = []
             self._publish()
             self.free_group = None
-            self.free_page_ids_group = []
-            self.staged_pages, self.num_staged_pages = [], 0
+            self.free_page_ids_group: list[Any] = []
+            self.staged_pages: list[Any] = []
+            self.num_staged_pages = 0
             if held:
                 self._give_back(held)
             self._alloc.idle()
@@ -706,5 +717,3 @@ def patched() -> bool:
 def instances() -> list[Instance]:
     """The elastic KV caches opened in this process (one per KV pool SGLang built here)."""
     return list(_instances)
-
-
