@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -102,3 +103,10 @@ def used_bytes(backend: MemoryBackend) -> int:
     """Device bytes in use right now (on a GPU: by every process, so tests compare differences)."""
     free, total = backend.mem_info()
     return total - free
+
+
+def pytest_ignore_collect(collection_path: object, config: pytest.Config) -> bool | None:
+    """tests/sglang_env runs only inside the SGLang test environment (tests/test_sglang.py starts it there)."""
+    if getattr(collection_path, "name", "") == "sglang_env" and os.environ.get("EKV_TEST_SGLANG_ENV") != "1":
+        return True
+    return None

@@ -171,7 +171,7 @@ def test_bad_frees_and_unsupported_pools_are_refused(sgl: Any) -> None:
         alloc.free_page_ids(torch.tensor([4000]))
     assert len(alloc._out) == 2  # nothing changed
     alloc.free(out)
-    with pytest.raises(UnsupportedEngine, match="SimpleNamespace.*run this model without ELASTIKV=1"):
+    with pytest.raises(UnsupportedEngine, match=r"SimpleNamespace.*run this model without ELASTIKV=1"):
         sgl.kc.PagedTokenToKVPoolAllocator(
             1024, page_size=16, dtype=torch.float32, device="cpu", kvcache=types.SimpleNamespace(), need_sort=False
         )
