@@ -148,6 +148,28 @@ def test_background_reserve_grows_with_demand_and_memory_returns(backend: Memory
     assert used_bytes(backend) == before
 
 
+def test_idle_gives_the_reserve_back_until_the_next_allocation(backend: MemoryBackend) -> None:
+    """``idle()`` (an engine put to sleep, its cache flushed) unmaps every empty page at once, reserve included;
+    the next allocation brings the reserve back."""
+    reserve = 2 * BPP * SMALL.group_bytes
+    before = used_bytes(backend)
+    space, alloc = make(backend, pages=16, reserve_bytes=reserve, trim_delay=10.0)
+    alloc.maintain()
+    assert alloc.stats().pages_mapped == 2  # the reserve
+    held = alloc.allocate(3 * BPP)
+    alloc.free(held)
+    alloc.maintain()
+    assert alloc.stats().pages_mapped >= 3  # surplus waits for the (long) trim delay
+    alloc.idle()
+    alloc.maintain()
+    assert alloc.stats().pages_mapped == 0 and used_bytes(backend) == before  # at once, delay or not
+    alloc.free(alloc.allocate(1))
+    alloc.maintain()
+    assert alloc.stats().pages_mapped == 2  # awake again: the reserve is back
+    alloc.close()
+    space.close()
+
+
 def _rss_shmem() -> int:
     with open("/proc/self/status") as f:
         for line in f:
