@@ -126,16 +126,9 @@ def test_kv_memory_follows_load_and_status_shows_the_instance(model: Path, tmp_p
 
 
 def _ledger_total(ledger_dir: Path) -> int:
-    from elastikv.ledger import Ledger, ledger_files
+    from elastikv.ledger import summaries
 
-    total = 0
-    for path in ledger_files(ledger_dir):
-        ledger = Ledger.open_existing(path)
-        try:
-            total += ledger.summary().mapped_bytes
-        finally:
-            ledger.close()
-    return total
+    return sum(s.mapped_bytes for s in summaries(ledger_dir))
 
 
 def test_two_engines_share_a_small_budget(model: Path, tmp_path: Path, static: Any) -> None:

@@ -17,7 +17,7 @@ from rich.text import Text
 from elastikv import __version__
 from elastikv.config import BACKENDS, LAYOUTS, Settings, format_bytes, parse_size
 from elastikv.errors import ElastikvError
-from elastikv.ledger import DeviceSummary, Ledger, LedgerError, UnknownInstance, ledger_files
+from elastikv.ledger import DeviceSummary, Ledger, LedgerError, UnknownInstance, ledger_files, summaries
 
 
 def _settings(backend: str | None, layout: str | None) -> Settings:
@@ -80,17 +80,6 @@ def info(backend: str | None) -> None:
 EXIT_OK, EXIT_USAGE, EXIT_UNKNOWN_INSTANCE, EXIT_LEDGER = 0, 2, 3, 4
 
 
-def _summaries(ledger_dir: str | None) -> list[DeviceSummary]:
-    out = []
-    for path in ledger_files(ledger_dir):
-        ledger = Ledger.open_existing(path)
-        try:
-            out.append(ledger.summary())
-        finally:
-            ledger.close()
-    return out
-
-
 def _short(n: int) -> str:
     """Bytes in a few characters, for tables: 1.1G, 256M, 0."""
     for unit, size in (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)):
@@ -147,19 +136,19 @@ def status(as_json: bool, watch: bool) -> None:
                 "mapped_bytes": d.mapped_bytes,
                 "instances": [r.as_dict() for r in d.instances],
             }
-            for d in _summaries(ledger_dir)
+            for d in summaries(ledger_dir)
         ]
         click.echo(json.dumps(data, indent=2))
         return
     console = Console()
     if not watch:
-        console.print(_status_tables(_summaries(ledger_dir)))
+        console.print(_status_tables(summaries(ledger_dir)))
         return
-    with Live(_status_tables(_summaries(ledger_dir)), console=console, refresh_per_second=2) as live:
+    with Live(_status_tables(summaries(ledger_dir)), console=console, refresh_per_second=2) as live:
         try:
             while True:
                 time.sleep(1.0)
-                live.update(_status_tables(_summaries(ledger_dir)))
+                live.update(_status_tables(summaries(ledger_dir)))
         except KeyboardInterrupt:
             pass
 
@@ -187,7 +176,7 @@ def limit(name: str, size: str | None, reset: bool, device: str | None) -> None:
         else:
             ledger.close()
     if not matches:
-        running = sorted(r.name for d in _summaries(ledger_dir) for r in d.instances)
+        running = sorted(r.name for d in summaries(ledger_dir) for r in d.instances)
         raise UnknownInstance(
             f"no running instance named {name!r}" + (f"; running: {', '.join(running)}" if running else "")
         )

@@ -13,14 +13,30 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 from elastikv import lifecycle
 from elastikv.allocator import BlockAllocator
 from elastikv.config import LayoutName, Settings, format_bytes
+from elastikv.errors import ConfigError
 from elastikv.ledger import Ledger, LedgerBudget
 from elastikv.memory import MemoryBackend, open_backend, physical_memory
 from elastikv.space import KVGeometry, KVSpace, Pages
 
 log = logging.getLogger("elastikv")
+
+
+def backend_for(device: torch.device, settings: Settings, *, holder: str) -> MemoryBackend:
+    """Open the backend that holds KV memory on ``device`` (CUDA device N, or the host), checking that
+    ``ELASTIKV_BACKEND`` agrees. ``holder`` names the engine process in the error ("this vLLM worker")."""
+    kind = "cuda" if device.type == "cuda" else "host"
+    if settings.backend not in ("auto", kind):
+        raise ConfigError(
+            f"ELASTIKV_BACKEND={settings.backend}, but {holder} keeps its KV cache on {device}; "
+            f"unset ELASTIKV_BACKEND or set it to {kind}"
+        )
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if kind == "cuda" else 0
+    return open_backend(kind, device=index, host_memory=host_memory(settings))
 
 
 def host_memory(settings: Settings) -> int | None:

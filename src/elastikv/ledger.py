@@ -542,6 +542,18 @@ class LedgerBudget:
         self.ledger.unregister(self.name)
 
 
+def summaries(directory: str | Path | None = None) -> list[DeviceSummary]:
+    """Every device's summary, from the ledgers in ``directory`` (default: the usual place)."""
+    out = []
+    for path in ledger_files(directory):
+        ledger = Ledger.open_existing(path)
+        try:
+            out.append(ledger.summary())
+        finally:
+            ledger.close()
+    return out
+
+
 def ledger_files(directory: str | Path | None = None) -> list[Path]:
     d = Path(directory) if directory else default_dir()
     return sorted(d.glob("*.sqlite")) if d.is_dir() else []

@@ -19,16 +19,9 @@ GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
 
 
 def ledger_mapped() -> int:
-    from elastikv.ledger import Ledger, ledger_files
+    from elastikv.ledger import summaries
 
-    total = 0
-    for path in ledger_files(os.environ["ELASTIKV_LEDGER_DIR"]):
-        ledger = Ledger.open_existing(path)
-        try:
-            total += ledger.summary().mapped_bytes
-        finally:
-            ledger.close()
-    return total
+    return sum(s.mapped_bytes for s in summaries(os.environ["ELASTIKV_LEDGER_DIR"]))
 
 
 def settle(expect_at_most: int, timeout: float = 10.0) -> int:

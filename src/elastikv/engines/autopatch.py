@@ -36,15 +36,21 @@ def _setup_logging(level: str) -> None:
     logger.setLevel(level)
 
 
-def vllm_plugin() -> None:
-    """vLLM's plugin hook. Does nothing unless ``ELASTIKV=1``; then patches this process or stops it."""
+def _active() -> bool:
+    """Whether ``ELASTIKV=1``; if so, the settings are valid (or this raises with the reason) and logging is on."""
     from elastikv.config import ENV_VARS, Settings
 
     _, flag = ENV_VARS["ELASTIKV"]
     if not flag(os.environ.get("ELASTIKV", "0").strip() or "0", "ELASTIKV"):
-        return  # off: the other ELASTIKV_* variables are none of vLLM's business
-    settings = Settings.from_env()  # a malformed ELASTIKV_* variable stops the engine with its reason
-    _setup_logging(settings.log_level)
+        return False  # off: the other ELASTIKV_* variables are none of the engine's business
+    _setup_logging(Settings.from_env().log_level)
+    return True
+
+
+def vllm_plugin() -> None:
+    """vLLM's plugin hook. Does nothing unless ``ELASTIKV=1``; then patches this process or stops it."""
+    if not _active():  # a malformed ELASTIKV_* variable stops the engine with its reason
+        return
     from elastikv.engines import vllm
 
     try:
@@ -58,14 +64,9 @@ def sglang_plugin() -> None:
     """SGLang's plugin hook (group ``sglang.srt.plugins``, loaded in every SGLang process). Does nothing unless
     ``ELASTIKV=1``; then patches this process or stops it. SGLang logs and swallows a plugin's exceptions (the
     engine would run static, silently), so a refusal is a ``SystemExit``, which it does not catch."""
-    from elastikv.config import ENV_VARS, Settings
-
-    _, flag = ENV_VARS["ELASTIKV"]
-    if not flag(os.environ.get("ELASTIKV", "0").strip() or "0", "ELASTIKV"):
-        return
     try:
-        settings = Settings.from_env()
-        _setup_logging(settings.log_level)
+        if not _active():
+            return
         from elastikv.engines import sglang
 
         sglang.apply()

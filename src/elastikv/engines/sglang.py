@@ -58,9 +58,9 @@ import torch
 from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
 from elastikv.engines.contract import Target, runtime_problems
-from elastikv.errors import AllocationRefused, ConfigError, ElastikvError, UnsupportedEngine
-from elastikv.instance import Instance, host_memory, open_instance
-from elastikv.memory import MemoryBackend, open_backend
+from elastikv.errors import AllocationRefused, ElastikvError, UnsupportedEngine
+from elastikv.instance import Instance, backend_for, open_instance
+from elastikv.memory import MemoryBackend
 from elastikv.space import KVGeometry, default_chunk_bytes
 
 log = logging.getLogger("elastikv")
@@ -227,15 +227,7 @@ def _process(device: str | torch.device) -> _Process:
     global _proc
     if _proc is None:
         settings = Settings.from_env()
-        dev = torch.device(device)
-        kind = "cuda" if dev.type == "cuda" else "host"
-        if settings.backend not in ("auto", kind):
-            raise ConfigError(
-                f"ELASTIKV_BACKEND={settings.backend}, but this SGLang scheduler keeps its KV cache on {dev}; "
-                f"unset ELASTIKV_BACKEND or set it to {kind}"
-            )
-        index = (dev.index if dev.index is not None else torch.cuda.current_device()) if kind == "cuda" else 0
-        backend = open_backend(kind, device=index, host_memory=host_memory(settings))
+        backend = backend_for(torch.device(device), settings, holder="this SGLang scheduler")
         _proc = _Process(backend, settings)
         lifecycle.on_exit(backend.close)  # closers run newest first: the instances go before their backend
     return _proc

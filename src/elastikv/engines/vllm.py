@@ -49,8 +49,8 @@ from elastikv.config import Settings, format_bytes
 from elastikv.engines.contract import Target, runtime_problems
 from elastikv.engines.peer import PageServer, PeerPages
 from elastikv.errors import AllocationRefused, ConfigError, ElastikvError, UnsupportedEngine
-from elastikv.instance import Booked, DeviceFacts, book, host_memory
-from elastikv.memory import MemoryBackend, open_backend
+from elastikv.instance import Booked, DeviceFacts, backend_for, book
+from elastikv.memory import MemoryBackend
 from elastikv.space import KVGeometry, KVSpace, default_chunk_bytes
 
 log = logging.getLogger("elastikv")
@@ -151,15 +151,7 @@ _real_allocation = threading.local()  # .worker is set while Worker.initialize_f
 def _worker_backend(device: torch.device) -> _WorkerCache:
     global _worker
     if _worker is None:
-        settings = Settings.from_env()
-        kind = "cuda" if device.type == "cuda" else "host"
-        if settings.backend not in ("auto", kind):
-            raise ConfigError(
-                f"ELASTIKV_BACKEND={settings.backend}, but this vLLM worker keeps its KV cache on {device}; "
-                f"unset ELASTIKV_BACKEND or set it to {kind}"
-            )
-        index = (device.index if device.index is not None else torch.cuda.current_device()) if kind == "cuda" else 0
-        backend = open_backend(kind, device=index, host_memory=host_memory(settings))
+        backend = backend_for(device, Settings.from_env(), holder="this vLLM worker")
         _worker = _WorkerCache(backend)
         lifecycle.on_exit(_worker.close)
     return _worker
