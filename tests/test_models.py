@@ -34,6 +34,7 @@ def test_make_model_writes_a_loadable_model_with_a_trained_tokenizer(tmp_path: P
     assert generated.shape[1] == len(ids) + 8
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["num_hidden_layers"] == 2 and config["eos_token_id"] == tok.eos_token_id
+    assert config["architectures"] == ["LlamaForCausalLM"]  # SGLang and vLLM pick the model class from it
 
 
 def test_make_model_rejects_an_unknown_size(tmp_path: Path) -> None:

@@ -122,6 +122,7 @@ def make_model(path: str | Path, *, arch: str = "llama", size: str = "tiny", see
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("<|end|>")
 
     config = LlamaConfig(
+        architectures=["LlamaForCausalLM"],  # engines pick the model class from it (SGLang fails without it)
         vocab_size=s.vocab,
         hidden_size=s.hidden,
         intermediate_size=s.intermediate,

@@ -11,7 +11,10 @@ elastikv    ``POST /sleep?level=N``                ``POST /wake_up``
 vllm        ``POST /sleep?level=N`` (the router    ``POST /wake_up``
             adds ``--enable-sleep-mode`` and
             ``VLLM_SERVER_DEV_MODE=1``; CUDA only)
-sglang      ``POST /release_memory_occupation``    ``POST /resume_memory_occupation`` (``--enable-memory-saver``)
+sglang      ``POST /release_memory_occupation``    ``POST /resume_memory_occupation`` (elastikv gives the KV
+            (every KV page goes back to the        cache back at release and maps it on demand after resume;
+            device; weights stay resident)         no ``--enable-memory-saver``, which needs CUDA's
+                                                   torch_memory_saver and would also drop the weights)
 command     none: ``sleep_level: stop`` ends the process, the next request starts it again
 ==========  =====================================  ==========================================================
 """
@@ -61,7 +64,8 @@ def launch(spec: ModelSpec, port: int, *, host: str = "127.0.0.1") -> Launch:
         argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model]
         argv += ["--served-model-name", spec.name, "--host", host, "--port", str(port)]
         if level in (1, 2):
-            argv.append("--enable-memory-saver")
+            # elastikv is active in SGLang (ELASTIKV=1 above): its release empties the KV pool and elastikv unmaps
+            # every page, so this needs no memory saver. Levels 1 and 2 are the same here: weights stay resident.
             sleep, wake = ("POST", "/release_memory_occupation"), ("POST", "/resume_memory_occupation")
     else:
         fields = {"{port}": str(port), "{host}": host, "{model}": model, "{name}": spec.name}
