@@ -124,6 +124,39 @@ def test_page_size_one_uses_the_same_bridge(sgl: Any) -> None:
     pool._elastikv.close()
 
 
+def test_mla_pool_latent_buffers_are_views_of_a_space_and_sglang_writes_through_them(sgl: Any) -> None:
+    """MLA (DeepSeek-style): one joint latent buffer a layer, written with SGLang's own set_kv_buffer."""
+    from sglang.srt.mem_cache.memory_pool import MLATokenToKVPool
+
+    rank, rope = 64, 16
+    pool = MLATokenToKVPool(size=SIZE, page_size=PS, dtype=torch.float32, kv_lora_rank=rank, qk_rope_head_dim=rope,
+                            layer_num=2, device="cpu", enable_memory_saver=False)  # fmt: skip
+    alloc = sgl.kc.PagedTokenToKVPoolAllocator(
+        SIZE, page_size=PS, dtype=torch.float32, device="cpu", kvcache=pool, need_sort=False
+    )
+    inst = pool._elastikv
+    assert type(alloc).__name__ == "ElasticTokenAllocator" and inst.space.geometry.buffers_per_layer == 1
+    assert pool.kv_buffer[1].shape == (SIZE + PS, 1, rank + rope)
+    base, end = inst.space.raw.data_ptr(), inst.space.raw.data_ptr() + inst.space.raw.numel()
+    assert all(base <= buf.data_ptr() < end for buf in pool.kv_buffer)
+    assert int(pool.data_ptrs[1]) == pool.kv_buffer[1].data_ptr()  # the pointers SGLang's kernels read
+    assert alloc._alloc.stats().pages_mapped == 1  # the null page only
+    out = _extend(alloc, [100, 3000])
+    assert out is not None and out.numel() == 3100 and 0 not in set((out // PS).tolist())
+    layer = types.SimpleNamespace(layer_id=1)
+    latent = torch.randn(out.numel(), 1, rank + rope)
+    from sglang.srt.runtime_context import get_parallel
+
+    with get_parallel().override(dcp_enabled=False):  # a single-rank engine publishes this at start-up
+        pool.set_kv_buffer(layer, out, latent, latent[..., :rank])
+    assert torch.equal(pool.get_key_buffer(1)[out], latent)
+    assert torch.equal(pool.get_value_buffer(1)[out], latent[..., :rank])
+    alloc.free(out)
+    alloc.clear()
+    assert _settle(alloc, 1) == 1  # every page back but the null page
+    inst.close()
+
+
 def test_the_limit_bounds_available_size_and_admission_secures_pages(sgl: Any) -> None:
     from sglang.srt.mem_cache.prefill_budget import PrefillBudget
 

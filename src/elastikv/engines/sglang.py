@@ -15,7 +15,8 @@ Buffers
     ``MHATokenToKVPool._create_buffers_normal`` builds every layer's K and V buffer as a view of one
     :class:`~elastikv.space.KVSpace` (per-layer layout: SGLang indexes tokens with one slot stride, so the
     block-interleaved layout does not fit). An elastikv block is one SGLang page (``--page-size`` tokens); SGLang's
-    padded page 0 is the always-mapped null block. Nothing is mapped until a page is handed out.
+    padded page 0 is the always-mapped null block. Nothing is mapped until a page is handed out. MLA
+    (``MLATokenToKVPool._create_buffers``): each layer's joint latent buffer is a view of one space the same way.
 Allocator
     SGLang's token and paged allocators are replaced by :class:`ElasticTokenAllocator` (a subclass of its
     ``PagedTokenToKVPoolAllocator``, page size 1 included), whose free list holds only pages secured from the
@@ -32,8 +33,8 @@ Sleep
     tokens the limit withholds, so it still catches real leaks.
 
 Refused at start-up, with the reason: SGLang versions other than :data:`SUPPORTED`, a moved patch target, KV
-layouts other than SGLang's default ``nhd``, K and V of different shapes (MLA, hybrid SWA and Mamba pools use
-other classes and are refused when the allocator finds a pool it did not build), PD disaggregation.
+layouts other than SGLang's default ``nhd``, K and V of different shapes (DSA, fp4 MLA, hybrid SWA and Mamba
+pools use other classes and are refused when the allocator finds a pool it did not build), PD disaggregation.
 
 Every name this module patches or calls is listed in :data:`TARGETS`; :func:`apply` checks them all before
 touching anything, and the contract test parses the installed SGLang's source against the same table.
@@ -101,6 +102,12 @@ TARGETS: tuple[Target, ...] = (
     Target(f"{_MEM}.memory_pool", "MHATokenToKVPool._create_buffers", ("self",)),
     Target(f"{_MEM}.memory_pool", "MHATokenToKVPool._create_buffers_normal", ("self",)),
     Target(f"{_MEM}.memory_pool", "MHATokenToKVPool._kv_buffer_shapes", ("self",)),
+    Target(
+        f"{_MEM}.memory_pool",
+        "MLATokenToKVPool.__init__",
+        ("self", "size", "page_size", "dtype", "kv_lora_rank", "qk_rope_head_dim", "layer_num", "device", "use_dsa"),
+    ),
+    Target(f"{_MEM}.memory_pool", "MLATokenToKVPool._create_buffers", ("self",)),
     # allocator (subclassed; every method overridden or relied on)
     Target(
         f"{_MEM}.allocator.paged",
@@ -267,7 +274,48 @@ def _wrap_alloc_memory_pool(original: Callable[..., Any]) -> Callable[..., Any]:
     return alloc_memory_pool
 
 
+def _refuse_custom_mem_pool(pool: Any) -> None:
+    if getattr(pool, "enable_custom_mem_pool", False) or getattr(pool, "custom_mem_pool", None) is not None:
+        raise UnsupportedEngine(
+            "elastikv cannot back SGLang's custom KV memory pool (PD disaggregation transfer); run the "
+            "disaggregated engines without ELASTIKV=1"
+        )
+
+
+def _open_pool_space(pool: Any, geometry: KVGeometry) -> slice:
+    """Open the elastic space behind one SGLang KV pool; return the rows of each buffer SGLang sees.
+
+    SGLang wants exactly size + page_size rows (its padded page 0, then pages 1..P), but a space has whole pages
+    of blocks. So SGLang's page p is block p + offset, where offset pads the front: blocks 0..offset (SGLang's
+    page 0 and the padding, within the space's first page) are the always-mapped null blocks, and the
+    allocator's blocks are exactly SGLang's pages 1..P."""
+    ps = int(pool.page_size)
+    proc = _process(pool.device)
+    pages = int(pool.size) // ps
+    gran = proc.backend.granularity
+    chunk = default_chunk_bytes(geometry.block_bytes, gran, target_blocks=max(1, gran // geometry.block_bytes))
+    per_page = chunk // geometry.block_bytes
+    total = -(-(pages + 1) // per_page) * per_page
+    offset = total - (pages + 1)
+    inst = open_instance(
+        geometry,
+        engine="sglang",
+        backend=proc.backend,
+        layout="per-layer",
+        num_blocks=total,
+        null_blocks=offset + 1,
+        settings=proc.settings,
+        streams=_streams(proc),
+    )
+    _instances.append(inst)
+    pool._elastikv_offset = offset
+    pool._elastikv = inst
+    return slice(offset * ps, total * ps)
+
+
 def _wrap_create_buffers_normal(original: Callable[..., None]) -> Callable[..., None]:
+    """MHA: every layer's K and V are views of one per-layer space (two buffers a layer)."""
+
     def _create_buffers_normal(self: Any) -> None:
         layout = getattr(self, "kv_cache_layout", "nhd")
         if layout != "nhd" or getattr(self, "use_hnd", False):
@@ -275,11 +323,7 @@ def _wrap_create_buffers_normal(original: Callable[..., None]) -> Callable[..., 
                 f"elastikv supports SGLang's default KV layout 'nhd', not {layout!r}; unset SGLANG_USE_HND_KVCACHE "
                 "(or the option that chose it) or run without ELASTIKV=1"
             )
-        if getattr(self, "enable_custom_mem_pool", False):
-            raise UnsupportedEngine(
-                "elastikv cannot back SGLang's custom KV memory pool (PD disaggregation transfer); run the "
-                "disaggregated engines without ELASTIKV=1"
-            )
+        _refuse_custom_mem_pool(self)
         k_shape, v_shape = self._kv_buffer_shapes()
         if k_shape != v_shape:
             raise UnsupportedEngine(
@@ -287,38 +331,34 @@ def _wrap_create_buffers_normal(original: Callable[..., None]) -> Callable[..., 
                 "model without ELASTIKV=1"
             )
         ps, heads, dim = int(self.page_size), int(self.head_num), int(self.head_dim)
-        proc = _process(self.device)
         geometry = KVGeometry.for_attention(
             num_layers=int(self.layer_num), num_kv_heads=heads, head_dim=dim, block_size=ps, dtype=self.store_dtype
         )
-        # SGLang wants exactly size + page_size rows (its padded page 0, then pages 1..P), but a space has whole
-        # pages of blocks. So SGLang's page p is block p + offset, where offset pads the front: blocks 0..offset
-        # (SGLang's page 0 and the padding, within the space's first page) are the always-mapped null blocks, and
-        # the allocator's blocks are exactly SGLang's pages 1..P.
-        pages = int(self.size) // ps
-        gran = proc.backend.granularity
-        chunk = default_chunk_bytes(geometry.block_bytes, gran, target_blocks=max(1, gran // geometry.block_bytes))
-        per_page = chunk // geometry.block_bytes
-        total = -(-(pages + 1) // per_page) * per_page
-        offset = total - (pages + 1)
-        inst = open_instance(
-            geometry,
-            engine="sglang",
-            backend=proc.backend,
-            layout="per-layer",
-            num_blocks=total,
-            null_blocks=offset + 1,
-            settings=proc.settings,
-            streams=_streams(proc),
-        )
-        _instances.append(inst)
-        rows = slice(offset * ps, (total) * ps)
-        self.k_buffer = [inst.space.buffer(i, 0).view(-1, heads, dim)[rows] for i in range(int(self.layer_num))]
-        self.v_buffer = [inst.space.buffer(i, 1).view(-1, heads, dim)[rows] for i in range(int(self.layer_num))]
-        self._elastikv_offset = offset
-        self._elastikv = inst
+        rows = _open_pool_space(self, geometry)
+        space = self._elastikv.space
+        self.k_buffer = [space.buffer(i, 0).view(-1, heads, dim)[rows] for i in range(int(self.layer_num))]
+        self.v_buffer = [space.buffer(i, 1).view(-1, heads, dim)[rows] for i in range(int(self.layer_num))]
 
     return _create_buffers_normal
+
+
+def _wrap_mla_create_buffers(original: Callable[..., None]) -> Callable[..., None]:
+    """MLA: every layer's joint latent ``[rows, 1, kv_lora_rank + qk_rope_head_dim]`` is a view of one space
+    (one buffer a layer). Subclasses with other buffers (DSA's indexer cache, the unified pool) keep SGLang's own
+    and are refused when the allocator is built."""
+
+    def _create_buffers(self: Any) -> None:
+        if type(self).__name__ != "MLATokenToKVPool" or getattr(self, "use_dsa", False):
+            original(self)
+            return
+        _refuse_custom_mem_pool(self)
+        ps, dim = int(self.page_size), int(self.kv_cache_dim)
+        geometry = KVGeometry(int(self.layer_num), (ps, 1, dim), self.store_dtype, buffers_per_layer=1)
+        rows = _open_pool_space(self, geometry)
+        space = self._elastikv.space
+        self.kv_buffer = [space.buffer(i, 0).view(-1, 1, dim)[rows] for i in range(int(self.layer_num))]
+
+    return _create_buffers
 
 
 def _wrap_build_allocator(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -341,8 +381,8 @@ def _pool_instance(kvcache: Any) -> Instance:
     if inst is None:
         raise UnsupportedEngine(
             f"ELASTIKV=1, but SGLang built its KV pool as {type(kvcache).__name__}, which elastikv does not back "
-            "(it backs MHATokenToKVPool: standard multi-head attention; not MLA, hybrid SWA, Mamba or quantized "
-            "KV); run this model without ELASTIKV=1"
+            "(it backs MHATokenToKVPool and MLATokenToKVPool: standard multi-head and multi-head latent attention; "
+            "not DSA, hybrid SWA, Mamba or fp4 KV); run this model without ELASTIKV=1"
         )
     return inst
 
@@ -692,6 +732,7 @@ def apply() -> None:
         _patch(conf, "TokenToKVPoolAllocator", lambda _orig: _token_allocator)
         _patch(conf, "KVCacheConfigurator._build_token_to_kv_pool_allocator", _wrap_build_allocator)
         _patch(f"{_MEM}.memory_pool", "MHATokenToKVPool._create_buffers_normal", _wrap_create_buffers_normal)
+        _patch(f"{_MEM}.memory_pool", "MLATokenToKVPool._create_buffers", _wrap_mla_create_buffers)
         _patch("sglang.srt.model_executor.model_runner", "ModelRunner.alloc_memory_pool", _wrap_alloc_memory_pool)
         _patch("sglang.srt.managers.scheduler", "Scheduler.on_idle", _wrap_on_idle)
         _patch(
