@@ -46,6 +46,55 @@ def demo(out: str, duration: float, budget: str, seed: int) -> None:
     run_demo(out, DemoPlan(duration=duration, seed=seed, budget=size))
 
 
+@main.group()
+def bench() -> None:
+    """Benchmarks a user can rerun with their own models."""
+
+
+@bench.command(name="multi-model")
+@click.option("--model", "model_paths", multiple=True, help="A local model directory; repeat, one per model "
+              "(default: one random-weight --size model, made once and served by every model).")  # fmt: skip
+@click.option("--models", "count", default=3, show_default=True, help="How many models share the GPU.")
+@click.option("--size", type=click.Choice(["tiny", "1b", "8b"]), default=None, help="Size of the random model "
+              "(default: 8b on a GPU, tiny on a CPU).")  # fmt: skip
+@click.option("--kv-budget", default=None, help="KV memory all models share, split evenly when static "
+              "(default: 20GiB on a GPU, 12MiB on a CPU).")  # fmt: skip
+@click.option("--rates", default=None, help="Peak request rates per model to sweep, e.g. 0.1,0.25,0.5,1.")
+@click.option("--duration", type=float, default=None, help="Seconds of trace per rate.")
+@click.option("--peak-width", type=float, default=None, help="Seconds each model's peak lasts.")
+@click.option("--prompt-tokens", type=int, default=None, help="Prompt length of every request.")
+@click.option("--output-tokens", type=int, default=None, help="Output length of every request.")
+@click.option("--max-batch-tokens", type=int, default=None, help="Tokens per forward pass in each engine.")
+@click.option(
+    "--trace",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Replay this trace (JSON lines: at, model, prompt_tokens, output_tokens) instead of the sweep.",
+)
+@click.option("--short", is_flag=True, help="Two rates (light, peak) and a shorter trace: one 10-minute run.")
+@click.option("--model-cache", type=click.Path(file_okay=False), default=None,
+              help="Keep the random model here between runs (default: a temporary directory).")  # fmt: skip
+@click.option("--out", default="elastikv-bench", show_default=True, help="Where the JSON, Markdown and PNG go.")
+@click.option("--seed", default=0, show_default=True, help="Traces and weights come from this seed.")
+def bench_multi_model(
+    model_paths: tuple[str, ...], count: int, size: str | None, kv_budget: str | None, rates: str | None,
+    duration: float | None, peak_width: float | None, prompt_tokens: int | None, output_tokens: int | None,
+    max_batch_tokens: int | None, trace: str | None, short: bool, model_cache: str | None, out: str, seed: int,
+) -> None:  # fmt: skip
+    """N models on one GPU under intermittent peaks: static split against elastic sharing, over a sweep of
+    request rates. Prints TTFT/TPOT per rate and mode and the ratios; writes JSON, Markdown and a PNG."""
+    from pathlib import Path
+
+    from elastikv.multi_model import plan_from_options, run_and_save
+
+    plan = plan_from_options(
+        model_paths=model_paths, count=count, size=size, kv_budget=kv_budget, rates=rates, duration=duration,
+        peak_width=peak_width, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+        max_batch_tokens=max_batch_tokens, trace=trace, short=short, seed=seed,
+    )  # fmt: skip
+    run_and_save(plan, Path(out), model_cache=Path(model_cache) if model_cache else None)
+
+
 @main.command(name="cache-demo")
 @click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Memory backend (default: auto).")
 @click.option("--layout", type=click.Choice(LAYOUTS), default=None, help="KV layout (default: interleaved).")

@@ -18,26 +18,23 @@ mode, and writes a PNG of each model's KV memory over time, the trace and a JSON
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
-import logging
 import math
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from elastikv.config import format_bytes
 from elastikv.models import kv_bytes_per_token
+from elastikv.routed import replay_through_router
 from elastikv.router.config import ModelSpec, RouterConfig
-from elastikv.workload import Arrival, Outcome, intermittent, replay, save_trace, summary
+from elastikv.workload import Arrival, Outcome, intermittent, save_trace, summary
 
 MODES = ("static", "elastic")
 MiB = 1024**2
@@ -133,65 +130,22 @@ def _config(mode: str, plan: DemoPlan, paths: dict[str, Path], work: Path, dtype
 
 async def _run_mode(mode: str, plan: DemoPlan, paths: dict[str, Path], trace: list[Arrival], work: Path,
                     device: str, dtype: str, console: Console) -> dict[str, Any]:  # fmt: skip
-    import uvicorn
-
-    from elastikv.router.app import create_app
-    from elastikv.router.router import Router
-
     config = _config(mode, plan, paths, work, dtype)
-    router = Router(config, log_dir=work / f"logs-{mode}")
-    server = uvicorn.Server(uvicorn.Config(create_app(router), host=config.host, port=config.port,
-                                           log_level="warning", lifespan="on"))  # fmt: skip
-    what = ("each engine without elastikv, a static third of the budget" if mode == "static"
-            else "elastikv sharing the whole budget, idle models asleep")  # fmt: skip
-    logging.getLogger("elastikv").setLevel(logging.WARNING)
-    serving = asyncio.create_task(server.serve())
-    with console.status(f"{mode}: starting {len(plan.models)} engines ({what})..."):
-        while not server.started:
-            if serving.done():
-                serving.result()
-                raise RuntimeError("the router stopped while starting")
-            await asyncio.sleep(0.1)
-    samples: list[tuple[float, dict[str, int]]] = []
-    stop = threading.Event()
-    t0 = time.monotonic()
     third = plan.budget // len(plan.models)
 
-    def sample() -> None:  # in a thread: the ledger is SQLite
-        while not stop.is_set():
-            if mode == "static":
-                held = {name: third for name in plan.models}
-            else:
-                rows = router.ledger_rows()
-                held = {name: rows.get(name, 0) for name in plan.models}
-            samples.append((time.monotonic() - t0, held))
-            stop.wait(0.2)
+    def held(router: Any) -> dict[str, int]:
+        if mode == "static":  # transformers' own cache, allocated at start and held throughout
+            return {name: third for name in plan.models}
+        rows = router.ledger_rows()
+        return {name: rows.get(name, 0) for name in plan.models}
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    columns = (TextColumn(f"[bold]{mode:>7}[/] replaying"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[note]}"), TimeElapsedColumn())  # fmt: skip
-    try:
-        with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task(mode, total=len(trace), note="")
-            failed = 0
-
-            def done(o: Outcome) -> None:
-                nonlocal failed
-                failed += 0 if o.ok else 1
-                held = samples[-1][1] if samples else {}
-                note = "  ".join(f"{n}: {format_bytes(b)}" for n, b in held.items())
-                progress.update(task, advance=1, note=note + (f"  [red]{failed} failed[/]" if failed else ""))
-
-            outcomes = await replay(f"http://{config.host}:{config.port}", trace, on_done=done)
-    finally:
-        stop.set()
-        sampler.join()
-        states = {name: m.status() for name, m in router.models.items()}
-        server.should_exit = True
-        with contextlib.suppress(Exception):
-            await serving
-    return {"outcomes": outcomes, "samples": samples, "models": states}
+    what = ("each engine without elastikv, a static third of the budget" if mode == "static"
+            else "elastikv sharing the whole budget, idle models asleep")  # fmt: skip
+    console.print(f"{mode}: {what}")
+    (replayed,), states = await replay_through_router(
+        config, [trace], log_dir=work / f"logs-{mode}", held=held, console=console, label=mode
+    )
+    return {"outcomes": replayed.outcomes, "samples": replayed.samples, "models": states}
 
 
 def _report(plan: DemoPlan, trace: list[Arrival], results: dict[str, Any], device: str) -> dict[str, Any]:

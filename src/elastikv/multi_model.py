@@ -1,0 +1,495 @@
+"""``elastikv bench multi-model``: N models on one GPU under intermittent peaks, elastic sharing against a static
+split of the same KV memory, over a sweep of request rates.
+
+What it runs: N models (default three 8B-shaped Llamas with random bf16 weights, made once by ``make_model`` and
+shared; or the user's own model directories), each served by the embedded engine in its own process behind the
+router (in this process). For each mode the engines start once and every rate's trace is replayed in turn:
+
+- **static**: each engine without elastikv, transformers' own KV cache of ``kv_budget / N``, held throughout
+  (what a fixed split of the GPU gives each model);
+- **elastic**: each engine with elastikv, all of them sharing ``kv_budget`` (``ELASTIKV_DEVICE_BUDGET``).
+
+Weights stay resident in both modes (no sleep unless ``idle_s`` is set), so the only difference is where the KV
+memory may go. The trace (``workload.intermittent``) keeps each model nearly idle and raises it to a peak at its
+own moment. The embedded engine decodes slowly (~420 tokens/s for an 8B model on an H100), so the workload is
+long prompts and short outputs: KV memory, not compute, is what binds at a peak. Reports TTFT and TPOT (mean,
+p50, p99) and completed requests per model, mode and rate, the engine's throughput, the ratio elastic/static,
+the rate from which static queues, and a PNG of TTFT against rate and of KV memory per model over time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from elastikv.config import format_bytes
+from elastikv.errors import ConfigError
+from elastikv.models import SIZES, kv_bytes_per_token
+from elastikv.routed import Replayed, replay_through_router
+from elastikv.router.config import ModelSpec, RouterConfig
+from elastikv.workload import Arrival, intermittent, load_trace, save_trace, summary
+
+MODES = ("static", "elastic")
+MiB, GiB = 1024**2, 1024**3
+QUEUEING = 3.0  # static "queues" at a rate whose p99 TTFT is this many times its p50 at the lightest rate
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPlan:
+    models: tuple[str, ...] = ("llama-a", "llama-b", "llama-c")
+    size: str = "8b"  # of the random model made when model_paths is empty
+    model_paths: tuple[str, ...] = ()  # the user's own models, one per name
+    kv_budget: int = 20 * GiB  # KV memory all models share (elastic) or split evenly (static)
+    rates: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # peak request rate per model (requests/s), one run each
+    duration: float = 60.0  # seconds of trace per rate
+    base_rate: float = 0.02  # requests/s per model between peaks
+    peak_width: float = 20.0  # seconds, at the base of each model's peak (3 models in 60 s: no overlap)
+    prompt_tokens: int = 4096
+    output_tokens: int = 64
+    max_batch_tokens: int = 4096  # tokens per forward pass (prefill chunk + decodes)
+    elastic_read_tokens: int | None = None  # elastic --max-kv-tokens; default: all the budget holds
+    dtype: str = "bfloat16"
+    reserve: int | None = None  # ELASTIKV_RESERVE for the elastic engines; None: elastikv's default
+    idle_s: float | None = None  # elastic mode: sleep a model idle this long (weights to host); None: never
+    trace: str | None = None  # replay this trace (JSON lines) instead of the rate sweep
+    timeout_s: float = 600.0  # per request
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("at least one model")
+        if self.model_paths and len(self.model_paths) != len(self.models):
+            raise ConfigError(f"{len(self.model_paths)} --model paths for {len(self.models)} models: give one each")
+        if self.size not in SIZES:
+            raise ConfigError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
+        if not self.rates or any(r <= 0 for r in self.rates):
+            raise ConfigError("--rates must be positive request rates, e.g. 0.25,0.5,1")
+        if self.prompt_tokens < 1 or self.output_tokens < 1 or self.kv_budget <= 0:
+            raise ConfigError("prompt and output tokens and the KV budget must be positive")
+
+
+SHORT = {  # fits one 10-minute command on the H100 (two rates: light and peak)
+    "rates": (0.25, 2.0),
+}
+CPU = {  # tiny models on host memory: a run in about a minute per mode, for tests and a first look
+    "size": "tiny",
+    "kv_budget": 12 * MiB,
+    "rates": (2.0, 60.0),
+    "duration": 12.0,
+    "peak_width": 2.0,
+    "base_rate": 0.1,
+    "prompt_tokens": 256,
+    "output_tokens": 16,
+    "max_batch_tokens": 512,
+    "dtype": "float32",
+    "reserve": 0,  # a 12 MiB budget: the default reserve (256 MiB, capped) would let one idle model hold it all
+}
+
+
+def run_bench(
+    plan: BenchPlan, *, png: Path, console: Console | None = None, model_cache: Path | None = None
+) -> dict[str, Any]:
+    """Run both modes over the sweep; return the report (JSON-ready) and write the PNG to ``png``."""
+    console = console or Console()
+    work = Path(tempfile.mkdtemp(prefix="elastikv-bench-"))
+    device = _device_label()
+    paths = _models(plan, work, model_cache, console)
+    config = json.loads((paths[plan.models[0]] / "config.json").read_text())
+    dtype_bytes = 4 if plan.dtype == "float32" else 2
+    per_token = kv_bytes_per_token(config, dtype_bytes)
+    third_tokens = plan.kv_budget // len(plan.models) // per_token
+    if plan.trace:
+        traces = [load_trace(plan.trace)]
+        unknown = {a.model for a in traces[0]} - set(plan.models)
+        if unknown:
+            raise ConfigError(f"the trace names models {sorted(unknown)} that the plan does not serve")
+        rates: tuple[float, ...] = (math.nan,)
+    else:
+        traces = [_trace(plan, rate, i) for i, rate in enumerate(plan.rates)]
+        rates = plan.rates
+    for rate, trace in zip(rates, traces, strict=True):
+        save_trace(trace, work / f"trace-{rate}.jsonl")
+    console.print(
+        f"[bold]multi-model benchmark[/] on {device}: {len(plan.models)} models, KV budget "
+        f"{format_bytes(plan.kv_budget)} ({format_bytes(plan.kv_budget // len(plan.models))} each when split: "
+        f"{third_tokens} tokens, {third_tokens // (plan.prompt_tokens + plan.output_tokens)} requests of "
+        f"{plan.prompt_tokens}+{plan.output_tokens} tokens); rates {', '.join(map(str, rates))} req/s at a peak; "
+        f"work files in {work}"
+    )
+    results: dict[str, list[Replayed]] = {}
+    states: dict[str, Any] = {}
+    for mode in MODES:
+        cfg = _router_config(mode, plan, paths, work, third_tokens, per_token)
+        held = _held(mode, plan)
+        t0 = time.monotonic()
+
+        def between(i: int, mode: str = mode) -> None:
+            console.print(f"{mode}: rate {rates[i]} req/s at the peak, {len(traces[i])} requests")
+
+        results[mode], states[mode] = asyncio.run(
+            replay_through_router(
+                cfg, traces, log_dir=work / f"logs-{mode}", held=held, console=console, label=mode, between=between
+            )
+        )
+        console.print(f"{mode}: done in {time.monotonic() - t0:.0f} s")
+    report = _report(plan, device, rates, traces, results, states, third_tokens, per_token)
+    _print(console, report)
+    _plot(png, plan, report, results, device)
+    report["png"] = str(png)
+    return report
+
+
+def _device_label() -> str:
+    from elastikv.memory import open_backend
+
+    backend = open_backend()
+    try:
+        return backend.device_label
+    finally:
+        backend.close()
+
+
+def _models(plan: BenchPlan, work: Path, cache: Path | None, console: Console) -> dict[str, Path]:
+    if plan.model_paths:
+        paths = {name: Path(p) for name, p in zip(plan.models, plan.model_paths, strict=True)}
+        for name, p in paths.items():
+            if not (p / "config.json").is_file():
+                raise ConfigError(f"--model {p} (for {name}) has no config.json: give a local model directory")
+        return paths
+    from elastikv.models import make_model
+
+    where = (cache or work) / f"{plan.size}-seed{plan.seed}"
+    if not (where / "DONE").is_file():  # made once; every model serves the same weights (its own copy in memory)
+        with console.status(f"making a random-weight {plan.size} Llama in {where} (no download)..."):
+            t0 = time.monotonic()
+            make_model(where, size=plan.size, seed=plan.seed)
+            (where / "DONE").write_text("")
+        console.print(f"made {where} in {time.monotonic() - t0:.0f} s")
+    return dict.fromkeys(plan.models, where)
+
+
+def _trace(plan: BenchPlan, rate: float, i: int) -> list[Arrival]:
+    return intermittent(plan.models, duration=plan.duration, base_rate=plan.base_rate, peak_rate=rate,
+                        peak_width=plan.peak_width, prompt_tokens=plan.prompt_tokens,
+                        output_tokens=plan.output_tokens, seed=plan.seed + i)  # fmt: skip
+
+
+def _router_config(
+    mode: str, plan: BenchPlan, paths: dict[str, Path], work: Path, third_tokens: int, per_token: int
+) -> RouterConfig:
+    from elastikv.router.router import free_port
+
+    share = plan.kv_budget // len(plan.models)
+    env = {
+        "ELASTIKV_LEDGER_DIR": str(work / "ledger"),  # the benchmark's own book: other elastikv users are left alone
+        "ELASTIKV_DEVICE_BUDGET": str(plan.kv_budget),
+        "ELASTIKV_PREFIX_CACHE": "0",  # the trace's prompts share nothing
+    }
+    if plan.reserve is not None:
+        env["ELASTIKV_RESERVE"] = str(plan.reserve)
+    if "ELASTIKV_HOST_MEMORY" not in os.environ:
+        env["ELASTIKV_HOST_MEMORY"] = str(max(plan.kv_budget * 2, GiB))  # on a CPU: the pretend device
+    specs = []
+    for name in plan.models:
+        args = ["--dtype", plan.dtype, "--max-batch-tokens", str(plan.max_batch_tokens)]
+        if mode == "static":
+            args += ["--static-kv", str(share), "--max-kv-tokens", str(third_tokens)]
+        else:
+            read = plan.elastic_read_tokens or plan.kv_budget // per_token
+            args += ["--max-kv-tokens", str(read)]
+        specs.append(ModelSpec(
+            name=name, engine="elastikv", model=str(paths[name]), command=None, args=tuple(args), env=env,
+            limit=None, idle_s=plan.idle_s if mode == "elastic" else None, sleep_level=1, port=free_port(),
+            health_path="/health", start_timeout_s=900.0,
+        ))  # fmt: skip
+    return RouterConfig(host="127.0.0.1", port=free_port(), admin_token=None, models=tuple(specs), source=None)
+
+
+def _held(mode: str, plan: BenchPlan) -> Any:
+    share = plan.kv_budget // len(plan.models)
+
+    def held(router: Any) -> dict[str, int]:
+        if mode == "static":  # transformers' own cache, allocated at start and held throughout
+            return dict.fromkeys(plan.models, share)
+        rows = router.ledger_rows()
+        return {name: rows.get(name, 0) for name in plan.models}
+
+    return held
+
+
+def _report(
+    plan: BenchPlan,
+    device: str,
+    rates: tuple[float, ...],
+    traces: list[list[Arrival]],
+    results: dict[str, list[Replayed]],
+    states: dict[str, Any],
+    third_tokens: int,
+    per_token: int,
+) -> dict[str, Any]:
+    runs = []
+    for i, rate in enumerate(rates):
+        run: dict[str, Any] = {"rate": rate, "requests": len(traces[i]), "modes": {}}
+        for mode in MODES:
+            r = results[mode][i]
+            ok = [o for o in r.outcomes if o.ok]
+            run["modes"][mode] = {
+                "all": summary(r.outcomes),
+                "models": {n: summary([o for o in r.outcomes if o.arrival.model == n]) for n in plan.models},
+                "seconds": round(r.seconds, 2),
+                "output_tokens_per_s": sum(o.tokens for o in ok) / r.seconds if r.seconds else math.nan,
+                "prompt_tokens_per_s": sum(o.arrival.prompt_tokens for o in ok) / r.seconds if r.seconds else math.nan,
+                "peak_kv_bytes": max((sum(h.values()) for _, h in r.samples), default=0),
+                "peak_kv_bytes_per_model": {
+                    n: max((h.get(n, 0) for _, h in r.samples), default=0) for n in plan.models
+                },
+                "memory": [(round(t, 2), h) for t, h in r.samples],
+            }
+        s, e = run["modes"]["static"]["all"], run["modes"]["elastic"]["all"]
+        run["elastic_over_static"] = {k: _ratio(e[k], s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean")}
+        runs.append(run)
+    light = runs[0]["modes"]["static"]["all"]["ttft_p50"]
+    queues_from = next((r["rate"] for r in runs if r["modes"]["static"]["all"]["ttft_p99"] > QUEUEING * light), None)
+    peak, low = runs[-1], runs[0]
+    return {
+        "benchmark": "multi-model",
+        "device": device,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": os.environ.get("ELASTIKV_COMMIT") or _git_commit(),
+        "plan": dataclasses.asdict(plan),
+        "kv_bytes_per_token": per_token,
+        "static_share_tokens": third_tokens,
+        "why": "long prompts, short outputs: the embedded engine's compute is slow, so a chat workload would "
+        "saturate compute before memory; with these requests KV memory is what binds at a peak",
+        "runs": runs,
+        "static_queues_from_rate": queues_from,
+        "queueing_rule": f"static p99 TTFT above {QUEUEING:g}x its p50 at the lightest rate",
+        "peak_p99_ttft_static_over_elastic": _ratio(
+            peak["modes"]["static"]["all"]["ttft_p99"], peak["modes"]["elastic"]["all"]["ttft_p99"]
+        ),
+        "light_mean_ttft_elastic_over_static": low["elastic_over_static"]["ttft_mean"],
+        "models": states,
+    }
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
+
+
+def _print(console: Console, report: dict[str, Any]) -> None:
+    table = Table(title=f"multi-model benchmark on {report['device']}: TTFT and TPOT (ms), per rate and mode",
+                  title_justify="left")  # fmt: skip
+    for col in ("rate", "mode", "done", "TTFT mean", "p50", "p99", "TPOT mean", "out tok/s", "prompt tok/s", "KV peak"):
+        table.add_column(col, justify="left" if col in ("mode",) else "right")
+    for run in report["runs"]:
+        for mode in MODES:
+            m = run["modes"][mode]
+            s = m["all"]
+            table.add_row(
+                f"{run['rate']:g}", mode, f"{s['completed']}/{s['requests']}",
+                *(_ms(s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean")),
+                f"{m['output_tokens_per_s']:.0f}", f"{m['prompt_tokens_per_s']:.0f}", format_bytes(m["peak_kv_bytes"]),
+                end_section=mode == "elastic",
+            )  # fmt: skip
+    console.print(table)
+    for run in report["runs"]:
+        r = run["elastic_over_static"]
+        console.print(f"rate {run['rate']:g}: elastic / static TTFT mean {r['ttft_mean']:.2f}, p50 {r['ttft_p50']:.2f},"
+                      f" p99 {r['ttft_p99']:.2f}; TPOT {r['tpot_mean']:.2f}")  # fmt: skip
+    console.print(
+        f"static queues from {report['static_queues_from_rate']} req/s ({report['queueing_rule']}); at the highest "
+        f"rate static p99 TTFT is [bold]{report['peak_p99_ttft_static_over_elastic']:.1f}x[/] elastic's; at the "
+        f"lightest, elastic mean TTFT is [bold]{report['light_mean_ttft_elastic_over_static']:.3f}x[/] static's"
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown summary (what the results directory keeps beside the JSON)."""
+    p = report["plan"]
+    lines = [
+        f"# multi-model benchmark: {len(p['models'])} models on {report['device']}",
+        "",
+        f"{report['date']}, commit {report['commit']}: `{report['command']}`",
+        "",
+        f"KV budget {format_bytes(p['kv_budget'])} ({report['static_share_tokens']} tokens per model when split), "
+        f"requests of {p['prompt_tokens']} prompt + {p['output_tokens']} output tokens, {p['duration']:g} s of trace "
+        f"per rate (peaks {p['peak_width']:g} s wide, base rate {p['base_rate']:g}/s). Why: {report['why']}.",
+        "",
+        "| peak rate (req/s) | mode | completed | TTFT mean (ms) | p50 | p99 | TPOT mean (ms) | output tok/s | "
+        "prompt tok/s | KV peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        for mode in MODES:
+            m = run["modes"][mode]
+            s = m["all"]
+            times = " | ".join(_ms(s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean"))
+            lines.append(
+                f"| {run['rate']:g} | {mode} | {s['completed']}/{s['requests']} | {times} | "
+                f"{m['output_tokens_per_s']:.0f} | {m['prompt_tokens_per_s']:.0f} | "
+                f"{format_bytes(m['peak_kv_bytes'])} |"
+            )
+    lines += ["", "| peak rate | elastic/static TTFT mean | p50 | p99 | TPOT mean |", "|---|---|---|---|---|"]
+    for run in report["runs"]:
+        r = run["elastic_over_static"]
+        lines.append(f"| {run['rate']:g} | {r['ttft_mean']:.3f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | "
+                     f"{r['tpot_mean']:.3f} |")  # fmt: skip
+    lines += [
+        "",
+        f"- static queues from: {report['static_queues_from_rate']} req/s ({report['queueing_rule']})",
+        f"- highest rate: static p99 TTFT / elastic p99 TTFT = **{report['peak_p99_ttft_static_over_elastic']:.2f}** "
+        "(target >= 5)",
+        f"- lightest rate: elastic mean TTFT / static = **{report['light_mean_ttft_elastic_over_static']:.3f}** "
+        "(target <= 1.05)",
+        "",
+        "Per model:",
+        "",
+        "| peak rate | model | mode | completed | TTFT mean (ms) | p99 | KV peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        for name in p["models"]:
+            for mode in MODES:
+                m = run["modes"][mode]
+                s = m["models"][name]
+                lines.append(f"| {run['rate']:g} | {name} | {mode} | {s['completed']}/{s['requests']} | "
+                             f"{_ms(s['ttft_mean'])} | {_ms(s['ttft_p99'])} | "
+                             f"{format_bytes(m['peak_kv_bytes_per_model'][name])} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, plan: BenchPlan, report: dict[str, Any], results: dict[str, list[Replayed]], device: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
+    rates = [r["rate"] for r in report["runs"]]
+    for mode, color in zip(MODES, ("tab:red", "tab:blue"), strict=True):
+        for key, style in (("ttft_p99", "-o"), ("ttft_mean", "--s")):
+            top.plot(rates, [r["modes"][mode]["all"][key] for r in report["runs"]], style, color=color,
+                     label=f"{mode} {key.replace('ttft_', 'TTFT ')}")  # fmt: skip
+    top.set_xscale("log")
+    top.set_yscale("log")
+    top.set_xlabel("peak request rate per model (requests/s)")
+    top.set_ylabel("time to first token (s)")
+    top.legend(fontsize=8)
+    top.set_title("TTFT against load: static split vs elastic sharing", loc="left")
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    samples = results["elastic"][-1].samples
+    t = [s[0] for s in samples]
+    stacks = [[s[1].get(name, 0) / GiB for s in samples] for name in plan.models]
+    bottom.stackplot(t, stacks, labels=plan.models, colors=colors[: len(plan.models)], alpha=0.8, step="post")
+    share = plan.kv_budget / len(plan.models) / GiB
+    for k in range(1, len(plan.models) + 1):
+        bottom.axhline(share * k, color="black", linestyle=":", linewidth=0.8)
+    bottom.axhline(plan.kv_budget / GiB, color="black", linestyle="--", linewidth=1, label="budget (static: split)")
+    for i, name in enumerate(plan.models):
+        at = [o.arrival.at for o in results["elastic"][-1].outcomes if o.arrival.model == name]
+        bottom.plot(at, [-0.02 * plan.kv_budget / GiB * (i + 1)] * len(at), "|", color=colors[i], markersize=6)
+    bottom.set_xlabel("seconds (ticks below: request arrivals per model)")
+    bottom.set_ylabel("KV memory mapped (GiB)")
+    bottom.legend(loc="upper right", fontsize=8, ncols=len(plan.models) + 1)
+    bottom.set_title(f"elastic, peak rate {rates[-1]:g} req/s: KV memory per model (dotted: the static split)",
+                     loc="left")  # fmt: skip
+    fig.suptitle(f"elastikv multi-model benchmark, {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plan_from_options(
+    *,
+    model_paths: tuple[str, ...] = (),
+    count: int = 3,
+    size: str | None = None,
+    kv_budget: str | None = None,
+    rates: str | None = None,
+    duration: float | None = None,
+    peak_width: float | None = None,
+    prompt_tokens: int | None = None,
+    output_tokens: int | None = None,
+    max_batch_tokens: int | None = None,
+    trace: str | None = None,
+    short: bool = False,
+    seed: int = 0,
+) -> BenchPlan:
+    """The plan for the CLI's options: the GPU defaults (three 8B models, 20 GiB of KV) where there is a GPU,
+    the CPU preset (tiny models on host memory) elsewhere; ``--short`` trims the GPU sweep to one command."""
+    import torch
+
+    from elastikv.config import parse_size
+
+    on_gpu = torch.cuda.is_available()
+    fields: dict[str, Any] = {} if on_gpu else dict(CPU)
+    if short and on_gpu:
+        fields.update(SHORT)
+    count = len(model_paths) or count
+    if count < 1:
+        raise ConfigError("--models must be at least 1")
+    fields["models"] = tuple(f"model-{chr(ord('a') + i)}" if i < 26 else f"model-{i}" for i in range(count))
+    fields["model_paths"] = tuple(model_paths)
+    if size is not None:
+        fields["size"] = size
+    if kv_budget is not None:
+        fields["kv_budget"] = parse_size(kv_budget, what="--kv-budget", allow_percent=False, allow_zero=False).resolve(
+            0
+        )
+    if rates is not None:
+        try:
+            fields["rates"] = tuple(float(r) for r in rates.split(",") if r.strip())
+        except ValueError:
+            raise ConfigError(f"--rates {rates!r}: write request rates separated by commas, e.g. 0.25,0.5,1") from None
+    given = {"duration": duration, "peak_width": peak_width, "prompt_tokens": prompt_tokens,
+             "output_tokens": output_tokens, "max_batch_tokens": max_batch_tokens, "trace": trace}  # fmt: skip
+    fields.update({k: v for k, v in given.items() if v is not None})
+    fields["seed"] = seed
+    return BenchPlan(**fields)
+
+
+def run_and_save(plan: BenchPlan, out: Path, *, model_cache: Path | None = None) -> dict[str, Any]:
+    """Run the benchmark and write ``multi-model-<device>-<time>.{json,md,png}`` under ``out`` (and under
+    ``$OUT/results`` when the device tool runs it)."""
+    import re
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", _device_label()).strip("-").lower()
+    stem = out / f"multi-model-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+    report = run_bench(plan, png=stem.with_suffix(".png"), model_cache=model_cache)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    if os.environ.get("OUT"):
+        dest = Path(os.environ["OUT"], "results")
+        dest.mkdir(parents=True, exist_ok=True)
+        for suffix in (".json", ".md", ".png"):
+            shutil.copy(stem.with_suffix(suffix), dest)
+    Console().print(f"wrote {stem}.json, .md and .png")
+    return report

@@ -1,0 +1,117 @@
+"""Several models behind the router, in this process, with traces replayed through it: what ``elastikv demo`` and
+``elastikv bench multi-model`` both run, once per mode (static split, elastic sharing).
+
+The router (``elastikv serve``'s code) starts every engine once; the traces are then replayed one after the
+other (each waits for all its requests), while a thread samples how much KV memory each model holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from elastikv.config import format_bytes
+from elastikv.router.config import RouterConfig
+from elastikv.workload import Arrival, Outcome, replay
+
+
+@dataclass
+class Replayed:
+    """One trace replayed: every request's outcome, and the KV bytes each model held over time."""
+
+    outcomes: list[Outcome]
+    samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (seconds since its start, held)
+    seconds: float = 0.0  # from the first send to the last answer
+
+
+Held = Callable[[Any], dict[str, int]]  # the Router -> bytes of KV each model holds now
+
+
+async def replay_through_router(
+    config: RouterConfig,
+    traces: Sequence[Sequence[Arrival]],
+    *,
+    log_dir: Path,
+    held: Held,
+    console: Console,
+    label: str,
+    between: Callable[[int], None] | None = None,
+) -> tuple[list[Replayed], dict[str, dict[str, Any]]]:
+    """Start the router and its engines, replay each trace in turn, stop everything. Returns each trace's
+    :class:`Replayed` and every model's final status (wakes, sleeps, restarts). ``between(i)`` runs before trace
+    ``i`` is sent (e.g. to print what comes)."""
+    import uvicorn
+
+    from elastikv.router.app import create_app
+    from elastikv.router.router import Router
+
+    router = Router(config, log_dir=log_dir)
+    server = uvicorn.Server(uvicorn.Config(create_app(router), host=config.host, port=config.port,
+                                           log_level="warning", lifespan="on"))  # fmt: skip
+    logging.getLogger("elastikv").setLevel(logging.WARNING)
+    serving = asyncio.create_task(server.serve())
+    names = [m.name for m in config.models]
+    out: list[Replayed] = []
+    try:
+        with console.status(f"{label}: starting {len(names)} engines..."):
+            while not server.started:
+                if serving.done():
+                    serving.result()
+                    raise RuntimeError("the router stopped while starting")
+                await asyncio.sleep(0.1)
+        for i, trace in enumerate(traces):
+            if between is not None:
+                between(i)
+            out.append(await _replay_one(router, config, list(trace), held, console, label))
+    finally:
+        states = {name: m.status() for name, m in router.models.items()}
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await serving
+    return out, states
+
+
+async def _replay_one(
+    router: Any, config: RouterConfig, trace: list[Arrival], held: Held, console: Console, label: str
+) -> Replayed:
+    result = Replayed(outcomes=[])
+    stop = threading.Event()
+    t0 = time.monotonic()
+
+    def sample() -> None:  # in a thread: the ledger is SQLite
+        while not stop.is_set():
+            result.samples.append((time.monotonic() - t0, held(router)))
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    columns = (TextColumn(f"[bold]{label:>7}[/] replaying"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[note]}"), TimeElapsedColumn())  # fmt: skip
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task(label, total=len(trace), note="")
+            failed = 0
+
+            def done(o: Outcome) -> None:
+                nonlocal failed
+                failed += 0 if o.ok else 1
+                now = result.samples[-1][1] if result.samples else {}
+                note = "  ".join(f"{n}: {format_bytes(b)}" for n, b in now.items())
+                progress.update(task, advance=1, note=note + (f"  [red]{failed} failed[/]" if failed else ""))
+
+            result.outcomes = await replay(f"http://{config.host}:{config.port}", trace, on_done=done)
+    finally:
+        stop.set()
+        sampler.join()
+    result.seconds = time.monotonic() - t0
+    return result
