@@ -58,7 +58,7 @@ def bench() -> None:
 @click.option("--size", type=click.Choice(["tiny", "1b", "8b"]), default=None, help="Size of the random model "
               "(default: 8b on a GPU, tiny on a CPU).")  # fmt: skip
 @click.option("--kv-budget", default=None, help="KV memory all models share, split evenly when static "
-              "(default: 20GiB on a GPU, 12MiB on a CPU).")  # fmt: skip
+              "(default: 16GiB on a GPU, 12MiB on a CPU).")  # fmt: skip
 @click.option("--rates", default=None, help="Peak request rates per model to sweep, e.g. 0.1,0.25,0.5,1.")
 @click.option("--duration", type=float, default=None, help="Seconds of trace per rate.")
 @click.option("--peak-width", type=float, default=None, help="Seconds each model's peak lasts.")

@@ -50,14 +50,14 @@ class BenchPlan:
     models: tuple[str, ...] = ("llama-a", "llama-b", "llama-c")
     size: str = "8b"  # of the random model made when model_paths is empty
     model_paths: tuple[str, ...] = ()  # the user's own models, one per name
-    kv_budget: int = 20 * GiB  # KV memory all models share (elastic) or split evenly (static)
+    kv_budget: int = 16 * GiB  # KV memory all models share (elastic) or split evenly (static)
     rates: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)  # peak request rate per model (requests/s), one run each
     duration: float = 60.0  # seconds of trace per rate
     base_rate: float = 0.02  # requests/s per model between peaks
     peak_width: float = 20.0  # seconds, at the base of each model's peak (3 models in 60 s: no overlap)
     prompt_tokens: int = 4096
     output_tokens: int = 64
-    max_batch_tokens: int = 4096  # tokens per forward pass (prefill chunk + decodes)
+    max_batch_tokens: int = 2048  # tokens per forward pass (prefill chunk + decodes)
     elastic_read_tokens: int | None = None  # elastic --max-kv-tokens; default: all the budget holds
     dtype: str = "bfloat16"
     reserve: int | None = None  # ELASTIKV_RESERVE for the elastic engines; None: elastikv's default
@@ -441,7 +441,7 @@ def plan_from_options(
     short: bool = False,
     seed: int = 0,
 ) -> BenchPlan:
-    """The plan for the CLI's options: the GPU defaults (three 8B models, 20 GiB of KV) where there is a GPU,
+    """The plan for the CLI's options: the GPU defaults (three 8B models, 16 GiB of KV) where there is a GPU,
     the CPU preset (tiny models on host memory) elsewhere; ``--short`` trims the GPU sweep to one command."""
     import torch
 
