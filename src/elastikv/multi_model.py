@@ -240,7 +240,8 @@ def _report(
 ) -> dict[str, Any]:
     runs = []
     for i, rate in enumerate(rates):
-        run: dict[str, Any] = {"rate": rate, "requests": len(traces[i]), "modes": {}}
+        arrivals = {n: [a.at for a in traces[i] if a.model == n] for n in plan.models}
+        run: dict[str, Any] = {"rate": rate, "requests": len(traces[i]), "arrivals": arrivals, "modes": {}}
         for mode in MODES:
             r = results[mode][i]
             ok = [o for o in r.outcomes if o.ok]
