@@ -71,7 +71,14 @@ def bench() -> None:
     default=None,
     help="Replay this trace (JSON lines: at, model, prompt_tokens, output_tokens) instead of the sweep.",
 )
-@click.option("--short", is_flag=True, help="Two rates (light, peak) and a shorter trace: one 10-minute run.")
+@click.option("--short", is_flag=True, help="Two rates (light, peak): one 10-minute command on an H100.")
+@click.option(
+    "--merge",
+    "merge",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Run nothing: merge these results (JSON of runs of one plan, other rates) into one sweep.",
+)
 @click.option("--model-cache", type=click.Path(file_okay=False), default=None,
               help="Keep the random model here between runs (default: a temporary directory).")  # fmt: skip
 @click.option("--out", default="elastikv-bench", show_default=True, help="Where the JSON, Markdown and PNG go.")
@@ -79,14 +86,18 @@ def bench() -> None:
 def bench_multi_model(
     model_paths: tuple[str, ...], count: int, size: str | None, kv_budget: str | None, rates: str | None,
     duration: float | None, peak_width: float | None, prompt_tokens: int | None, output_tokens: int | None,
-    max_batch_tokens: int | None, trace: str | None, short: bool, model_cache: str | None, out: str, seed: int,
+    max_batch_tokens: int | None, trace: str | None, short: bool, merge: tuple[str, ...], model_cache: str | None,
+    out: str, seed: int,
 ) -> None:  # fmt: skip
     """N models on one GPU under intermittent peaks: static split against elastic sharing, over a sweep of
     request rates. Prints TTFT/TPOT per rate and mode and the ratios; writes JSON, Markdown and a PNG."""
     from pathlib import Path
 
-    from elastikv.multi_model import plan_from_options, run_and_save
+    from elastikv.multi_model import merge_and_save, plan_from_options, run_and_save
 
+    if merge:
+        merge_and_save([Path(m) for m in merge], Path(out))
+        return
     plan = plan_from_options(
         model_paths=model_paths, count=count, size=size, kv_budget=kv_budget, rates=rates, duration=duration,
         peak_width=peak_width, prompt_tokens=prompt_tokens, output_tokens=output_tokens,

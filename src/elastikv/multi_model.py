@@ -145,7 +145,7 @@ def run_bench(
         console.print(f"{mode}: done in {time.monotonic() - t0:.0f} s")
     report = _report(plan, device, rates, traces, results, states, third_tokens, per_token)
     _print(console, report)
-    _plot(png, plan, report, results, device)
+    _plot(png, report)
     report["png"] = str(png)
     return report
 
@@ -260,10 +260,7 @@ def _report(
         s, e = run["modes"]["static"]["all"], run["modes"]["elastic"]["all"]
         run["elastic_over_static"] = {k: _ratio(e[k], s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean")}
         runs.append(run)
-    light = runs[0]["modes"]["static"]["all"]["ttft_p50"]
-    queues_from = next((r["rate"] for r in runs if r["modes"]["static"]["all"]["ttft_p99"] > QUEUEING * light), None)
-    peak, low = runs[-1], runs[0]
-    return {
+    report = {
         "benchmark": "multi-model",
         "device": device,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -275,14 +272,50 @@ def _report(
         "why": "long prompts, short outputs: the embedded engine's compute is slow, so a chat workload would "
         "saturate compute before memory; with these requests KV memory is what binds at a peak",
         "runs": runs,
-        "static_queues_from_rate": queues_from,
-        "queueing_rule": f"static p99 TTFT above {QUEUEING:g}x its p50 at the lightest rate",
-        "peak_p99_ttft_static_over_elastic": _ratio(
-            peak["modes"]["static"]["all"]["ttft_p99"], peak["modes"]["elastic"]["all"]["ttft_p99"]
-        ),
-        "light_mean_ttft_elastic_over_static": low["elastic_over_static"]["ttft_mean"],
         "models": states,
     }
+    return _summarize(report)
+
+
+def _summarize(report: dict[str, Any]) -> dict[str, Any]:
+    """The sweep's headline figures, from its runs (lightest rate first)."""
+    runs = sorted(report["runs"], key=lambda r: r["rate"])
+    report["runs"] = runs
+    light = runs[0]["modes"]["static"]["all"]["ttft_p50"]
+    queues_from = next((r["rate"] for r in runs if r["modes"]["static"]["all"]["ttft_p99"] > QUEUEING * light), None)
+    peak = max(
+        runs, key=lambda r: _ratio(r["modes"]["static"]["all"]["ttft_p99"], r["modes"]["elastic"]["all"]["ttft_p99"])
+    )
+    report["static_queues_from_rate"] = queues_from
+    report["queueing_rule"] = f"static p99 TTFT above {QUEUEING:g}x its p50 at the lightest rate"
+    report["best_peak_rate"] = peak["rate"]
+    report["peak_p99_ttft_static_over_elastic"] = _ratio(
+        peak["modes"]["static"]["all"]["ttft_p99"], peak["modes"]["elastic"]["all"]["ttft_p99"]
+    )
+    report["light_mean_ttft_elastic_over_static"] = runs[0]["elastic_over_static"]["ttft_mean"]
+    return report
+
+
+def merge_reports(paths: list[Path]) -> dict[str, Any]:
+    """One sweep from several runs of the same plan but for the rates (a sweep longer than one command). A rate
+    found in several files is taken from the last one given."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    first = reports[0]
+    keep = ("rates",)
+    for p, r in zip(paths, reports, strict=True):
+        a = {k: v for k, v in first["plan"].items() if k not in keep}
+        b = {k: v for k, v in r["plan"].items() if k not in keep}
+        if a != b or r["device"] != first["device"]:
+            diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+            raise ConfigError(f"{p}: another plan or device than {paths[0]} ({', '.join(diff) or 'device'}); "
+                              "merge runs of one plan only")  # fmt: skip
+    merged = dict(first)
+    by_rate = {run["rate"]: run for r in reports for run in r["runs"]}  # a rate run twice: the later file's
+    merged["runs"] = list(by_rate.values())
+    merged["plan"] = dict(first["plan"], rates=sorted(run["rate"] for run in merged["runs"]))
+    merged["merged_from"] = [{"file": Path(p).name, "date": r["date"], "commit": r["commit"], "command": r["command"]}
+                             for p, r in zip(paths, reports, strict=True)]  # fmt: skip
+    return _summarize(merged)
 
 
 def _git_commit() -> str:
@@ -324,9 +357,10 @@ def _print(console: Console, report: dict[str, Any]) -> None:
         console.print(f"rate {run['rate']:g}: elastic / static TTFT mean {r['ttft_mean']:.2f}, p50 {r['ttft_p50']:.2f},"
                       f" p99 {r['ttft_p99']:.2f}; TPOT {r['tpot_mean']:.2f}")  # fmt: skip
     console.print(
-        f"static queues from {report['static_queues_from_rate']} req/s ({report['queueing_rule']}); at the highest "
-        f"rate static p99 TTFT is [bold]{report['peak_p99_ttft_static_over_elastic']:.1f}x[/] elastic's; at the "
-        f"lightest, elastic mean TTFT is [bold]{report['light_mean_ttft_elastic_over_static']:.3f}x[/] static's"
+        f"static queues from {report['static_queues_from_rate']} req/s ({report['queueing_rule']}); at "
+        f"{report['best_peak_rate']:g} req/s static p99 TTFT is "
+        f"[bold]{report['peak_p99_ttft_static_over_elastic']:.1f}x[/] elastic's; at the lightest, elastic mean TTFT "
+        f"is [bold]{report['light_mean_ttft_elastic_over_static']:.3f}x[/] static's"
     )
 
 
@@ -364,8 +398,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"- static queues from: {report['static_queues_from_rate']} req/s ({report['queueing_rule']})",
-        f"- highest rate: static p99 TTFT / elastic p99 TTFT = **{report['peak_p99_ttft_static_over_elastic']:.2f}** "
-        "(target >= 5)",
+        f"- best peak rate ({report['best_peak_rate']:g} req/s): static p99 TTFT / elastic p99 TTFT = "
+        f"**{report['peak_p99_ttft_static_over_elastic']:.2f}** (target >= 5)",
         f"- lightest rate: elastic mean TTFT / static = **{report['light_mean_ttft_elastic_over_static']:.3f}** "
         "(target <= 1.05)",
         "",
@@ -385,17 +419,19 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(path: Path, plan: BenchPlan, report: dict[str, Any], results: dict[str, list[Replayed]], device: str) -> None:
+def _plot(path: Path, report: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plan, device, runs = report["plan"], report["device"], report["runs"]
+    models, budget = plan["models"], plan["kv_budget"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
-    rates = [r["rate"] for r in report["runs"]]
+    rates = [r["rate"] for r in runs]
     for mode, color in zip(MODES, ("tab:red", "tab:blue"), strict=True):
         for key, style in (("ttft_p99", "-o"), ("ttft_mean", "--s")):
-            top.plot(rates, [r["modes"][mode]["all"][key] for r in report["runs"]], style, color=color,
+            top.plot(rates, [r["modes"][mode]["all"][key] for r in runs], style, color=color,
                      label=f"{mode} {key.replace('ttft_', 'TTFT ')}")  # fmt: skip
     top.set_xscale("log")
     top.set_yscale("log")
@@ -404,21 +440,22 @@ def _plot(path: Path, plan: BenchPlan, report: dict[str, Any], results: dict[str
     top.legend(fontsize=8)
     top.set_title("TTFT against load: static split vs elastic sharing", loc="left")
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    samples = results["elastic"][-1].samples
+    shown = next(r for r in runs if r["rate"] == report["best_peak_rate"])
+    samples = shown["modes"]["elastic"]["memory"]
     t = [s[0] for s in samples]
-    stacks = [[s[1].get(name, 0) / GiB for s in samples] for name in plan.models]
-    bottom.stackplot(t, stacks, labels=plan.models, colors=colors[: len(plan.models)], alpha=0.8, step="post")
-    share = plan.kv_budget / len(plan.models) / GiB
-    for k in range(1, len(plan.models) + 1):
+    stacks = [[s[1].get(name, 0) / GiB for s in samples] for name in models]
+    bottom.stackplot(t, stacks, labels=models, colors=colors[: len(models)], alpha=0.8, step="post")
+    share = budget / len(models) / GiB
+    for k in range(1, len(models) + 1):
         bottom.axhline(share * k, color="black", linestyle=":", linewidth=0.8)
-    bottom.axhline(plan.kv_budget / GiB, color="black", linestyle="--", linewidth=1, label="budget (static: split)")
-    for i, name in enumerate(plan.models):
-        at = [o.arrival.at for o in results["elastic"][-1].outcomes if o.arrival.model == name]
-        bottom.plot(at, [-0.02 * plan.kv_budget / GiB * (i + 1)] * len(at), "|", color=colors[i], markersize=6)
+    bottom.axhline(budget / GiB, color="black", linestyle="--", linewidth=1, label="budget (static: split)")
+    for i, name in enumerate(models):
+        at = shown["arrivals"][name]
+        bottom.plot(at, [-0.02 * budget / GiB * (i + 1)] * len(at), "|", color=colors[i % len(colors)], markersize=6)
     bottom.set_xlabel("seconds (ticks below: request arrivals per model)")
     bottom.set_ylabel("KV memory mapped (GiB)")
-    bottom.legend(loc="upper right", fontsize=8, ncols=len(plan.models) + 1)
-    bottom.set_title(f"elastic, peak rate {rates[-1]:g} req/s: KV memory per model (dotted: the static split)",
+    bottom.legend(loc="upper right", fontsize=8, ncols=len(models) + 1)
+    bottom.set_title(f"elastic, peak rate {shown['rate']:g} req/s: KV memory per model (dotted: the static split)",
                      loc="left")  # fmt: skip
     fig.suptitle(f"elastikv multi-model benchmark, {device}")
     fig.tight_layout()
@@ -478,13 +515,34 @@ def plan_from_options(
 def run_and_save(plan: BenchPlan, out: Path, *, model_cache: Path | None = None) -> dict[str, Any]:
     """Run the benchmark and write ``multi-model-<device>-<time>.{json,md,png}`` under ``out`` (and under
     ``$OUT/results`` when the device tool runs it)."""
+    stem = _stem(out, _device_label())
+    report = run_bench(plan, png=stem.with_suffix(".png"), model_cache=model_cache)
+    _save(stem, report)
+    return report
+
+
+def merge_and_save(paths: list[Path], out: Path) -> dict[str, Any]:
+    """Merge several runs' JSON (see :func:`merge_reports`) and write the sweep's JSON, Markdown and PNG."""
+    report = merge_reports(paths)
+    stem = _stem(out, report["device"], "multi-model-sweep")
+    _plot(stem.with_suffix(".png"), report)
+    report["png"] = str(stem.with_suffix(".png"))
+    _print(Console(), report)
+    _save(stem, report)
+    return report
+
+
+def _stem(out: Path, device: str, name: str = "multi-model") -> Path:
     import re
-    import shutil
 
     out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", _device_label()).strip("-").lower()
-    stem = out / f"multi-model-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
-    report = run_bench(plan, png=stem.with_suffix(".png"), model_cache=model_cache)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    return out / f"{name}-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _save(stem: Path, report: dict[str, Any]) -> None:
+    import shutil
+
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     if os.environ.get("OUT"):
@@ -493,4 +551,3 @@ def run_and_save(plan: BenchPlan, out: Path, *, model_cache: Path | None = None)
         for suffix in (".json", ".md", ".png"):
             shutil.copy(stem.with_suffix(suffix), dest)
     Console().print(f"wrote {stem}.json, .md and .png")
-    return report
