@@ -32,8 +32,8 @@ from rich.table import Table
 
 from elastikv.config import format_bytes
 from elastikv.models import kv_bytes_per_token
-from elastikv.routed import replay_through_router
-from elastikv.router.config import ModelSpec, RouterConfig
+from elastikv.routed import embedded_config, held_kv, replay_through_router
+from elastikv.router.config import RouterConfig
 from elastikv.workload import Arrival, Outcome, intermittent, save_trace, summary
 
 MODES = ("static", "elastic")
@@ -103,8 +103,6 @@ def _make_models(work: Path, names: tuple[str, ...]) -> dict[str, Path]:
 
 
 def _config(mode: str, plan: DemoPlan, paths: dict[str, Path], work: Path, dtype: str) -> RouterConfig:
-    from elastikv.router.router import free_port
-
     third = plan.budget // len(plan.models)
     env = {
         "ELASTIKV_LEDGER_DIR": str(work / "ledger"),  # the demo's own book: other elastikv users are left alone
@@ -113,32 +111,22 @@ def _config(mode: str, plan: DemoPlan, paths: dict[str, Path], work: Path, dtype
         "ELASTIKV_RESERVE": "0",  # an idle engine holds only its null blocks' page
         "ELASTIKV_PREFIX_CACHE": "0",  # the trace's prompts share nothing; keep no finished blocks
     }
-    specs = []
+    models = {}
     for name in plan.models:
         config = json.loads((paths[name] / "config.json").read_text())
         tokens = third // kv_bytes_per_token(config, 4 if dtype == "float32" else 2)
         args = ["--dtype", dtype, "--max-kv-tokens", str(tokens)]
         if mode == "static":
             args += ["--static-kv", str(third)]
-        specs.append(ModelSpec(
-            name=name, engine="elastikv", model=str(paths[name]), command=None, args=tuple(args), env=env,
-            limit=None, idle_s=plan.idle_s if mode == "elastic" else None, sleep_level=1, port=free_port(),
-            health_path="/health", start_timeout_s=300.0,
-        ))  # fmt: skip
-    return RouterConfig(host="127.0.0.1", port=free_port(), admin_token=None, models=tuple(specs), source=None)
+        models[name] = (paths[name], args)
+    idle = plan.idle_s if mode == "elastic" else None
+    return embedded_config(models, env, idle_s=idle, start_timeout_s=300.0)
 
 
 async def _run_mode(mode: str, plan: DemoPlan, paths: dict[str, Path], trace: list[Arrival], work: Path,
                     device: str, dtype: str, console: Console) -> dict[str, Any]:  # fmt: skip
     config = _config(mode, plan, paths, work, dtype)
-    third = plan.budget // len(plan.models)
-
-    def held(router: Any) -> dict[str, int]:
-        if mode == "static":  # transformers' own cache, allocated at start and held throughout
-            return {name: third for name in plan.models}
-        rows = router.ledger_rows()
-        return {name: rows.get(name, 0) for name in plan.models}
-
+    held = held_kv(mode, plan.models, plan.budget // len(plan.models))
     what = ("each engine without elastikv, a static third of the budget" if mode == "static"
             else "elastikv sharing the whole budget, idle models asleep")  # fmt: skip
     console.print(f"{mode}: {what}")

@@ -36,8 +36,8 @@ from rich.table import Table
 from elastikv.config import format_bytes
 from elastikv.errors import ConfigError
 from elastikv.models import SIZES, kv_bytes_per_token
-from elastikv.routed import Replayed, replay_through_router
-from elastikv.router.config import ModelSpec, RouterConfig
+from elastikv.routed import Replayed, embedded_config, held_kv, replay_through_router
+from elastikv.router.config import RouterConfig
 from elastikv.workload import Arrival, intermittent, load_trace, save_trace, summary
 
 MODES = ("static", "elastic")
@@ -131,7 +131,7 @@ def run_bench(
     states: dict[str, Any] = {}
     for mode in MODES:
         cfg = _router_config(mode, plan, paths, work, third_tokens, per_token)
-        held = _held(mode, plan)
+        held = held_kv(mode, plan.models, plan.kv_budget // len(plan.models))
         t0 = time.monotonic()
 
         def between(i: int, mode: str = mode) -> None:
@@ -188,8 +188,6 @@ def _trace(plan: BenchPlan, rate: float, i: int) -> list[Arrival]:
 def _router_config(
     mode: str, plan: BenchPlan, paths: dict[str, Path], work: Path, third_tokens: int, per_token: int
 ) -> RouterConfig:
-    from elastikv.router.router import free_port
-
     share = plan.kv_budget // len(plan.models)
     env = {
         "ELASTIKV_LEDGER_DIR": str(work / "ledger"),  # the benchmark's own book: other elastikv users are left alone
@@ -200,7 +198,7 @@ def _router_config(
         env["ELASTIKV_RESERVE"] = str(plan.reserve)
     if "ELASTIKV_HOST_MEMORY" not in os.environ:
         env["ELASTIKV_HOST_MEMORY"] = str(max(plan.kv_budget * 2, GiB))  # on a CPU: the pretend device
-    specs = []
+    models = {}
     for name in plan.models:
         args = ["--dtype", plan.dtype, "--max-batch-tokens", str(plan.max_batch_tokens)]
         if mode == "static":
@@ -208,24 +206,9 @@ def _router_config(
         else:
             read = plan.elastic_read_tokens or plan.kv_budget // per_token
             args += ["--max-kv-tokens", str(read)]
-        specs.append(ModelSpec(
-            name=name, engine="elastikv", model=str(paths[name]), command=None, args=tuple(args), env=env,
-            limit=None, idle_s=plan.idle_s if mode == "elastic" else None, sleep_level=1, port=free_port(),
-            health_path="/health", start_timeout_s=900.0,
-        ))  # fmt: skip
-    return RouterConfig(host="127.0.0.1", port=free_port(), admin_token=None, models=tuple(specs), source=None)
-
-
-def _held(mode: str, plan: BenchPlan) -> Any:
-    share = plan.kv_budget // len(plan.models)
-
-    def held(router: Any) -> dict[str, int]:
-        if mode == "static":  # transformers' own cache, allocated at start and held throughout
-            return dict.fromkeys(plan.models, share)
-        rows = router.ledger_rows()
-        return {name: rows.get(name, 0) for name in plan.models}
-
-    return held
+        models[name] = (paths[name], args)
+    idle = plan.idle_s if mode == "elastic" else None
+    return embedded_config(models, env, idle_s=idle, start_timeout_s=900.0)
 
 
 def _report(

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from elastikv.config import format_bytes
-from elastikv.router.config import RouterConfig
+from elastikv.router.config import ModelSpec, RouterConfig
 from elastikv.workload import Arrival, Outcome, replay
 
 
@@ -35,6 +35,45 @@ class Replayed:
 
 
 Held = Callable[[Any], dict[str, int]]  # the Router -> bytes of KV each model holds now
+
+
+def embedded_config(
+    models: dict[str, tuple[Path, list[str]]], env: dict[str, str], *, idle_s: float | None, start_timeout_s: float
+) -> RouterConfig:
+    """A router on free local ports serving each ``name -> (model dir, engine args)`` with the embedded engine."""
+    from elastikv.router.router import free_port
+
+    specs = tuple(
+        ModelSpec(
+            name=name,
+            engine="elastikv",
+            model=str(path),
+            command=None,
+            args=tuple(args),
+            env=env,
+            limit=None,
+            idle_s=idle_s,
+            sleep_level=1,
+            port=free_port(),
+            health_path="/health",
+            start_timeout_s=start_timeout_s,
+        )
+        for name, (path, args) in models.items()
+    )
+    return RouterConfig(host="127.0.0.1", port=free_port(), admin_token=None, models=specs, source=None)
+
+
+def held_kv(mode: str, names: Sequence[str], share: int) -> Held:
+    """What each model holds: in ``static`` mode its share, allocated at start and held throughout (transformers'
+    own cache); otherwise what the ledger shows."""
+
+    def held(router: Any) -> dict[str, int]:
+        if mode == "static":
+            return dict.fromkeys(names, share)
+        rows = router.ledger_rows()
+        return {name: rows.get(name, 0) for name in names}
+
+    return held
 
 
 async def replay_through_router(
