@@ -55,7 +55,9 @@ def elastic(tmp_path: Path, model: Any) -> Iterator[Any]:
 
     from elastikv.engines import transformers as tfe
 
-    def run(prompts: list[list[int]], max_new_tokens: int, **env: str) -> tuple[list[Any], Any]:
+    def run(
+        prompts: list[list[int]], max_new_tokens: int, attention: str = "paged|sdpa", **env: str
+    ) -> tuple[list[Any], Any]:
         settings = Settings.from_env(
             {
                 "ELASTIKV_HOST_MEMORY": "1GiB",
@@ -65,7 +67,7 @@ def elastic(tmp_path: Path, model: Any) -> Iterator[Any]:
             }
         )
         tfe.enable(settings=settings, max_kv_tokens=4096)
-        model.set_attn_implementation("paged|sdpa")
+        model.set_attn_implementation(attention)
         gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         cb = ContinuousBatchingConfig(block_size=32, max_batch_tokens=256)
         out = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb, warmup=False)
@@ -91,6 +93,84 @@ def test_sixteen_concurrent_requests_match_plain_transformers(model: Any, elasti
     assert [o.generated_tokens for o in outs] == _expected(model, prompts, 24)
     assert cache.elastic.allocator.stats().pages_mapped_total >= 1  # the blocks really came from elastikv
     assert cache.key_cache[0].data_ptr() >= cache.elastic.space.raw.data_ptr()
+
+
+def test_per_request_attention_matches_plain_transformers(model: Any, elastic: Any) -> None:
+    """`paged|elastikv` (serving/attention.py; its CPU path: one sdpa per request): chunked prefills (prompts over
+    max_batch_tokens=256), decodes and mixed steps give plain transformers' tokens."""
+    from elastikv.serving import attention
+
+    assert attention.resolve("elastikv", torch.device("cpu"), torch.float32) == attention.NAME
+    assert attention.resolve("auto", torch.device("cpu"), torch.float32) == "paged|sdpa"  # no flash kernel here
+    with pytest.raises(ValueError, match="use one of auto, elastikv, sdpa"):
+        attention.resolve("flash", torch.device("cpu"), torch.float32)
+    prompts = _prompts(12, [5, 300, 13, 40, 700, 64, 2, 257], seed=4)
+    outs, cache = elastic(prompts, 20, attention=attention.NAME)
+    assert model.config._attn_implementation == attention.NAME  # it ran, not a fallback
+    assert [o.error for o in outs] == [None] * 12
+    assert [o.generated_tokens for o in outs] == _expected(model, prompts, 20)
+    assert cache.elastic.allocator.stats().pages_mapped_total >= 1
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_flash_varlen_kernel_matches_the_per_request_reference() -> None:
+    """The CUDA path of `paged|elastikv` (PyTorch's flash kernel, variable length) against one sdpa per request:
+    grouped-query heads, a prefill, a prefill chunk after cached tokens, decodes, in bf16."""
+    from elastikv.serving.attention import _per_request_sdpa, varlen_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q_lens, k_lens = [700, 1, 256, 1, 1, 33], [700, 4097, 1280, 17, 1, 33]  # queries are each request's last tokens
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
+    q = torch.randn(sum(q_lens), 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(sum(k_lens), 8, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(sum(k_lens), 8, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    got = varlen_attention(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), 128**-0.5)
+    want = _per_request_sdpa(q.float(), k.float(), v.float(), cu_q, cu_k, 128**-0.5)
+    assert got.shape == q.shape and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_per_request_attention_generates_as_paged_sdpa_does(model: Any, tmp_path: Path) -> None:
+    """The embedded engine's GPU default (`--attention auto` in bf16: `paged|elastikv` on the flash kernel) against
+    transformers' `paged|sdpa` in the same process, on elastikv's device-mapped cache. bf16 kernels round
+    differently, so greedy paths may part after a near tie: the first token of every request (prefill, chunked
+    above 256 tokens) must agree and most of the rest."""
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    from elastikv.engines import transformers as tfe
+    from elastikv.serving import attention
+
+    gpu_model = model.to("cuda", torch.bfloat16)
+    assert attention.resolve("auto", torch.device("cuda"), torch.bfloat16) == attention.NAME
+    prompts = _prompts(16, [5, 300, 13, 40, 700, 64, 2, 257], seed=5)
+    gc = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
+    outs = {}
+    try:
+        for impl in (attention.NAME, "paged|sdpa"):
+            settings = Settings.from_env({"ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger")})
+            tfe.enable(settings=settings, max_kv_tokens=8192)
+            gpu_model.set_attn_implementation(impl)
+            cb = ContinuousBatchingConfig(block_size=32, max_batch_tokens=256, use_async_batching=False)
+            out = gpu_model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb, warmup=False)
+            assert tfe._caches[-1].elastic.backend.name == "cuda"
+            outs[impl] = [o.generated_tokens for o in out.values()]
+            for cache in tfe._caches:
+                cache.elastic.close()
+            tfe._caches.clear()
+        ours, theirs = outs[attention.NAME], outs["paged|sdpa"]
+        assert [len(o) for o in ours] == [24] * 16
+        assert [o[0] for o in ours] == [o[0] for o in theirs]
+        same = sum(a == b for o, t in zip(ours, theirs, strict=True) for a, b in zip(o, t, strict=True))
+        assert same >= 0.75 * 16 * 24, f"only {same} of {16 * 24} tokens agree"
+    finally:
+        for cache in tfe._caches:
+            cache.elastic.close()
+        tfe._caches.clear()
+        model.to("cpu", torch.float32)
+        model.set_attn_implementation("sdpa")
 
 
 def test_one_generation_over_two_thousand_tokens_matches(model: Any, elastic: Any) -> None:

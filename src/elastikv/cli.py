@@ -65,6 +65,8 @@ def bench() -> None:
 @click.option("--prompt-tokens", type=int, default=None, help="Prompt length of every request.")
 @click.option("--output-tokens", type=int, default=None, help="Output length of every request.")
 @click.option("--max-batch-tokens", type=int, default=None, help="Tokens per forward pass in each engine.")
+@click.option("--attention", type=click.Choice(["auto", "elastikv", "sdpa"]), default=None,
+              help="The engines' attention, both modes alike (`elastikv engine --help`; default auto).")  # fmt: skip
 @click.option(
     "--trace",
     type=click.Path(dir_okay=False, exists=True),
@@ -86,8 +88,8 @@ def bench() -> None:
 def bench_multi_model(
     model_paths: tuple[str, ...], count: int, size: str | None, kv_budget: str | None, rates: str | None,
     duration: float | None, peak_width: float | None, prompt_tokens: int | None, output_tokens: int | None,
-    max_batch_tokens: int | None, trace: str | None, short: bool, merge: tuple[str, ...], model_cache: str | None,
-    out: str, seed: int,
+    max_batch_tokens: int | None, attention: str | None, trace: str | None, short: bool, merge: tuple[str, ...],
+    model_cache: str | None, out: str, seed: int,
 ) -> None:  # fmt: skip
     """N models on one GPU under intermittent peaks: static split against elastic sharing, over a sweep of
     request rates. Prints TTFT/TPOT per rate and mode and the ratios; writes JSON, Markdown and a PNG."""
@@ -101,7 +103,7 @@ def bench_multi_model(
     plan = plan_from_options(
         model_paths=model_paths, count=count, size=size, kv_budget=kv_budget, rates=rates, duration=duration,
         peak_width=peak_width, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
-        max_batch_tokens=max_batch_tokens, trace=trace, short=short, seed=seed,
+        max_batch_tokens=max_batch_tokens, attention=attention, trace=trace, short=short, seed=seed,
     )  # fmt: skip
     run_and_save(plan, Path(out), model_cache=Path(model_cache) if model_cache else None)
 
@@ -274,6 +276,14 @@ def limit(name: str, size: str | None, reset: bool, device: str | None) -> None:
     help="Run without elastikv: transformers' own KV cache of this size (e.g. 64MiB), held from start to end. "
     "The baseline elastikv is compared with.",
 )
+@click.option(
+    "--attention",
+    type=click.Choice(["auto", "elastikv", "sdpa"]),
+    default="auto",
+    show_default=True,
+    help="elastikv: each request attends to its own KV (flash varlen on a GPU); sdpa: transformers' paged|sdpa, "
+    "one masked attention over the whole batch. auto: elastikv on a CUDA GPU in bf16/fp16, else sdpa.",
+)
 def engine_cmd(
     model: str,
     name: str | None,
@@ -285,6 +295,7 @@ def engine_cmd(
     max_batch_tokens: int,
     max_kv_tokens: int,
     static_kv: str | None,
+    attention: str,
 ) -> None:
     """Serve one model with an elastic KV cache behind an OpenAI-compatible API (transformers engine)."""
     import dataclasses
@@ -310,8 +321,13 @@ def engine_cmd(
         static_kv=None
         if static_kv is None
         else parse_size(static_kv, what="--static-kv", allow_percent=False).resolve(0),
+        attention=attention,
     )
-    click.echo(f"elastikv engine: serving {engine.name} on http://{host}:{port}/v1 ({engine.device})", err=True)
+    click.echo(
+        f"elastikv engine: serving {engine.name} on http://{host}:{port}/v1 ({engine.device}, attention "
+        f"{engine.attention})",
+        err=True,
+    )
     try:
         uvicorn.run(create_app(engine, close_on_shutdown=True), host=host, port=port, log_level="warning")
     finally:

@@ -38,6 +38,7 @@ from elastikv.errors import ConfigError
 from elastikv.models import SIZES, kv_bytes_per_token
 from elastikv.routed import Replayed, embedded_config, held_kv, replay_through_router
 from elastikv.router.config import RouterConfig
+from elastikv.serving.attention import CHOICES as ATTENTION_CHOICES
 from elastikv.workload import Arrival, intermittent, load_trace, save_trace, summary
 
 MODES = ("static", "elastic")
@@ -60,6 +61,7 @@ class BenchPlan:
     max_batch_tokens: int = 2048  # tokens per forward pass (prefill chunk + decodes)
     elastic_read_tokens: int | None = None  # elastic --max-kv-tokens; default: all the budget holds
     dtype: str = "bfloat16"
+    attention: str = "auto"  # the engines' --attention (serving/attention.py), the same in both modes
     reserve: int | None = None  # ELASTIKV_RESERVE for the elastic engines; None: elastikv's default
     idle_s: float | None = None  # elastic mode: sleep a model idle this long (weights to host); None: never
     trace: str | None = None  # replay this trace (JSON lines) instead of the rate sweep
@@ -75,6 +77,8 @@ class BenchPlan:
             raise ConfigError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
         if not self.rates or any(r <= 0 for r in self.rates):
             raise ConfigError("--rates must be positive request rates, e.g. 0.25,0.5,1")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ConfigError(f"--attention {self.attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
         if self.prompt_tokens < 1 or self.output_tokens < 1 or self.kv_budget <= 0:
             raise ConfigError("prompt and output tokens and the KV budget must be positive")
 
@@ -200,7 +204,7 @@ def _router_config(
         env["ELASTIKV_HOST_MEMORY"] = str(max(plan.kv_budget * 2, GiB))  # on a CPU: the pretend device
     models = {}
     for name in plan.models:
-        args = ["--dtype", plan.dtype, "--max-batch-tokens", str(plan.max_batch_tokens)]
+        args = ["--dtype", plan.dtype, "--max-batch-tokens", str(plan.max_batch_tokens), "--attention", plan.attention]
         if mode == "static":
             args += ["--static-kv", str(share), "--max-kv-tokens", str(third_tokens)]
         else:
@@ -252,12 +256,23 @@ def _report(
         "plan": dataclasses.asdict(plan),
         "kv_bytes_per_token": per_token,
         "static_share_tokens": third_tokens,
+        "attention": _attention(plan),
         "why": "long prompts, short outputs: the embedded engine's compute is slow, so a chat workload would "
         "saturate compute before memory; with these requests KV memory is what binds at a peak",
         "runs": runs,
         "models": states,
     }
     return _summarize(report)
+
+
+def _attention(plan: BenchPlan) -> str:
+    """The attention the engines run (both modes alike): ``elastikv`` (per request) or ``sdpa`` (whole batch)."""
+    import torch
+
+    from elastikv.serving.attention import choose
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return choose(plan.attention, device, getattr(torch, plan.dtype))
 
 
 def _summarize(report: dict[str, Any]) -> dict[str, Any]:
@@ -357,7 +372,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"KV budget {format_bytes(p['kv_budget'])} ({report['static_share_tokens']} tokens per model when split), "
         f"requests of {p['prompt_tokens']} prompt + {p['output_tokens']} output tokens, {p['duration']:g} s of trace "
-        f"per rate (peaks {p['peak_width']:g} s wide, base rate {p['base_rate']:g}/s). Why: {report['why']}.",
+        f"per rate (peaks {p['peak_width']:g} s wide, base rate {p['base_rate']:g}/s), attention "
+        f"{report.get('attention', 'sdpa')} in both modes. Why: {report['why']}.",
         "",
         "| peak rate (req/s) | mode | completed | TTFT mean (ms) | p50 | p99 | TPOT mean (ms) | output tok/s | "
         "prompt tok/s | KV peak |",
@@ -458,6 +474,7 @@ def plan_from_options(
     prompt_tokens: int | None = None,
     output_tokens: int | None = None,
     max_batch_tokens: int | None = None,
+    attention: str | None = None,
     trace: str | None = None,
     short: bool = False,
     seed: int = 0,
@@ -489,7 +506,8 @@ def plan_from_options(
         except ValueError:
             raise ConfigError(f"--rates {rates!r}: write request rates separated by commas, e.g. 0.25,0.5,1") from None
     given = {"duration": duration, "peak_width": peak_width, "prompt_tokens": prompt_tokens,
-             "output_tokens": output_tokens, "max_batch_tokens": max_batch_tokens, "trace": trace}  # fmt: skip
+             "output_tokens": output_tokens, "max_batch_tokens": max_batch_tokens, "attention": attention,
+             "trace": trace}  # fmt: skip
     fields.update({k: v for k, v in given.items() if v is not None})
     fields["seed"] = seed
     return BenchPlan(**fields)

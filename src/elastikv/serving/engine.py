@@ -28,6 +28,7 @@ import torch
 from elastikv.config import Settings
 from elastikv.errors import ConfigError, ElastikvError
 from elastikv.models import kv_bytes_per_token
+from elastikv.serving import attention as attention_impl
 
 log = logging.getLogger("elastikv")
 
@@ -66,6 +67,7 @@ class Engine:
         max_batch_tokens: int = 512,
         max_kv_tokens: int = 16384,
         static_kv: int | None = None,
+        attention: str = "auto",
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -85,6 +87,10 @@ class Engine:
         torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
         loaded: Any = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype)
         self.model: Any = loaded.to(self.device).eval()
+        try:  # transformers' paged|sdpa, or per-request attention (serving/attention.py); the same in both modes
+            self.attention = attention_impl.resolve(attention, self.device, next(self.model.parameters()).dtype)
+        except ValueError as e:
+            raise ConfigError(f"--attention: {e}") from None
         # static_kv: the baseline elastikv is measured against: transformers' own paged cache of that many bytes,
         # allocated at start and held for good, with elastikv left off in this process.
         self.static_kv = static_kv
@@ -119,7 +125,7 @@ class Engine:
 
     # -- lifetime -----------------------------------------------------------------------------------------
     def _start(self) -> None:
-        self.model.set_attn_implementation("paged|sdpa")
+        self.model.set_attn_implementation(self.attention)
         self._manager = self.model.init_continuous_batching(
             generation_config=self.generation_config, continuous_batching_config=self.cb_config
         )
