@@ -302,3 +302,15 @@ class Engine:
             else:
                 self.stats.running -= 1
             self.stats.finished += 1
+            if not self._queues:
+                self._release_idle_memory()
+
+    def _release_idle_memory(self) -> None:
+        """The last request has left: give PyTorch's cached activation memory back to the driver, so that the
+        models sharing this GPU can use it (elastikv gives back the KV pages itself). Without this, each
+        engine keeps the high-water mark of its busiest moment: GiBs per engine on the H100 benchmark."""
+        if self.device.type != "cuda":
+            return
+        for cache in self._adapter._caches:
+            cache._elastikv_gather = None  # serving/attention.py's workspace, sized for the busiest batch
+        torch.cuda.empty_cache()
