@@ -148,6 +148,12 @@ class AllocatorStats:
     pages_mapped_by_caller: int
     """Pages an ``allocate`` call had to map itself because the reserve was short."""
     refusals: int
+    caller_map_seconds: float = 0.0
+    """Wall time ``allocate`` calls spent booking and mapping pages themselves (the engine's thread waited)."""
+    background_map_seconds: float = 0.0
+    """Wall time the maintainer spent booking and mapping reserve pages (off the engine's thread)."""
+    unmap_seconds: float = 0.0
+    """Wall time spent unmapping pages, waiting for their fence first included."""
 
 
 class BlockAllocator:
@@ -214,6 +220,7 @@ class BlockAllocator:
         self._pages_mapped_total = 0
         self._pages_unmapped_total = 0
         self._pages_mapped_by_caller = 0
+        self._seconds = {"caller_map": 0.0, "background_map": 0.0, "unmap": 0.0}  # driver time, see AllocatorStats
         self._refusals = 0
         self._waiters = 0  # threads in _wait(): notify only when someone listens
         self._idle = False  # set by idle(): no reserve kept until the next allocate
@@ -425,6 +432,7 @@ class BlockAllocator:
         mapped: list[int] = []
         lost: list[int] = []
         error: Exception | None = None
+        t0 = time.perf_counter()
         try:
             self._budget.book(nbytes)
         except LimitExceeded as exc:
@@ -449,6 +457,7 @@ class BlockAllocator:
         bpp = self.blocks_per_page
         whole = error is None and take == len(pages) * bpp  # the request is exactly these fresh pages
         with self._lock:
+            self._seconds["caller_map" if by_caller else "background_map"] += time.perf_counter() - t0
             out: list[int] = []
             for p in mapped:
                 self._state[p] = MAPPED
@@ -582,9 +591,11 @@ class BlockAllocator:
             candidates = list(empty)[:count]  # the longest-empty pages
             epoch = self._epoch
             self._epoch += 1
+        t0 = time.perf_counter()
         fence = self.space.fence()
         fence.wait()
         with self._lock:
+            self._seconds["unmap"] += time.perf_counter() - t0
             over_bytes = self._budget.booked - self._budget.limit
             chosen: list[int] = []
             for p in candidates:
@@ -607,6 +618,7 @@ class BlockAllocator:
 
     def _unmap_pages(self, pages: list[int]) -> None:
         done: list[int] = []
+        t0 = time.perf_counter()
         for p in pages:
             try:
                 self.space.unmap_page(p)
@@ -625,6 +637,7 @@ class BlockAllocator:
                     self._state[p] = LOST
             self._unmapping -= len(pages)
             self._pages_unmapped_total += len(done)
+            self._seconds["unmap"] += time.perf_counter() - t0
             self._notify()
 
     # ===================================================================================== limits & facts
@@ -711,6 +724,9 @@ class BlockAllocator:
                 pages_unmapped_total=self._pages_unmapped_total,
                 pages_mapped_by_caller=self._pages_mapped_by_caller,
                 refusals=self._refusals,
+                caller_map_seconds=self._seconds["caller_map"],
+                background_map_seconds=self._seconds["background_map"],
+                unmap_seconds=self._seconds["unmap"],
             )
 
     # ===================================================================================== lifetime

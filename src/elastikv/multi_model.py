@@ -243,6 +243,7 @@ def _report(
                     n: max((h.get(n, 0) for _, h in r.samples), default=0) for n in plan.models
                 },
                 "memory": [(round(t, 2), h) for t, h in r.samples],
+                "engine_metrics": r.engine_metrics,  # cumulative per engine since its start (driver time...)
             }
         s, e = run["modes"]["static"]["all"], run["modes"]["elastic"]["all"]
         run["elastic_over_static"] = {k: _ratio(e[k], s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean")}
@@ -416,6 +417,18 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {run['rate']:g} | {name} | {mode} | {s['completed']}/{s['requests']} | "
                              f"{_ms(s['ttft_mean'])} | {_ms(s['ttft_p99'])} | "
                              f"{format_bytes(m['peak_kv_bytes_per_model'][name])} |")  # fmt: skip
+    driver = [(run["rate"], name, f) for run in report["runs"]
+              for name, f in run["modes"]["elastic"].get("engine_metrics", {}).items() if f]  # fmt: skip
+    if driver:
+        lines += ["", "Elastic engines' allocators in the driver (cumulative since the engine started, seconds):", "",
+                  "| after rate | model | caller map | background map | unmap | pages mapped (by caller) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for rate, name, f in driver:
+            g = {k.removeprefix("kv_"): v for k, v in f.items()}
+            maps, by_caller = g.get("pages_mapped_total", 0), g.get("pages_mapped_by_caller", 0)
+            lines.append(f"| {rate:g} | {name} | {g.get('caller_map_seconds', 0):.3f} | "
+                         f"{g.get('background_map_seconds', 0):.3f} | {g.get('unmap_seconds', 0):.3f} | "
+                         f"{maps:.0f} ({by_caller:.0f}) |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

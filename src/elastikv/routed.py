@@ -32,6 +32,7 @@ class Replayed:
     outcomes: list[Outcome]
     samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (seconds since its start, held)
     seconds: float = 0.0  # from the first send to the last answer
+    engine_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> its elastikv_* figures
 
 
 Held = Callable[[Any], dict[str, int]]  # the Router -> bytes of KV each model holds now
@@ -153,4 +154,27 @@ async def _replay_one(
         stop.set()
         sampler.join()
     result.seconds = time.monotonic() - t0
+    result.engine_metrics = await _engine_metrics(router)
     return result
+
+
+async def _engine_metrics(router: Any) -> dict[str, dict[str, float]]:
+    """Each engine's own ``elastikv_*`` gauges (e.g. time its allocator spent in the driver), read from its
+    /metrics; an engine that does not answer (asleep, another engine kind) gives nothing."""
+    import httpx
+
+    out: dict[str, dict[str, float]] = {}
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        for name, model in router.models.items():
+            try:
+                text = (await client.get(f"{model.url}/metrics")).text
+            except httpx.HTTPError:
+                continue
+            figures = {}
+            for line in text.splitlines():
+                if line.startswith("elastikv_") and "{" in line and not line.startswith("elastikv_time_to_first"):
+                    key, value = line.partition("{")[0], line.rsplit(" ", 1)[-1]
+                    with contextlib.suppress(ValueError):
+                        figures[key.removeprefix("elastikv_")] = float(value)
+            out[name] = figures
+    return out

@@ -55,6 +55,16 @@ def create_app(engine: Engine, *, close_on_shutdown: bool = False) -> FastAPI:
         registry=registry,
     )
     wakes = Gauge("elastikv_wakes", "Completed wake_up calls since start", labels, registry=registry)
+    driver = {  # the allocator's time in the driver, for the current KV cache (see AllocatorStats)
+        key: Gauge(f"elastikv_kv_{key}", help_, labels, registry=registry)
+        for key, help_ in (
+            ("caller_map_seconds", "Seconds allocations spent mapping pages themselves (the engine waited)"),
+            ("background_map_seconds", "Seconds the maintainer spent mapping reserve pages"),
+            ("unmap_seconds", "Seconds spent unmapping pages (fence waits included)"),
+            ("pages_mapped_by_caller", "Pages allocations had to map themselves"),
+            ("pages_mapped_total", "Pages mapped"),
+        )
+    }
     ttft = Histogram("elastikv_time_to_first_token_seconds", "Time to first token", labels, registry=registry)
 
     def usage(prompt: list[int], tokens: list[int]) -> dict[str, int]:
@@ -209,6 +219,8 @@ def create_app(engine: Engine, *, close_on_shutdown: bool = False) -> FastAPI:
             kv_reserve.labels(engine.name).set(
                 s.blocks_free_mapped * s.page_bytes // max(1, inst.allocator.blocks_per_page)
             )
+            for key, gauge in driver.items():
+                gauge.labels(engine.name).set(getattr(s, key))
         else:
             for g in (kv_mapped, kv_in_use, kv_reserve):
                 g.labels(engine.name).set(0)
