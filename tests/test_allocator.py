@@ -135,6 +135,8 @@ def test_background_reserve_grows_with_demand_and_memory_returns(backend: Memory
         time.sleep(0.002)
     s = alloc.stats()
     assert s.pages_mapped_by_caller < 40, "the maintainer mapped ahead of the burst"
+    assert s.background_map_seconds > 0  # its time in the driver is counted, apart from the callers'
+    assert (s.caller_map_seconds > 0) == (s.pages_mapped_by_caller > 0)
     assert used_bytes(backend) - before >= 40 * space.page_bytes
     for h in held:
         alloc.free(h)

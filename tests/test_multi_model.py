@@ -39,9 +39,13 @@ def test_the_benchmark_runs_both_modes_over_the_rates_and_a_split_sweep_merges(t
             assert m["all"]["completed"] == m["all"]["requests"] == run["requests"], (run["rate"], mode, m["all"])
             assert 0 < m["peak_kv_bytes"] <= budget and m["output_tokens_per_s"] > 0
         assert run["modes"]["static"]["peak_kv_bytes"] == budget  # the split is held from start to end
+        for name, figures in run["modes"]["elastic"]["engine_metrics"].items():  # each engine's own /metrics
+            assert figures["kv_pages_mapped_total"] >= 1 and figures["kv_background_map_seconds"] >= 0, name
+        assert sorted(run["modes"]["elastic"]["engine_metrics"]) == report["plan"]["models"]
         assert all(not math.isnan(v) for v in run["elastic_over_static"].values())
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 30 | elastic |" in path.with_suffix(".md").read_text()
+    assert "Elastic engines' allocators in the driver" in path.with_suffix(".md").read_text()
 
     # The same sweep as two runs of one rate each, merged: the same runs and headline figures.
     halves = []
