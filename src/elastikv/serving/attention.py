@@ -7,8 +7,9 @@ long requests (what elastikv is for) then slows every step by about that much. T
 request's queries to that request's keys only (variable-length attention), so a step's attention costs the sum
 of each request's own work, as in vLLM or SGLang.
 
-How: transformers' own ``cache.update`` writes the step's new K/V into the paged cache and returns the batch's
-keys and values packed request after request (``cu_seq_lens_k`` gives the bounds); then
+How: the step's new K/V are written into the paged cache and the batch's keys and values gathered request
+after request into one reused workspace (``_write_and_gather``: transformers' ``cache.update`` for a
+full-attention layer, minus a fresh tensor every step); ``cu_seq_lens_k`` gives each request's bounds; then
 - on a CUDA device with half-precision activations: PyTorch's flash attention kernel in its variable-length form
   (``aten::_flash_attention_forward``: grouped-query heads natively, causal mask aligned to the end of each
   request's keys, so chunked prefill and decode are both right);
