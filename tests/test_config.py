@@ -59,10 +59,11 @@ def test_settings_defaults_and_parsing() -> None:
             "ELASTIKV_BACKEND": "host",
             "ELASTIKV_RESERVE": "0",
             "ELASTIKV_DEVICE": "1",
+            "ELASTIKV_CHUNK": "32MiB",
         }
     )
     assert s.enabled and s.limit == Size(fraction=0.4) and s.layout == "per-layer"
-    assert s.backend == "host" and s.reserve.nbytes == 0 and s.device == 1
+    assert s.backend == "host" and s.reserve.nbytes == 0 and s.device == 1 and s.chunk == Size(nbytes=32 * 1024**2)
 
 
 @pytest.mark.parametrize(
@@ -75,6 +76,7 @@ def test_settings_defaults_and_parsing() -> None:
         ({"ELASTIKV_BACKEND": "tpu"}, "not one of auto, cuda, host"),
         ({"ELASTIKV": "maybe"}, "write 1 or 0"),
         ({"ELASTIKV_DEVICE": "-1"}, "negative"),
+        ({"ELASTIKV_CHUNK": "10%"}, "absolute size"),
     ],
 )
 def test_bad_settings_are_errors(env: dict[str, str], message: str) -> None:

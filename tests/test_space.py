@@ -28,6 +28,24 @@ def test_views_have_engine_shapes(backend: MemoryBackend, layout: str) -> None:
         assert space.page_bytes == space.blocks_per_page * MULTI.group_bytes
 
 
+def test_a_minimum_chunk_makes_fewer_larger_pages_of_whole_blocks(backend: MemoryBackend, layout: str) -> None:
+    """ELASTIKV_CHUNK: chunks of at least that many bytes, rounded up to whole default chunks (so to whole
+    blocks and granules); a minimum below the default changes nothing."""
+    with KVSpace(backend, MULTI, layout=layout, num_blocks=100) as default:
+        base = default.chunk_bytes
+    with KVSpace(backend, MULTI, layout=layout, num_blocks=100, min_chunk_bytes=3 * base - 1) as space:
+        assert space.chunk_bytes == 3 * base and space.blocks_per_page == 3 * default.blocks_per_page
+        alloc = BlockAllocator(space, reserve_bytes=0, background=False)
+        blocks = alloc.allocate(space.blocks_per_page + 1)  # a page and a block: two pages mapped
+        assert alloc.stats().pages_mapped == 2
+        alloc.free(blocks)
+        alloc.close()
+    with KVSpace(backend, MULTI, layout=layout, num_blocks=100, min_chunk_bytes=base // 2) as space:
+        assert space.chunk_bytes == base
+    with pytest.raises(ConfigError, match="ELASTIKV_CHUNK"):
+        KVSpace(backend, MULTI, layout=layout, num_blocks=100, min_chunk_bytes=3 * 1024**3)
+
+
 def test_every_buffer_of_every_block_is_its_own_memory(backend: MemoryBackend, layout: str) -> None:
     with KVSpace(backend, MULTI, layout=layout, num_blocks=64) as space:
         alloc = BlockAllocator(space, reserve_bytes=0, background=False)

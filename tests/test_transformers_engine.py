@@ -173,6 +173,20 @@ def test_on_the_gpu_per_request_attention_generates_as_paged_sdpa_does(model: An
         model.set_attn_implementation("sdpa")
 
 
+def test_larger_chunks_serve_the_same_tokens_with_fewer_pages(model: Any, elastic: Any) -> None:
+    """ELASTIKV_CHUNK raises the engine's page from one block group to several: fewer driver calls per request
+    (what a long prompt costs in mapping), same output."""
+    prompts = _prompts(6, [300, 40, 700], seed=6)
+    outs, cache = elastic(prompts, 12)
+    small = cache.elastic.allocator.page_bytes
+    outs_big, cache = elastic(prompts, 12, ELASTIKV_CHUNK=str(8 * small))
+    alloc = cache.elastic.allocator
+    assert alloc.page_bytes == 8 * small and alloc.blocks_per_page == 8 * (
+        small // cache.elastic.space.geometry.group_bytes
+    )
+    assert [o.generated_tokens for o in outs_big] == [o.generated_tokens for o in outs] == _expected(model, prompts, 12)
+
+
 def test_one_generation_over_two_thousand_tokens_matches(model: Any, elastic: Any) -> None:
     prompts = _prompts(1, [16], seed=2)
     outs, _ = elastic(prompts, 2048)

@@ -125,6 +125,7 @@ class Settings:
     layout: LayoutName = "interleaved"
     limit: Size = Size(fraction=1.0)
     reserve: Size = Size(nbytes=256 * 1024**2)
+    chunk: Size | None = None  # least bytes per physical allocation (rounded up to whole blocks); None: one block
     host_memory: Size | None = None
     log_level: str = "INFO"
     name: str | None = None
@@ -206,6 +207,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "ELASTIKV_LAYOUT": ("layout", lambda raw, var: check_choice(raw, LAYOUTS, var)),
     "ELASTIKV_LIMIT": ("limit", lambda raw, var: parse_size(raw, what=var, allow_zero=False)),
     "ELASTIKV_RESERVE": ("reserve", lambda raw, var: parse_size(raw, what=var)),
+    "ELASTIKV_CHUNK": ("chunk", lambda raw, var: parse_size(raw, what=var, allow_percent=False, allow_zero=False)),
     "ELASTIKV_HOST_MEMORY": (
         "host_memory",
         lambda raw, var: parse_size(raw, what=var, allow_percent=True, allow_zero=False),

@@ -139,7 +139,8 @@ class KVSpace:
 
     ``num_blocks`` defaults to the *virtual capacity*: as many blocks as the device's total memory could
     hold, never a snapshot of free memory. It is rounded up to whole pages. ``chunk_bytes`` overrides the
-    chunk size (it must be a multiple of the granularity and hold whole blocks). The first ``null_blocks``
+    chunk size (it must be a multiple of the granularity and hold whole blocks); ``min_chunk_bytes`` only
+    raises the default, rounded up to whole blocks and granules (``ELASTIKV_CHUNK``). The first ``null_blocks``
     blocks form an always-mapped region the allocator never hands out (engines that pad block tables with a
     null block point them there). ``streams`` are the raw CUDA stream handles whose work must finish before
     a page is unmapped (default: the legacy default stream plus PyTorch's current stream).
@@ -159,6 +160,7 @@ class KVSpace:
         layout: LayoutName = "interleaved",
         num_blocks: int | None = None,
         chunk_bytes: int | None = None,
+        min_chunk_bytes: int | None = None,
         null_blocks: int = 0,
         streams: Sequence[int] | None = None,
         scratch_backed: bool = False,
@@ -175,6 +177,11 @@ class KVSpace:
         what = "block" if layout == "per-layer" else "block group (one block in every layer and buffer)"
         if chunk_bytes is None:
             chunk = default_chunk_bytes(unit, gran, target_blocks=max(1, gran // g.block_bytes), what=what)
+            if min_chunk_bytes is not None and min_chunk_bytes > chunk:
+                # Fewer, larger chunks: the driver's cost is per mapping, not per byte (DESIGN: flat 2-128 MiB).
+                chunk = round_up(min_chunk_bytes, chunk)  # the default is a multiple of the block and granule
+                if chunk > _MAX_CHUNK:
+                    raise ConfigError(f"ELASTIKV_CHUNK: {format_bytes(chunk)} chunks are too large; use at most 2GiB")
         else:
             chunk = chunk_bytes
             if not isinstance(chunk, int) or chunk <= 0 or chunk % gran:
