@@ -258,8 +258,11 @@ def _report(
         "kv_bytes_per_token": per_token,
         "static_share_tokens": third_tokens,
         "attention": _attention(plan),
-        "environment": {k: v for k, v in sorted(os.environ.items())  # settings the engines inherit
-                        if k.startswith("ELASTIKV") and k != "ELASTIKV_ADMIN_TOKEN"},  # fmt: skip
+        "environment": {
+            k: v
+            for k, v in sorted(os.environ.items())  # settings the engines inherit
+            if k.startswith("ELASTIKV") and k != "ELASTIKV_ADMIN_TOKEN"
+        },
         "why": "long prompts, moderate outputs: each request holds ~0.5 GiB of KV for ~13 s, so at a peak the "
         "requests a model holds at once outgrow a static third of the budget before the engine's compute "
         "saturates (a chat workload of short prompts would bind compute first and show nothing)",
