@@ -72,18 +72,18 @@ def main() -> None:
                 torch.index_select(k, 0, rows, out=work[0])
                 torch.index_select(v, 0, rows, out=work[1])
 
-    def measure(buffer: torch.Tensor, views: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    def measure(views: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
         return _time(lambda: step(views, False)) * 1e3, _time(lambda: step(views, True)) * 1e3
 
     interleaved = torch.zeros(n, LAYERS, 2, KV_HEADS, HEAD_DIM, device=dev, dtype=dt)
     figures["interleaved_write_ms"], figures["interleaved_step_ms"] = measure(
-        interleaved, [(interleaved[:, layer, 0], interleaved[:, layer, 1]) for layer in range(LAYERS)]
+        [(interleaved[:, layer, 0], interleaved[:, layer, 1]) for layer in range(LAYERS)]
     )
     del interleaved
     torch.cuda.empty_cache()
     per_layer = torch.zeros(LAYERS, 2, n, KV_HEADS, HEAD_DIM, device=dev, dtype=dt)
     figures["per_layer_write_ms"], figures["per_layer_step_ms"] = measure(
-        per_layer, [(per_layer[layer, 0], per_layer[layer, 1]) for layer in range(LAYERS)]
+        [(per_layer[layer, 0], per_layer[layer, 1]) for layer in range(LAYERS)]
     )
     del per_layer
     torch.cuda.empty_cache()

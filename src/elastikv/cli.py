@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from elastikv import __version__
-from elastikv.config import BACKENDS, LAYOUTS, Settings, format_bytes, parse_size
+from elastikv.config import ATTENTIONS, BACKENDS, LAYOUTS, Settings, format_bytes, parse_size
 from elastikv.errors import ElastikvError
 from elastikv.ledger import DeviceSummary, Ledger, LedgerError, UnknownInstance, ledger_files, summaries
 
@@ -65,7 +65,7 @@ def bench() -> None:
 @click.option("--prompt-tokens", type=int, default=None, help="Prompt length of every request.")
 @click.option("--output-tokens", type=int, default=None, help="Output length of every request.")
 @click.option("--max-batch-tokens", type=int, default=None, help="Tokens per forward pass in each engine.")
-@click.option("--attention", type=click.Choice(["auto", "elastikv", "sdpa"]), default=None,
+@click.option("--attention", type=click.Choice(ATTENTIONS), default=None,
               help="The engines' attention, both modes alike (`elastikv engine --help`; default auto).")  # fmt: skip
 @click.option(
     "--trace",
@@ -278,7 +278,7 @@ def limit(name: str, size: str | None, reset: bool, device: str | None) -> None:
 )
 @click.option(
     "--attention",
-    type=click.Choice(["auto", "elastikv", "sdpa"]),
+    type=click.Choice(ATTENTIONS),
     default="auto",
     show_default=True,
     help="elastikv: each request attends to its own KV (flash varlen on a GPU); sdpa: transformers' paged|sdpa, "

@@ -107,6 +107,7 @@ BackendName = Literal["auto", "cuda", "host"]
 LayoutName = Literal["interleaved", "per-layer"]
 BACKENDS: tuple[BackendName, ...] = ("auto", "cuda", "host")
 LAYOUTS: tuple[LayoutName, ...] = ("interleaved", "per-layer")
+ATTENTIONS = ("auto", "elastikv", "sdpa")  # the embedded engine's --attention (serving/attention.py)
 
 
 def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
@@ -135,6 +136,11 @@ class Settings:
     peer_timeout: float = 30.0  # seconds a worker process may take to answer a page map/unmap
     commit: str | None = None  # the commit benchmark results name, where the copy has no .git (the GPU machine)
     admin_token: str | None = None  # the router's admin token, where its config file does not give one
+
+    @property
+    def min_chunk_bytes(self) -> int | None:
+        """``ELASTIKV_CHUNK`` in bytes, or None (spaces keep their default chunk)."""
+        return None if self.chunk is None else self.chunk.resolve(0)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

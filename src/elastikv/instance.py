@@ -155,7 +155,7 @@ def _open(
         geometry,
         layout=layout or settings.layout,
         num_blocks=num_blocks,
-        min_chunk_bytes=None if settings.chunk is None else settings.chunk.resolve(0),
+        min_chunk_bytes=settings.min_chunk_bytes,
         null_blocks=null_blocks,
         streams=streams,
     )

@@ -33,12 +33,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from elastikv.config import format_bytes
+from elastikv.config import ATTENTIONS, format_bytes
 from elastikv.errors import ConfigError
 from elastikv.models import SIZES, kv_bytes_per_token
 from elastikv.routed import Replayed, embedded_config, held_kv, replay_through_router
 from elastikv.router.config import RouterConfig
-from elastikv.serving.attention import CHOICES as ATTENTION_CHOICES
 from elastikv.workload import Arrival, intermittent, load_trace, save_trace, summary
 
 MODES = ("static", "elastic")
@@ -77,8 +76,8 @@ class BenchPlan:
             raise ConfigError(f"--size {self.size!r}: choose one of {', '.join(SIZES)}")
         if not self.rates or any(r <= 0 for r in self.rates):
             raise ConfigError("--rates must be positive request rates, e.g. 0.25,0.5,1")
-        if self.attention not in ATTENTION_CHOICES:
-            raise ConfigError(f"--attention {self.attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+        if self.attention not in ATTENTIONS:
+            raise ConfigError(f"--attention {self.attention!r}: choose one of {', '.join(ATTENTIONS)}")
         if self.prompt_tokens < 1 or self.output_tokens < 1 or self.kv_budget <= 0:
             raise ConfigError("prompt and output tokens and the KV budget must be positive")
 

@@ -162,6 +162,7 @@ async def _engine_metrics(router: Any) -> dict[str, dict[str, float]]:
     """Each engine's own ``elastikv_*`` gauges (e.g. time its allocator spent in the driver), read from its
     /metrics; an engine that does not answer (asleep, another engine kind) gives nothing."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, dict[str, float]] = {}
     async with httpx.AsyncClient(timeout=5.0) as client:
@@ -170,11 +171,9 @@ async def _engine_metrics(router: Any) -> dict[str, dict[str, float]]:
                 text = (await client.get(f"{model.url}/metrics")).text
             except httpx.HTTPError:
                 continue
-            figures = {}
-            for line in text.splitlines():
-                if line.startswith("elastikv_") and "{" in line and not line.startswith("elastikv_time_to_first"):
-                    key, value = line.partition("{")[0], line.rsplit(" ", 1)[-1]
-                    with contextlib.suppress(ValueError):
-                        figures[key.removeprefix("elastikv_")] = float(value)
-            out[name] = figures
+            out[name] = {
+                family.name.removeprefix("elastikv_"): family.samples[0].value
+                for family in text_string_to_metric_families(text)
+                if family.type == "gauge" and family.name.startswith("elastikv_") and family.samples
+            }
     return out

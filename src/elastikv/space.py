@@ -134,6 +134,23 @@ class KVGeometry:
         return self.num_buffers * self.block_bytes
 
 
+def chunk_bytes_for(
+    geometry: KVGeometry, layout: LayoutName, granularity: int, min_chunk_bytes: int | None = None
+) -> int:
+    """The chunk a :class:`KVSpace` of ``geometry`` and ``layout`` makes when not given ``chunk_bytes``: one
+    block (per-layer) or block group (interleaved) per granule, at least one; raised to ``min_chunk_bytes``
+    (``ELASTIKV_CHUNK``) rounded up to whole default chunks. Engines that size their pool in pages call it too."""
+    unit = geometry.block_bytes if layout == "per-layer" else geometry.group_bytes
+    what = "block" if layout == "per-layer" else "block group (one block in every layer and buffer)"
+    chunk = default_chunk_bytes(unit, granularity, target_blocks=max(1, granularity // geometry.block_bytes), what=what)
+    if min_chunk_bytes is not None and min_chunk_bytes > chunk:
+        # Fewer, larger chunks: the driver's cost is per mapping, not per byte (DESIGN: flat 2-128 MiB).
+        chunk = round_up(min_chunk_bytes, chunk)  # the default is a multiple of the block and granule
+        if chunk > _MAX_CHUNK:
+            raise ConfigError(f"ELASTIKV_CHUNK: {format_bytes(chunk)} chunks are too large; use at most 2GiB")
+    return chunk
+
+
 class KVSpace:
     """An engine's KV buffers over reserved virtual memory; pages are mapped and unmapped on request.
 
@@ -176,12 +193,7 @@ class KVSpace:
         unit = g.block_bytes if layout == "per-layer" else g.group_bytes
         what = "block" if layout == "per-layer" else "block group (one block in every layer and buffer)"
         if chunk_bytes is None:
-            chunk = default_chunk_bytes(unit, gran, target_blocks=max(1, gran // g.block_bytes), what=what)
-            if min_chunk_bytes is not None and min_chunk_bytes > chunk:
-                # Fewer, larger chunks: the driver's cost is per mapping, not per byte (DESIGN: flat 2-128 MiB).
-                chunk = round_up(min_chunk_bytes, chunk)  # the default is a multiple of the block and granule
-                if chunk > _MAX_CHUNK:
-                    raise ConfigError(f"ELASTIKV_CHUNK: {format_bytes(chunk)} chunks are too large; use at most 2GiB")
+            chunk = chunk_bytes_for(g, layout, gran, min_chunk_bytes)
         else:
             chunk = chunk_bytes
             if not isinstance(chunk, int) or chunk <= 0 or chunk % gran:

@@ -62,7 +62,7 @@ from elastikv.engines.contract import Target, runtime_problems
 from elastikv.errors import AllocationRefused, ElastikvError, UnsupportedEngine
 from elastikv.instance import Instance, backend_for, open_instance
 from elastikv.memory import MemoryBackend
-from elastikv.space import KVGeometry, default_chunk_bytes
+from elastikv.space import KVGeometry, chunk_bytes_for
 
 log = logging.getLogger("elastikv")
 
@@ -292,8 +292,7 @@ def _open_pool_space(pool: Any, geometry: KVGeometry) -> slice:
     ps = int(pool.page_size)
     proc = _process(pool.device)
     pages = int(pool.size) // ps
-    gran = proc.backend.granularity
-    chunk = default_chunk_bytes(geometry.block_bytes, gran, target_blocks=max(1, gran // geometry.block_bytes))
+    chunk = chunk_bytes_for(geometry, "per-layer", proc.backend.granularity, proc.settings.min_chunk_bytes)
     per_page = chunk // geometry.block_bytes
     total = -(-(pages + 1) // per_page) * per_page
     offset = total - (pages + 1)

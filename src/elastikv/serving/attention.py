@@ -21,20 +21,24 @@ The output is the same as ``paged|sdpa`` up to floating-point rounding (tests co
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 
+from elastikv.config import ATTENTIONS
+from elastikv.errors import ConfigError
+
 NAME = "paged|elastikv"
-CHOICES = ("auto", "elastikv", "sdpa")  # the engine's --attention values
+_WORKSPACE = "_elastikv_gather"  # the attribute of transformers' cache that holds the gather workspace
 
 
 def choose(choice: str, device: torch.device, dtype: torch.dtype) -> str:
     """``elastikv`` or ``sdpa`` for an engine's ``--attention`` choice: ``auto`` picks this module's per-request
     attention where its fast kernel runs (CUDA, bf16/fp16) and transformers' ``paged|sdpa`` elsewhere (on a CPU
     both are exact; sdpa is transformers' tested default)."""
-    if choice not in CHOICES:
-        raise ValueError(f"attention {choice!r}: use one of {', '.join(CHOICES)}")
+    if choice not in ATTENTIONS:
+        raise ConfigError(f"attention {choice!r}: use one of {', '.join(ATTENTIONS)}")
     if choice == "auto":
         return "elastikv" if _flash_ok(device, dtype) else "sdpa"
     return choice
@@ -55,6 +59,12 @@ def register() -> None:
     AttentionInterface.register(NAME, paged_varlen_attention)
 
 
+def drop_workspace(cache: Any) -> None:
+    """Let the gather workspace of ``cache`` go (an idle engine gives its memory back); the next step makes one."""
+    setattr(cache, _WORKSPACE, None)
+
+
+@functools.cache  # asked at every layer of every step
 def _flash_ok(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
@@ -107,12 +117,12 @@ def _write_and_gather(
     if rows.numel() == 0:  # prefills only: the step's own K/V are all there is to attend to
         return new_k, new_v
     n = rows.numel()
-    work: torch.Tensor | None = getattr(cache, "_elastikv_gather", None)
+    work: torch.Tensor | None = getattr(cache, _WORKSPACE, None)
     if work is None or work.shape[1] < n or work.dtype != k_cache.dtype:
         size = 1 << max(n - 1, 1).bit_length()  # the next power of two: a handful of sizes over a lifetime
-        cache._elastikv_gather = work = None  # the old one goes back before the new one is made
+        drop_workspace(cache)  # the old one goes back before the new one is made
         work = torch.empty((2, size, *k_cache.shape[1:]), dtype=k_cache.dtype, device=k_cache.device)
-        cache._elastikv_gather = work
+        setattr(cache, _WORKSPACE, work)
     keys, values = work[0, :n], work[1, :n]
     torch.index_select(k_cache, 0, rows, out=keys)
     torch.index_select(v_cache, 0, rows, out=values)

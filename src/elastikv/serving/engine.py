@@ -87,10 +87,8 @@ class Engine:
         torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
         loaded: Any = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype)
         self.model: Any = loaded.to(self.device).eval()
-        try:  # transformers' paged|sdpa, or per-request attention (serving/attention.py); the same in both modes
-            self.attention = attention_impl.resolve(attention, self.device, next(self.model.parameters()).dtype)
-        except ValueError as e:
-            raise ConfigError(f"--attention: {e}") from None
+        # transformers' paged|sdpa, or per-request attention (serving/attention.py); the same in both modes
+        self.attention = attention_impl.resolve(attention, self.device, next(self.model.parameters()).dtype)
         # static_kv: the baseline elastikv is measured against: transformers' own paged cache of that many bytes,
         # allocated at start and held for good, with elastikv left off in this process.
         self.static_kv = static_kv
@@ -312,5 +310,5 @@ class Engine:
         if self.device.type != "cuda":
             return
         for cache in self._adapter._caches:
-            cache._elastikv_gather = None  # serving/attention.py's workspace, sized for the busiest batch
+            attention_impl.drop_workspace(cache)  # sized for the busiest batch
         torch.cuda.empty_cache()
