@@ -16,7 +16,8 @@ pytest.importorskip("transformers", reason="needs transformers: pip install -e '
 pytest.importorskip("matplotlib", reason="needs matplotlib: pip install -e '.[serve]'")
 
 from elastikv.errors import ConfigError
-from elastikv.multi_model import BenchPlan, merge_and_save, plan_from_options
+from elastikv.multi_model import BenchPlan, merge_and_save, merge_reports, plan_from_options
+from elastikv.workload import intermittent, peak_rate, save_trace
 
 pytestmark = pytest.mark.slow
 
@@ -58,10 +59,44 @@ def test_the_benchmark_runs_both_modes_over_the_rates_and_a_split_sweep_merges(t
     for key in ("static_queues_from_rate", "peak_p99_ttft_static_over_elastic", "light_mean_ttft_elastic_over_static"):
         assert merged[key] == report[key], key
     assert len(list((tmp_path / "merged").glob("multi-model-sweep-*.png"))) == 1
+    # A rate run again (here: the same file under another name) is a repeat: its runs are pooled, not replaced.
+    (tmp_path / "again.json").write_text(path.read_text())
+    twice = merge_reports([path, tmp_path / "again.json"])
+    assert len(twice["runs"]) == 4 and twice["light"]["runs"] == 2
+    assert twice["light"]["requests"] == 2 * report["light"]["requests"]
+    assert twice["light_mean_ttft_elastic_over_static"] == pytest.approx(report["light_mean_ttft_elastic_over_static"])
+    with pytest.raises(ConfigError, match="given twice"):
+        merge_reports([path, path])
     other = dict(report, plan=dict(report["plan"], prompt_tokens=1))
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match="prompt_tokens"):
         merge_and_save([path, tmp_path / "other.json"], tmp_path / "merged")
+
+
+def test_a_trace_replays_in_either_order_and_is_placed_by_its_peak_rate(tmp_path: Path) -> None:
+    trace = intermittent(("model-a", "model-b"), duration=5, base_rate=0.2, peak_rate=3, peak_width=2,
+                         prompt_tokens=128, output_tokens=8, seed=4)  # fmt: skip
+    save_trace(trace, tmp_path / "trace.jsonl")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "elastikv.cli", "bench", "multi-model", "--models", "2", "--trace",
+           str(tmp_path / "trace.jsonl"), "--elastic-first", "--out", str(out)]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.index("elastic: done") < r.stdout.index("static: done")  # the order asked for
+    (path,) = out.glob("multi-model-*.json")
+    report = json.loads(path.read_text())
+    assert report["plan"]["elastic_first"] is True
+    (run,) = report["runs"]
+    assert run["rate"] == peak_rate(trace, report["plan"]["peak_width"]) > 0
+    for mode in ("static", "elastic"):
+        ttfts = run["modes"][mode]["ttft_by_request"]
+        assert len(ttfts) == len(trace) and all(t is not None and t > 0 for t in ttfts), (mode, ttfts)
+    light = report["light"]
+    assert light["runs"] == 1 and light["requests"] == len(trace)
+    lo, hi = light["ci95"]
+    assert lo <= report["light_mean_ttft_elastic_over_static"] <= hi
+    assert light["per_run"] == [run["elastic_over_static"]["ttft_mean"]]
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_options_are_refused_with_what_to_write() -> None:

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from elastikv.errors import ConfigError
-from elastikv.workload import Arrival, Outcome, intermittent, load_trace, percentile, save_trace, summary
+from elastikv.workload import (
+    Arrival,
+    Outcome,
+    intermittent,
+    load_trace,
+    peak_rate,
+    percentile,
+    save_trace,
+    summary,
+)
 
 MODELS = ("a", "b", "c")
 
@@ -40,6 +49,22 @@ def test_a_trace_survives_its_file_and_a_bad_line_names_itself(tmp_path: Path) -
         load_trace(tmp_path / "bad.jsonl")
     with pytest.raises(ConfigError, match="positive"):
         intermittent(MODELS, duration=0, base_rate=1, peak_rate=1, peak_width=1, prompt_tokens=1, output_tokens=1)
+
+
+def test_a_trace_is_labelled_with_the_busiest_window_of_any_one_model() -> None:
+    def at(model: str, *times: float) -> list[Arrival]:
+        return [Arrival(t, model, 8, 4) for t in times]
+
+    # b: 3 requests within 2 s (0.5, 1.0, 2.4); a: 2 in any 2 s; c's burst is 4 arrivals but over more than 2 s
+    trace = at("a", 0, 1.5, 4) + at("b", 0.5, 1.0, 2.4, 9) + at("c", 3, 4.1, 5.2, 6.3)
+    assert peak_rate(trace, 2.0) == 1.5
+    assert peak_rate(trace, 10.0) == 0.4  # b's 4 (or c's 4) in 10 s
+    assert peak_rate([], 2.0) == 0
+    made = intermittent(MODELS, duration=60, base_rate=0.02, peak_rate=0.5, peak_width=20, prompt_tokens=8,
+                        output_tokens=4, seed=1)  # fmt: skip
+    assert 0.25 <= peak_rate(made, 20.0) <= 1.0  # about the rate it was made with
+    with pytest.raises(ValueError, match="positive"):
+        peak_rate(trace, 0)
 
 
 def test_percentiles_and_the_summary() -> None:

@@ -74,12 +74,14 @@ def bench() -> None:
     help="Replay this trace (JSON lines: at, model, prompt_tokens, output_tokens) instead of the sweep.",
 )
 @click.option("--short", is_flag=True, help="Two rates (light, peak): one 10-minute command on an H100.")
+@click.option("--elastic-first", is_flag=True,
+              help="Run elastic before static (repeat a run in both orders: the GPU's speed may drift).")  # fmt: skip
 @click.option(
     "--merge",
     "merge",
     multiple=True,
     type=click.Path(dir_okay=False, exists=True),
-    help="Run nothing: merge these results (JSON of runs of one plan, other rates) into one sweep.",
+    help="Run nothing: merge these results (JSON of runs of one plan; other rates, or repeats) into one sweep.",
 )
 @click.option("--model-cache", type=click.Path(file_okay=False), default=None,
               help="Keep the random model here between runs (default: a temporary directory).")  # fmt: skip
@@ -88,8 +90,8 @@ def bench() -> None:
 def bench_multi_model(
     model_paths: tuple[str, ...], count: int, size: str | None, kv_budget: str | None, rates: str | None,
     duration: float | None, peak_width: float | None, prompt_tokens: int | None, output_tokens: int | None,
-    max_batch_tokens: int | None, attention: str | None, trace: str | None, short: bool, merge: tuple[str, ...],
-    model_cache: str | None, out: str, seed: int,
+    max_batch_tokens: int | None, attention: str | None, trace: str | None, short: bool, elastic_first: bool,
+    merge: tuple[str, ...], model_cache: str | None, out: str, seed: int,
 ) -> None:  # fmt: skip
     """N models on one GPU under intermittent peaks: static split against elastic sharing, over a sweep of
     request rates. Prints TTFT/TPOT per rate and mode and the ratios; writes JSON, Markdown and a PNG."""
@@ -104,6 +106,7 @@ def bench_multi_model(
         model_paths=model_paths, count=count, size=size, kv_budget=kv_budget, rates=rates, duration=duration,
         peak_width=peak_width, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
         max_batch_tokens=max_batch_tokens, attention=attention, trace=trace, short=short, seed=seed,
+        elastic_first=elastic_first,
     )  # fmt: skip
     run_and_save(plan, Path(out), model_cache=Path(model_cache) if model_cache else None)
 

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ from elastikv.errors import ConfigError
 from elastikv.models import SIZES, kv_bytes_per_token
 from elastikv.routed import Replayed, embedded_config, held_kv, replay_through_router
 from elastikv.router.config import RouterConfig
-from elastikv.workload import Arrival, intermittent, load_trace, save_trace, summary
+from elastikv.workload import Arrival, intermittent, load_trace, peak_rate, save_trace, summary
 
 MODES = ("static", "elastic")
 MiB, GiB = 1024**2, 1024**3
@@ -64,6 +65,7 @@ class BenchPlan:
     reserve: int | None = None  # ELASTIKV_RESERVE for the elastic engines; None: elastikv's default
     idle_s: float | None = None  # elastic mode: sleep a model idle this long (weights to host); None: never
     trace: str | None = None  # replay this trace (JSON lines) instead of the rate sweep
+    elastic_first: bool = False  # run elastic before static (runs in both orders cancel a drift of the GPU's speed)
     timeout_s: float = 600.0  # per request
     seed: int = 0
 
@@ -117,7 +119,7 @@ def run_bench(
         unknown = {a.model for a in traces[0]} - set(plan.models)
         if unknown:
             raise ConfigError(f"the trace names models {sorted(unknown)} that the plan does not serve")
-        rates: tuple[float, ...] = (math.nan,)
+        rates: tuple[float, ...] = (peak_rate(traces[0], plan.peak_width),)
     else:
         traces = [_trace(plan, rate, i) for i, rate in enumerate(plan.rates)]
         rates = plan.rates
@@ -132,7 +134,7 @@ def run_bench(
     )
     results: dict[str, list[Replayed]] = {}
     states: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in MODES[::-1] if plan.elastic_first else MODES:
         cfg = _router_config(mode, plan, paths, work, third_tokens, per_token)
         held = held_kv(mode, plan.models, plan.kv_budget // len(plan.models))
         t0 = time.monotonic()
@@ -231,8 +233,11 @@ def _report(
         for mode in MODES:
             r = results[mode][i]
             ok = [o for o in r.outcomes if o.ok]
+            in_order = sorted(r.outcomes, key=lambda o: (o.arrival.at, o.arrival.model))  # the trace's order
             run["modes"][mode] = {
                 "all": summary(r.outcomes),
+                # per request, in trace order (the same requests in both modes): pooling and paired statistics
+                "ttft_by_request": [round(o.ttft, 4) if o.ok and o.ttft is not None else None for o in in_order],
                 "models": {n: summary([o for o in r.outcomes if o.arrival.model == n]) for n in plan.models},
                 "seconds": round(r.seconds, 2),
                 "output_tokens_per_s": sum(o.tokens for o in ok) / r.seconds if r.seconds else math.nan,
@@ -282,30 +287,73 @@ def _attention(plan: BenchPlan) -> str:
 
 
 def _summarize(report: dict[str, Any]) -> dict[str, Any]:
-    """The sweep's headline figures, from its runs (lightest rate first)."""
+    """The sweep's headline figures, from its runs (lightest rate first; a rate run more than once is pooled)."""
     runs = sorted(report["runs"], key=lambda r: r["rate"])
     report["runs"] = runs
     light = runs[0]["modes"]["static"]["all"]["ttft_p50"]
     queues_from = next((r["rate"] for r in runs if r["modes"]["static"]["all"]["ttft_p99"] > QUEUEING * light), None)
-    peak = max(
-        runs, key=lambda r: _ratio(r["modes"]["static"]["all"]["ttft_p99"], r["modes"]["elastic"]["all"]["ttft_p99"])
-    )
+    peak = _best_peak(runs)
     report["static_queues_from_rate"] = queues_from
     report["queueing_rule"] = f"static p99 TTFT above {QUEUEING:g}x its p50 at the lightest rate"
     report["best_peak_rate"] = peak["rate"]
     report["peak_p99_ttft_static_over_elastic"] = _ratio(
         peak["modes"]["static"]["all"]["ttft_p99"], peak["modes"]["elastic"]["all"]["ttft_p99"]
     )
-    report["light_mean_ttft_elastic_over_static"] = runs[0]["elastic_over_static"]["ttft_mean"]
+    report["light"] = _pooled([r for r in runs if r["rate"] == runs[0]["rate"]])
+    report["light_mean_ttft_elastic_over_static"] = report["light"]["ttft_mean_ratio"]
     return report
 
 
+def _best_peak(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run where static's p99 TTFT is the most times elastic's."""
+    return max(
+        runs, key=lambda r: _ratio(r["modes"]["static"]["all"]["ttft_p99"], r["modes"]["elastic"]["all"]["ttft_p99"])
+    )
+
+
+BOOTSTRAP = 2000  # resamples for the light-load interval
+
+
+def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Elastic mean TTFT over static's, pooled over ``runs`` (repeats of one rate: every request they answered in
+    both modes counts once), with a 95% interval from a paired bootstrap over those requests. Requests of one run
+    overlap in time and are not independent, so the interval is read beside the per-run ratios, not alone."""
+    pairs = [
+        (s, e)
+        for run in runs
+        for s, e in zip(
+            run["modes"]["static"].get("ttft_by_request", []),
+            run["modes"]["elastic"].get("ttft_by_request", []),
+            strict=False,
+        )
+        if s is not None and e is not None
+    ]
+    per_run = [run["elastic_over_static"]["ttft_mean"] for run in runs]
+    if not pairs:  # reports written before per-request figures were kept: pool the runs' means
+        n = [run["modes"]["static"]["all"]["completed"] for run in runs]
+        static = sum(k * run["modes"]["static"]["all"]["ttft_mean"] for k, run in zip(n, runs, strict=True))
+        elastic = sum(k * run["modes"]["elastic"]["all"]["ttft_mean"] for k, run in zip(n, runs, strict=True))
+        return {"runs": len(runs), "requests": sum(n), "ttft_mean_ratio": _ratio(elastic, static),
+                "ci95": None, "per_run": per_run}  # fmt: skip
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(BOOTSTRAP):
+        sample = rng.choices(pairs, k=len(pairs))
+        ratios.append(_ratio(sum(e for _, e in sample), sum(s for s, _ in sample)))
+    ratios.sort()
+    ci = [ratios[int(0.025 * BOOTSTRAP)], ratios[int(0.975 * BOOTSTRAP) - 1]]
+    ratio = _ratio(sum(e for _, e in pairs), sum(s for s, _ in pairs))
+    return {"runs": len(runs), "requests": len(pairs), "ttft_mean_ratio": ratio, "ci95": ci, "per_run": per_run}
+
+
 def merge_reports(paths: list[Path]) -> dict[str, Any]:
-    """One sweep from several runs of the same plan but for the rates (a sweep longer than one command). A rate
-    found in several files is taken from the last one given."""
+    """One sweep from several runs of the same plan but for the traces (a sweep longer than one command). A rate
+    found in several files is a repeat: its runs are pooled (the light-load figure) and each is shown."""
+    if len({Path(p).resolve() for p in paths}) != len(paths):
+        raise ConfigError("a file is given twice to --merge: each run would count twice")
     reports = [json.loads(Path(p).read_text()) for p in paths]
     first = reports[0]
-    keep = ("rates",)
+    keep = ("rates", "duration", "seed", "trace", "elastic_first")  # the traces and the order, not the system
     for p, r in zip(paths, reports, strict=True):
         a = {k: v for k, v in first["plan"].items() if k not in keep}
         b = {k: v for k, v in r["plan"].items() if k not in keep}
@@ -314,8 +362,7 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
             raise ConfigError(f"{p}: another plan or device than {paths[0]} ({', '.join(diff) or 'device'}); "
                               "merge runs of one plan only")  # fmt: skip
     merged = dict(first)
-    by_rate = {run["rate"]: run for r in reports for run in r["runs"]}  # a rate run twice: the later file's
-    merged["runs"] = list(by_rate.values())
+    merged["runs"] = [run for r in reports for run in r["runs"]]
     merged["plan"] = dict(first["plan"], rates=sorted(run["rate"] for run in merged["runs"]))
     merged["merged_from"] = [{"file": Path(p).name, "date": r["date"], "commit": r["commit"], "command": r["command"]}
                              for p, r in zip(paths, reports, strict=True)]  # fmt: skip
@@ -364,8 +411,15 @@ def _print(console: Console, report: dict[str, Any]) -> None:
         f"static queues from {report['static_queues_from_rate']} req/s ({report['queueing_rule']}); at "
         f"{report['best_peak_rate']:g} req/s static p99 TTFT is "
         f"[bold]{report['peak_p99_ttft_static_over_elastic']:.1f}x[/] elastic's; at the lightest, elastic mean TTFT "
-        f"is [bold]{report['light_mean_ttft_elastic_over_static']:.3f}x[/] static's"
+        f"is [bold]{report['light_mean_ttft_elastic_over_static']:.3f}x[/] static's ({_light_text(report['light'])})"
     )
+
+
+def _light_text(light: dict[str, Any]) -> str:
+    ci = light["ci95"]
+    interval = f", 95% interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+    runs = ", ".join(f"{r:.3f}" for r in light["per_run"])
+    return f"{light['requests']} requests in {light['runs']} run(s){interval}; per run {runs}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -406,7 +460,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- best peak rate ({report['best_peak_rate']:g} req/s): static p99 TTFT / elastic p99 TTFT = "
         f"**{report['peak_p99_ttft_static_over_elastic']:.2f}** (target >= 5)",
         f"- lightest rate: elastic mean TTFT / static = **{report['light_mean_ttft_elastic_over_static']:.3f}** "
-        "(target <= 1.05)",
+        f"(target <= 1.05; {_light_text(report['light'])})",
         "",
         "Per model:",
         "",
@@ -445,11 +499,14 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     plan, device, runs = report["plan"], report["device"], report["runs"]
     models, budget = plan["models"], plan["kv_budget"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
-    rates = [r["rate"] for r in runs]
+    rates = sorted({r["rate"] for r in runs})  # a rate run more than once: each run a point, the line their mean
     for mode, color in zip(MODES, ("tab:red", "tab:blue"), strict=True):
         for key, style in (("ttft_p99", "-o"), ("ttft_mean", "--s")):
-            top.plot(rates, [r["modes"][mode]["all"][key] for r in runs], style, color=color,
+            values = [[r["modes"][mode]["all"][key] for r in runs if r["rate"] == rate] for rate in rates]
+            top.plot(rates, [sum(v) / len(v) for v in values], style, color=color,
                      label=f"{mode} {key.replace('ttft_', 'TTFT ')}")  # fmt: skip
+            top.plot([r["rate"] for r in runs], [r["modes"][mode]["all"][key] for r in runs], style[-1], color=color,
+                     alpha=0.4)  # fmt: skip
     top.set_xscale("log")
     top.set_yscale("log")
     top.set_xlabel("peak request rate per model (requests/s)")
@@ -457,7 +514,7 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     top.legend(fontsize=8)
     top.set_title("TTFT against load: static split vs elastic sharing", loc="left")
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    shown = next(r for r in runs if r["rate"] == report["best_peak_rate"])
+    shown = _best_peak(runs)
     samples = shown["modes"]["elastic"]["memory"]
     t = [s[0] for s in samples]
     stacks = [[s[1].get(name, 0) / GiB for s in samples] for name in models]
@@ -495,6 +552,7 @@ def plan_from_options(
     attention: str | None = None,
     trace: str | None = None,
     short: bool = False,
+    elastic_first: bool = False,
     seed: int = 0,
 ) -> BenchPlan:
     """The plan for the CLI's options: the GPU defaults (three 8B models, 16 GiB of KV) where there is a GPU,
@@ -528,6 +586,7 @@ def plan_from_options(
              "trace": trace}  # fmt: skip
     fields.update({k: v for k, v in given.items() if v is not None})
     fields["seed"] = seed
+    fields["elastic_first"] = elastic_first
     return BenchPlan(**fields)
 
 

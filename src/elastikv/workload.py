@@ -87,6 +87,25 @@ def intermittent(
     return sorted(out, key=lambda a: a.at)
 
 
+def peak_rate(trace: Sequence[Arrival], window: float) -> float:
+    """The highest rate (requests/s) at which any one model's requests arrive over ``window`` seconds of the
+    trace: how a replayed trace is placed among a sweep's peak rates."""
+    if window <= 0:
+        raise ValueError(f"the window must be positive, got {window}")
+    best = 0
+    by_model: dict[str, list[float]] = {}
+    for a in trace:
+        by_model.setdefault(a.model, []).append(a.at)
+    for times in by_model.values():
+        times.sort()
+        first = 0
+        for last, t in enumerate(times):  # the arrivals in (t - window, t]
+            while times[first] <= t - window:
+                first += 1
+            best = max(best, last - first + 1)
+    return round(best / window, 3)
+
+
 def save_trace(trace: Sequence[Arrival], path: str | Path) -> None:
     Path(path).write_text("".join(json.dumps(asdict(a)) + "\n" for a in trace))
 
