@@ -315,33 +315,28 @@ BOOTSTRAP = 2000  # resamples for the light-load interval
 
 
 def _pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Elastic mean TTFT over static's, pooled over ``runs`` (repeats of one rate: every request they answered in
-    both modes counts once), with a 95% interval from a paired bootstrap over those requests. Requests of one run
-    overlap in time and are not independent, so the interval is read beside the per-run ratios, not alone."""
-    pairs = [
-        (s, e)
-        for run in runs
-        for s, e in zip(
-            run["modes"]["static"].get("ttft_by_request", []),
-            run["modes"]["elastic"].get("ttft_by_request", []),
-            strict=False,
-        )
-        if s is not None and e is not None
-    ]
+    """Elastic mean TTFT over static's, pooled over ``runs`` (repeats of one rate: each request counts once), with
+    a 95% interval from a paired bootstrap over the requests when every run kept them (reports from before
+    2026-11-24 did not: their means are pooled, weighted by requests, and no interval is given). Requests of one
+    run overlap in time and are not independent, so the interval is read beside the per-run ratios, not alone."""
     per_run = [run["elastic_over_static"]["ttft_mean"] for run in runs]
-    if not pairs:  # reports written before per-request figures were kept: pool the runs' means
+    kept = [
+        (run["modes"]["static"].get("ttft_by_request"), run["modes"]["elastic"].get("ttft_by_request")) for run in runs
+    ]
+    if any(s is None or e is None for s, e in kept):
         n = [run["modes"]["static"]["all"]["completed"] for run in runs]
         static = sum(k * run["modes"]["static"]["all"]["ttft_mean"] for k, run in zip(n, runs, strict=True))
         elastic = sum(k * run["modes"]["elastic"]["all"]["ttft_mean"] for k, run in zip(n, runs, strict=True))
-        return {"runs": len(runs), "requests": sum(n), "ttft_mean_ratio": _ratio(elastic, static),
-                "ci95": None, "per_run": per_run}  # fmt: skip
+        return {"runs": len(runs), "requests": sum(n), "ttft_mean_ratio": _ratio(elastic, static), "ci95": None,
+                "per_run": per_run}  # fmt: skip
+    pairs = [(s, e) for ss, es in kept for s, e in zip(ss, es, strict=True) if s is not None and e is not None]
     rng = random.Random(0)
     ratios = []
     for _ in range(BOOTSTRAP):
         sample = rng.choices(pairs, k=len(pairs))
         ratios.append(_ratio(sum(e for _, e in sample), sum(s for s, _ in sample)))
     ratios.sort()
-    ci = [ratios[int(0.025 * BOOTSTRAP)], ratios[int(0.975 * BOOTSTRAP) - 1]]
+    ci = [ratios[int(0.025 * BOOTSTRAP)], ratios[int(0.975 * BOOTSTRAP) - 1]] if pairs else None
     ratio = _ratio(sum(e for _, e in pairs), sum(s for s, _ in pairs))
     return {"runs": len(runs), "requests": len(pairs), "ttft_mean_ratio": ratio, "ci95": ci, "per_run": per_run}
 
