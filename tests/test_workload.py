@@ -16,6 +16,7 @@ from elastikv.workload import (
     load_trace,
     peak_rate,
     percentile,
+    prompt_ids,
     save_trace,
     summary,
 )
@@ -65,6 +66,20 @@ def test_a_trace_is_labelled_with_the_busiest_window_of_any_one_model() -> None:
     assert 0.25 <= peak_rate(made, 20.0) <= 1.0  # about the rate it was made with
     with pytest.raises(ValueError, match="positive"):
         peak_rate(trace, 0)
+
+
+def test_prompts_are_fixed_per_request_and_never_repeat_across_traces() -> None:
+    # Two traces replayed to the same engines (a sweep's rates): a prompt of the first reappearing in the second
+    # would be a prefix-cache hit in one mode and a prefill in the other.
+    first = intermittent(MODELS, duration=60, base_rate=0.1, peak_rate=1, peak_width=10, prompt_tokens=64,
+                         output_tokens=4, seed=0)  # fmt: skip
+    second = intermittent(MODELS, duration=60, base_rate=0.1, peak_rate=1, peak_width=10, prompt_tokens=64,
+                          output_tokens=4, seed=1)  # fmt: skip
+    prompts = [tuple(prompt_ids(a, i)) for trace in (first, second) for i, a in enumerate(trace)]
+    assert len(set(prompts)) == len(prompts) == len(first) + len(second)
+    assert len({p[:32] for p in prompts}) == len(prompts)  # no shared first block either
+    assert [prompt_ids(a, i) for i, a in enumerate(first)] == [list(p) for p in prompts[: len(first)]]  # fixed
+    assert all(len(p) == 64 and min(p) >= 10 for p in prompts)
 
 
 def test_percentiles_and_the_summary() -> None:

@@ -126,8 +126,11 @@ def load_trace(path: str | Path) -> list[Arrival]:
 
 
 def prompt_ids(arrival: Arrival, index: int, vocab: int = 2000) -> list[int]:
-    """Token ids for one request's prompt: distinct per request (no prefix shared by chance), fixed by index."""
-    rng = random.Random(index * 7919 + 17)
+    """Token ids for one request's prompt: fixed by the request (its model, time and place in the trace), so a
+    replay sends the same prompts in every mode, and distinct from every other request's, in this trace and in
+    any other replayed to the same engines: a prompt seen before would be served from an engine's prefix cache
+    (transformers keeps one in the static baseline) and time a cache hit instead of a prefill."""
+    rng = random.Random(f"{arrival.model}:{arrival.at:.6f}:{index}")
     return [rng.randrange(10, vocab) for _ in range(arrival.prompt_tokens)]
 
 
