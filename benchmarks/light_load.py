@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._results import environment, save
 
 from elastikv.config import Settings
-from elastikv.models import kv_bytes_per_token, make_model
+from elastikv.models import kv_bytes_per_token, make_model_once
 
 
 async def one_request(engine: Any, prompt: list[int], output_tokens: int) -> tuple[float, float]:
@@ -66,7 +66,7 @@ def main() -> None:
         help="elastic mode's per-batch KV read budget (the multi-model benchmark: what 16 GiB holds)",
     )
     ap.add_argument("--gap", type=float, default=1.0, help="idle seconds before each request")
-    ap.add_argument("--model-dir", default=None, help="reuse a model made earlier")
+    ap.add_argument("--model-dir", default=None, help="keep the random model here (made once; reused after)")
     ap.add_argument("--profile", action="store_true", help="print one request's top operations per mode")
     args = ap.parse_args()
     from elastikv.config import parse_size
@@ -77,10 +77,8 @@ def main() -> None:
     profiles: dict[str, str] = {}
 
     with tempfile.TemporaryDirectory(prefix="elastikv-light-") as tmp:
-        path = Path(args.model_dir) if args.model_dir else make_model(Path(tmp) / args.size, size=args.size)
-        if args.model_dir and not (path / "DONE").exists():  # the multi-model benchmark's cache, made here
-            make_model(path, size=args.size)
-            (path / "DONE").write_text("")
+        path = Path(args.model_dir or Path(tmp) / args.size)
+        make_model_once(path, size=args.size)  # --model-dir: the multi-model benchmark's cache, shared
         from transformers.generation.continuous_batching import continuous_api
 
         from elastikv.serving.engine import Engine

@@ -177,3 +177,15 @@ def make_model(path: str | Path, *, arch: str = "llama", size: str = "tiny", see
 
 def _total_bytes(shapes: dict[str, tuple[int, ...]], dtype: Any) -> int:
     return int(sum(math.prod(s) for s in shapes.values()) * dtype.itemsize)
+
+
+def make_model_once(path: str | Path, *, size: str, seed: int = 0) -> bool:
+    """Make ``path`` with :func:`make_model` unless a complete one is there already (a ``DONE`` marker, written
+    last, so that a run killed while writing weights makes it again); True if it was made now. Benchmarks keep
+    their random model this way between runs (``--model-cache``, ``.models/`` on the GPU machine)."""
+    path = Path(path)
+    if (path / "DONE").is_file():
+        return False
+    make_model(path, size=size, seed=seed)
+    (path / "DONE").write_text("")
+    return True

@@ -172,14 +172,13 @@ def _models(plan: BenchPlan, work: Path, cache: Path | None, console: Console) -
             if not (p / "config.json").is_file():
                 raise ConfigError(f"--model {p} (for {name}) has no config.json: give a local model directory")
         return paths
-    from elastikv.models import make_model
+    from elastikv.models import make_model_once
 
-    where = (cache or work) / f"{plan.size}-seed{plan.seed}"
-    if not (where / "DONE").is_file():  # made once; every model serves the same weights (its own copy in memory)
-        with console.status(f"making a random-weight {plan.size} Llama in {where} (no download)..."):
-            t0 = time.monotonic()
-            make_model(where, size=plan.size, seed=plan.seed)
-            (where / "DONE").write_text("")
+    where = (cache or work) / f"{plan.size}-seed{plan.seed}"  # every model serves it (its own copy in memory)
+    t0 = time.monotonic()
+    with console.status(f"making a random-weight {plan.size} Llama in {where} (no download)..."):
+        made = make_model_once(where, size=plan.size, seed=plan.seed)
+    if made:
         console.print(f"made {where} in {time.monotonic() - t0:.0f} s")
     return dict.fromkeys(plan.models, where)
 
