@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import _results
+from elastikv import children
 from elastikv.cache_demo import LLAMA_8B
 from elastikv.config import format_bytes, parse_size
 from elastikv.errors import AllocationRefused
@@ -92,7 +93,7 @@ def worker(name: str) -> None:
 class Worker:
     def __init__(self, name: str, env: dict[str, str]) -> None:
         self.name = name
-        self.proc = subprocess.Popen(
+        self.proc = children.popen(
             [sys.executable, __file__, "--worker", name],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -110,3 +111,43 @@ def pytest_ignore_collect(collection_path: object, config: pytest.Config) -> boo
     if getattr(collection_path, "name", "") == "sglang_env" and os.environ.get("EKV_TEST_SGLANG_ENV") != "1":
         return True
     return None
+
+
+# Every process this session starts inherits this mark (tests that drop ELASTIKV_* variables keep it), so the
+# session can check at its end that nothing it started is still running: engines, routers and servers must die
+# with whatever started them (elastikv.children), in a test that passes or fails alike.
+SESSION_MARK = "EKV_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{time.time_ns()}")
+
+
+def leftover_processes() -> list[str]:
+    """Processes started by this session (they carry its mark) that still run, as "pid: command line"."""
+    import psutil
+
+    mark, me, found = os.environ[SESSION_MARK], os.getpid(), []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.info["pid"] == me or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get(SESSION_MARK) == mark:
+                found.append(f"{proc.info['pid']}: {' '.join(proc.info['cmdline'] or [])[:200]}")
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get(SESSION_MARK, "").split("-")[0] != str(os.getpid()):
+        return  # a pytest inside a test (tests/sglang_env): its parent session checks
+    deadline = time.monotonic() + 10.0  # processes being stopped right now get a moment
+    while (left := leftover_processes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        import psutil
+
+        for line in left:
+            with contextlib.suppress(psutil.Error, ValueError):
+                psutil.Process(int(line.split(":")[0])).kill()
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        text = "processes started by the tests were still running at the end (killed now):\n  " + "\n  ".join(left)
+        if reporter is not None:
+            reporter.write_line(text, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

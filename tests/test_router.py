@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 
+from elastikv import children
+
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="needs httpx: pip install -e '.[serve]'")
 pytest.importorskip("yaml", reason="needs PyYAML: pip install -e '.[serve]'")
@@ -71,7 +73,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("router")
     for seed, name in enumerate(MODELS):
         make_model(tmp / name, size="tiny", seed=seed)
-    from elastikv.router.router import free_port
+    from elastikv.ports import free_port
 
     port = free_port()
     ledger_dir = tmp / "ledger"
@@ -94,7 +96,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     (tmp / "router.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     shm_before = _shm()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIKV")}
-    proc = subprocess.Popen(
+    proc = children.popen(
         [sys.executable, "-m", "elastikv.cli", "serve", str(tmp / "router.yaml"), "--log-dir", str(tmp / "logs")],
         env=env,
         stdout=(tmp / "router.log").open("wb"),
@@ -201,7 +203,32 @@ def test_idle_models_sleep_and_give_their_memory_back(served: Served) -> None:
     port = served.status()["gamma"]["port"]
     assert httpx.get(f"http://127.0.0.1:{port}/is_sleeping").json()["is_sleeping"] is True
     assert served.status()["gamma"]["kv_mapped_bytes"] == 0  # its ledger row left with its cache
-    assert complete(served, "gamma").status_code == 200  # woken by the request
+    # `elastikv status` still lists it: asleep, holding nothing
+    env = {**os.environ, "ELASTIKV_LEDGER_DIR": str(served.ledger_dir), "COLUMNS": "200"}
+    cli = [sys.executable, "-m", "elastikv.cli", "status"]
+    listed = json.loads(subprocess.run([*cli, "--json"], env=env, capture_output=True, text=True, check=True).stdout)
+    asleep = {a["name"]: a for d in listed for a in d["asleep"]}  # the others idled past their time too
+    assert (asleep["gamma"]["level"], asleep["gamma"]["engine"]) == ("1", "elastikv"), listed
+    assert "gamma" not in [r["name"] for d in listed for r in d["instances"]]
+    table = subprocess.run(cli, env=env, capture_output=True, text=True, check=True).stdout
+    assert "gamma" in table and "asleep (level 1)" in table, table
+    # The request that wakes it waits for the wake; the router's wake metric is that wait, not the /wake_up call.
+    wake_sum = _metric(served, 'elastikv_router_wake_seconds_sum{model="gamma"}')
+    t0 = time.monotonic()
+    assert complete(served, "gamma", max_tokens=1).status_code == 200  # woken by the request
+    took = time.monotonic() - t0
+    wake = _metric(served, 'elastikv_router_wake_seconds_sum{model="gamma"}') - wake_sum
+    print(f"first request after a wake: {took:.3f} s; the router's wake metric: {wake:.3f} s")
+    assert 0 < wake <= took, (wake, took)  # from the request's arrival: a part of what it waited
+    listed = json.loads(subprocess.run([*cli, "--json"], env=env, capture_output=True, text=True, check=True).stdout)
+    assert "gamma" not in [a["name"] for d in listed for a in d["asleep"]]  # awake again
+
+
+def _metric(served: Served, sample: str) -> float:
+    for line in httpx.get(f"{served.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 async def _many(url: str, jobs: list[tuple[str, str, int]]) -> list[httpx.Response]:
@@ -367,31 +394,24 @@ def test_a_hung_engine_is_killed_and_restarted(tmp_path: Path, monkeypatch: pyte
         os.kill(status["hung"], 0)
 
 
-def test_an_engine_that_cannot_start_is_retried_and_its_requests_get_503(tmp_path: Path) -> None:
-    """A `command` engine that exits at once: the router keeps serving, answers its requests with 503 and the
-    reason, and keeps retrying with backoff; the engine's output is in its log."""
-    from elastikv.router.app import create_app
-    from elastikv.router.config import parse_config
-    from elastikv.router.router import Router
+def test_an_engine_that_cannot_start_stops_the_router_with_its_log(tmp_path: Path) -> None:
+    """A `command` engine that exits at once: `elastikv serve` does not serve half its config; it stops the engines
+    it started and exits with the failed engine's exit code and the end of its log, within seconds."""
+    from elastikv.models import make_model
+    from elastikv.ports import free_port
 
-    text = ("models:\n  - name: broken\n    engine: command\n    port: 1\n    idle: never\n"
-            f"    command: [{sys.executable!r}, -c, 'import sys; print(\"boom\"); sys.exit(3)']\n")  # fmt: skip
-    router = Router(parse_config(text, fmt="yaml", source=tmp_path / "r.yaml"), log_dir=tmp_path / "logs")
-
-    async def scenario() -> tuple[int, dict[str, Any], dict[str, str]]:
-        await router.start()
-        try:
-            transport = httpx.ASGITransport(app=create_app(router, manage_lifetime=False))
-            async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
-                r = await client.post("/v1/completions", json={"model": "broken", "prompt": "x"})
-                await asyncio.sleep(1.6)  # backoff 0.5 s, then 1 s: at least one more attempt
-                return r.status_code, r.json()["error"], dict(r.headers)
-        finally:
-            await router.stop()
-
-    code, error, headers = asyncio.run(scenario())
-    m = router.models["broken"]
-    assert code == 503 and "exited with code 3" in error["message"] and "restart" in error["message"]
-    assert error["code"] == "engine_unavailable" and int(headers["retry-after"]) >= 1
-    assert m.counters.crashes >= 2  # it was tried again
-    assert "boom" in m.log_path.read_text()
+    make_model(tmp_path / "ok", size="tiny")
+    broken = 'import sys, time; time.sleep(1); print("boom"); sys.exit(3)'
+    text = (f"env: {{ELASTIKV_BACKEND: host, ELASTIKV_HOST_MEMORY: 256MiB, ELASTIKV_LEDGER_DIR: {tmp_path / 'l'}}}\n"
+            "models:\n  - {name: ok, model: ./ok, idle: never, args: [--dtype, float32]}\n"
+            f"  - name: broken\n    engine: command\n    idle: never\n    port: {free_port()}\n"
+            f"    command: [{sys.executable!r}, -c, '{broken}']\n")  # fmt: skip
+    (tmp_path / "r.yaml").write_text(text)
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "elastikv.cli", "serve", str(tmp_path / "r.yaml"), "--log-dir",
+                        str(tmp_path / "logs")], capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert r.returncode == 5, r.stderr[-3000:]
+    assert "broken: the engine exited with code 3 while starting" in r.stderr and "boom" in r.stderr, r.stderr
+    assert "serving" not in r.stderr and time.monotonic() - t0 < 120
+    ok_log = (tmp_path / "logs" / "ok.log").read_text()
+    assert "elastikv engine: loading" in ok_log  # it was started, and stopped with the router: nothing left

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from elastikv import children
+
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
 openai = pytest.importorskip("openai", reason="needs the OpenAI client: pip install openai")
 pytest.importorskip("uvicorn", reason="needs uvicorn: pip install -e '.[serve]'")
@@ -148,7 +150,7 @@ def test_elastikv_engine_command_serves_and_shows_in_status(tmp_path: Path) -> N
         "64MiB",
     ]
     cmd += ["--device", "cpu", "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = children.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
         while True:

@@ -12,12 +12,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from tests.tiny_models import build_tiny_llama
 from tests.vllm_harness import Engine, engine_env, needs_vllm, prompts
+
+from elastikv import children
 
 pytestmark = [needs_vllm, pytest.mark.slow]
 
@@ -214,7 +217,7 @@ def test_the_openai_server_started_through_elastikv_run(model: Path, tmp_path: P
     cmd += ["--enforce-eager", "--gpu-memory-utilization", "0.2", "--port", str(port), "--enable-prefix-caching"]
     log = tmp_path / "server.log"
     with log.open("w") as out:
-        server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        server = children.popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -247,7 +250,6 @@ def test_the_router_serves_vllm_stops_it_when_idle_and_starts_it_on_demand(
     """`engine: vllm` behind `elastikv serve`: elastikv made active in vLLM by the router (three patched
     processes), answers equal to vLLM without elastikv, and `sleep_level: stop` (vLLM's own sleep mode needs CUDA)
     ends the engine when idle, leaving nothing in the ledger, and starts it again for the next request."""
-    import socket
 
     from elastikv.router.router import free_port
 
@@ -275,14 +277,13 @@ def test_the_router_serves_vllm_stops_it_when_idle_and_starts_it_on_demand(
     cmd = [sys.executable, "-m", "elastikv.cli", "serve", str(tmp_path / "router.yaml"), "--log-dir", str(tmp_path)]
     url = f"http://127.0.0.1:{port}"
     with (tmp_path / "router.log").open("w") as out:
-        router = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        router = children.popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while True:
             try:
-                with contextlib.closing(socket.create_connection(("127.0.0.1", port), timeout=1)):
-                    pass
-                break
+                with urllib.request.urlopen(f"{url}/health", timeout=2):  # the router serves once vLLM answers
+                    break
             except OSError:
                 assert router.poll() is None and time.monotonic() < deadline, (tmp_path / "router.log").read_text()
                 time.sleep(1)

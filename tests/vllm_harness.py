@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from elastikv import children
+
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 START_TIMEOUT = 300.0
 
@@ -52,7 +54,7 @@ class Engine:
 
     def __init__(self, model: Path, env: Mapping[str, str], *, prefix_caching: bool = True) -> None:
         args = [sys.executable, str(RUNNER), str(model)] + (["--prefix-caching"] if prefix_caching else [])
-        self.proc = subprocess.Popen(
+        self.proc = children.popen(
             args,
             env=dict(env),
             stdin=subprocess.PIPE,

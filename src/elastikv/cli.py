@@ -16,7 +16,7 @@ from rich.text import Text
 
 from elastikv import __version__
 from elastikv.config import ATTENTIONS, BACKENDS, LAYOUTS, Settings, format_bytes, parse_size
-from elastikv.errors import ElastikvError
+from elastikv.errors import ElastikvError, EngineDied, EngineStartFailed, Interrupted
 from elastikv.ledger import DeviceSummary, Ledger, LedgerError, UnknownInstance, ledger_files, summaries
 
 
@@ -142,7 +142,7 @@ def info(backend: str | None) -> None:
 
 
 # Exit codes a script can rely on.
-EXIT_OK, EXIT_USAGE, EXIT_UNKNOWN_INSTANCE, EXIT_LEDGER = 0, 2, 3, 4
+EXIT_OK, EXIT_USAGE, EXIT_UNKNOWN_INSTANCE, EXIT_LEDGER, EXIT_ENGINE = 0, 2, 3, 4, 5
 
 
 def _short(n: int) -> str:
@@ -168,12 +168,13 @@ def _status_tables(summaries: list[DeviceSummary]) -> Group | Text:
             f"budget ({d.budget} of {format_bytes(d.total_bytes)})",
             title_justify="left",
         )
-        for col in ("name", "engine", "pid", "mapped", "in use", "reserve", "limit", "share", "active"):
-            table.add_column(col, justify="left" if col in ("name", "engine") else "right", no_wrap=True)
+        for col in ("name", "engine", "state", "pid", "mapped", "in use", "reserve", "limit", "share", "active"):
+            table.add_column(col, justify="left" if col in ("name", "engine", "state") else "right", no_wrap=True)
         for r in d.instances:
             table.add_row(
                 r.name,
                 r.engine,
+                "awake",
                 str(r.pid),
                 _short(r.mapped_bytes),
                 _short(r.in_use_bytes),
@@ -182,8 +183,12 @@ def _status_tables(summaries: list[DeviceSummary]) -> Group | Text:
                 f"{r.mapped_bytes / d.total_bytes:.1%}",
                 _ago(r.last_activity),
             )
-        if not d.instances:
-            table.add_row("(none)", "", "", "", "", "", "", "", "")
+        for a in d.asleep:  # put to sleep by a router: nothing mapped, woken by its next request
+            woke = "never woke" if a.last_wake is None else f"woke {_ago(a.last_wake)}"
+            level = "stopped" if a.level == "stop" else f"asleep (level {a.level})"
+            table.add_row(a.name, a.engine, level, "", "none", "", "", "", "0%", f"for {_ago(a.since)[:-4]}, {woke}")
+        if not d.instances and not d.asleep:
+            table.add_row("(none)", "", "", "", "", "", "", "", "", "")
         parts.append(table)
     return Group(*parts)
 
@@ -192,7 +197,8 @@ def _status_tables(summaries: list[DeviceSummary]) -> Group | Text:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
 def status(as_json: bool, watch: bool) -> None:
-    """Instances on each device: mapped, in use, reserve, limit, share of the device, last activity."""
+    """Instances on each device: mapped, in use, reserve, limit, share of the device, last activity; and the
+    models a router has put to sleep (they hold nothing until their next request wakes them)."""
     ledger_dir = Settings.from_env().ledger_dir
     if as_json:
         data = [
@@ -300,11 +306,17 @@ def engine_cmd(
     static_kv: str | None,
     attention: str,
 ) -> None:
-    """Serve one model with an elastic KV cache behind an OpenAI-compatible API (transformers engine)."""
+    """Serve one model with an elastic KV cache behind an OpenAI-compatible API (transformers engine).
+
+    \b
+    Exit codes: 0 stopped; 2 bad arguments or the port is taken; 5 the engine could not start (the reason is
+    printed: e.g. transformers' batching thread died making its KV cache).
+    """
     import dataclasses
 
     import uvicorn
 
+    from elastikv import ports
     from elastikv.engines.autopatch import _setup_logging
     from elastikv.serving.engine import Engine
     from elastikv.serving.server import create_app
@@ -313,6 +325,9 @@ def engine_cmd(
     if limit is not None:
         settings = dataclasses.replace(settings, limit=parse_size(limit, what="--limit", allow_zero=False))
     _setup_logging(settings.log_level)
+    # The port first: a port in use is an error before the model loads, and nothing else can take it meanwhile.
+    sock = ports.listen(host, port, what="elastikv engine", fix="stop it or pass another --port")
+    click.echo(f"elastikv engine: loading {model} ...", err=True)
     engine = Engine(
         model,
         name=name,
@@ -326,15 +341,23 @@ def engine_cmd(
         else parse_size(static_kv, what="--static-kv", allow_percent=False).resolve(0),
         attention=attention,
     )
-    click.echo(
-        f"elastikv engine: serving {engine.name} on http://{host}:{port}/v1 ({engine.device}, attention "
-        f"{engine.attention})",
-        err=True,
+
+    def serving() -> None:
+        click.echo(
+            f"elastikv engine: serving {engine.name} on http://{host}:{port}/v1 ({engine.device}, attention "
+            f"{engine.attention})",
+            err=True,
+        )
+
+    app = create_app(
+        engine, close_on_shutdown=True, start_token=settings.start_token, on_serving=serving
     )
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     try:
-        uvicorn.run(create_app(engine, close_on_shutdown=True), host=host, port=port, log_level="warning")
+        server.run(sockets=[sock])
     finally:
         engine.close()
+        sock.close()
 
 
 @main.command()
@@ -344,13 +367,19 @@ def engine_cmd(
 @click.option("--log-dir", default=None, help="Where each engine's log goes (default: a new temporary directory).")
 def serve(config: str, host: str | None, port: int | None, log_dir: str | None) -> None:
     """Serve every model in CONFIG behind one OpenAI-compatible endpoint: routing by model, idle sleep,
-    wake on demand, engine supervision. Ctrl-C or SIGTERM stops every engine."""
-    import uvicorn
+    wake on demand, engine supervision. Ctrl-C or SIGTERM stops every engine, at any moment.
 
+    \b
+    Exit codes: 0 stopped; 2 a bad config or a port in use; 5 an engine did not start (the end of its log is
+    printed).
+    """
+    import asyncio
+
+    from elastikv import ports
     from elastikv.engines.autopatch import _setup_logging
-    from elastikv.router.app import create_app
     from elastikv.router.config import load_config
     from elastikv.router.router import Router
+    from elastikv.router.run import serve as run_router
 
     cfg = load_config(config)
     if host is not None or port is not None:
@@ -358,8 +387,13 @@ def serve(config: str, host: str | None, port: int | None, log_dir: str | None) 
 
         cfg = dataclasses.replace(cfg, host=host or cfg.host, port=port or cfg.port)
     _setup_logging(Settings.from_env().log_level)
+    where = f" (listen: in {config})" if host is None and port is None else ""
+    sock = ports.listen(cfg.host, cfg.port, what="elastikv serve", fix=f"stop it or pass another --port{where}")
     router = Router(cfg, log_dir=log_dir)
-    uvicorn.run(create_app(router), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+    try:
+        asyncio.run(run_router(router, sock))
+    finally:
+        sock.close()
 
 
 @main.command(name="make-model")
@@ -403,6 +437,12 @@ def run() -> None:
     except LedgerError as exc:
         click.echo(f"elastikv: {exc}", err=True)
         sys.exit(EXIT_LEDGER)
+    except Interrupted as exc:
+        click.echo(f"elastikv: {exc}", err=True)
+        sys.exit(130)
+    except (EngineDied, EngineStartFailed) as exc:
+        click.echo(f"elastikv: {exc}", err=True)
+        sys.exit(EXIT_ENGINE)
     except ElastikvError as exc:
         click.echo(f"elastikv: {exc}", err=True)
         sys.exit(EXIT_USAGE)

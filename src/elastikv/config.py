@@ -93,12 +93,13 @@ def parse_size(text: str | int, *, what: str = "size", allow_percent: bool = Tru
 
 
 def format_bytes(n: float) -> str:
-    """``1536 -> '1.5 KiB'``: binary units, three significant digits."""
+    """``1536 -> '1.5 KiB'``, ``1023.5 * 2**20 -> '1024 MiB'``: binary units, three significant digits (all
+    the digits from 100 up: never an exponent)."""
     sign = "-" if n < 0 else ""
     n = abs(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.3g} {unit}"
+            return f"{sign}{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{sign}{n:.3g} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
 
@@ -136,6 +137,7 @@ class Settings:
     peer_timeout: float = 30.0  # seconds a worker process may take to answer a page map/unmap
     commit: str | None = None  # the commit benchmark results name, where the copy has no .git (the GPU machine)
     admin_token: str | None = None  # the router's admin token, where its config file does not give one
+    start_token: str | None = None  # set by the router for each engine start; the engine shows it on /health
 
     @property
     def min_chunk_bytes(self) -> int | None:
@@ -226,4 +228,5 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "ELASTIKV_PEER_TIMEOUT": ("peer_timeout", lambda raw, var: _seconds(raw, var)),
     "ELASTIKV_COMMIT": ("commit", lambda raw, var: raw),
     "ELASTIKV_ADMIN_TOKEN": ("admin_token", lambda raw, var: raw),
+    "ELASTIKV_START_TOKEN": ("start_token", lambda raw, var: raw),
 }

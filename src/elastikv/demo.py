@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -61,9 +62,16 @@ def run_demo(out_dir: str | Path, plan: DemoPlan = DemoPlan(), *, console: Conso
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="elastikv-demo-"))
+    try:
+        return _run(out, plan, work, console)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # models, engine logs, the demo's own ledger: none is kept
+
+
+def _run(out: Path, plan: DemoPlan, work: Path, console: Console) -> dict[str, Any]:
     device, dtype = _device()
     console.print(f"[bold]elastikv demo[/]: {len(plan.models)} models on {device}, a KV budget of "
-                  f"{format_bytes(plan.budget)}; work files in {work}")  # fmt: skip
+                  f"{format_bytes(plan.budget)}")  # fmt: skip
     with console.status("making three tiny random-weight models (no download)..."):
         paths = _make_models(work, plan.models)
     trace = intermittent(plan.models, duration=plan.duration, base_rate=plan.base_rate, peak_rate=plan.peak_rate,
@@ -192,24 +200,29 @@ def _plot(path: Path, plan: DemoPlan, results: dict[str, Any], device: str) -> P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(MODES), 1, figsize=(10, 6.5), sharex=True, sharey=True)
+    fig, axes = plt.subplots(len(MODES), 1, figsize=(11, 6.5), sharex=True, sharey=True, layout="constrained")
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    top = plan.budget / MiB * 1.45  # room above the budget line for the arrival ticks
     for ax, mode in zip(axes, MODES, strict=True):
         samples = results[mode]["samples"]
         t = [s[0] for s in samples]
         stacks = [[s[1].get(name, 0) / MiB for s in samples] for name in plan.models]
         ax.stackplot(t, stacks, labels=plan.models, colors=colors[: len(plan.models)], alpha=0.8, step="post")
         ax.axhline(plan.budget / MiB, color="black", linestyle="--", linewidth=1, label="budget")
-        for i, name in enumerate(plan.models):  # when each model's requests arrived
+        # When each model's requests arrived: a row of ticks per model at the top, in axes coordinates (not MiB).
+        strip = ax.get_xaxis_transform()
+        for i, name in enumerate(plan.models):
             at = [o.arrival.at for o in results[mode]["outcomes"] if o.arrival.model == name]
-            ax.plot(at, [-0.6 - 0.5 * i] * len(at), "|", color=colors[i], markersize=6)
+            ax.plot(at, [0.9 - 0.055 * i] * len(at), "|", color=colors[i], markersize=6, transform=strip)
+        ax.text(0.005, 0.985, "requests arriving, per model", transform=ax.transAxes, va="top", fontsize=7)
+        ax.set_ylim(0, top)
         ax.set_title(f"{mode}: " + ("each model holds a fixed third" if mode == "static"
                                     else "the models share the budget; idle ones sleep"), loc="left")  # fmt: skip
         ax.set_ylabel("KV memory (MiB)")
-    axes[-1].set_xlabel("seconds (ticks below: request arrivals per model)")
-    axes[0].legend(loc="upper right", ncols=len(plan.models) + 1, fontsize=8)
+    axes[-1].set_xlabel("seconds since the trace began")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8)
     fig.suptitle(f"elastikv demo: KV memory per model over time, {device}")
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -61,3 +61,17 @@ class LimitExceeded(AllocationRefused):
 
 class UnsupportedEngine(ElastikvError, RuntimeError):
     """An engine version or patch target that elastikv does not know; it refuses to run unpatched."""
+
+
+class EngineDied(ElastikvError, RuntimeError):
+    """An engine's batching thread has ended (at start, or while serving): it cannot answer any more. The message
+    carries the thread's error and, where known, the fix."""
+
+
+class Interrupted(ElastikvError):
+    """Ctrl-C or SIGTERM stopped a run (the demo, a benchmark) after every engine it started was stopped."""
+
+
+class EngineStartFailed(ElastikvError):
+    """An engine did not come up when a router started it (it exited, or never answered): the router serves
+    none rather than half its config. The message has the end of the engine's log."""

@@ -12,6 +12,10 @@ and releases its bytes. Anyone may change a row's limit (the CLI does); the owne
 whose pid now belongs to another process (start time differs), so a dead instance holds nothing after the
 next access by anyone.
 
+Models asleep: a router that puts a model to sleep notes it in the ``asleep`` table (its engine's instance row
+left with its KV cache), so ``elastikv status`` can list models that hold nothing but are there; the note is the
+router's row (its pid and start time) and is reaped like an instance when the router is gone.
+
 Admission (invariant 3): ``book`` checks the instance's limit and the device budget and books, in one
 transaction. The device budget is the configured size or fraction (95% of the device by default), bounded
 by what elastikv instances hold plus what the driver reports free, so memory taken by processes that do not
@@ -29,7 +33,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +100,23 @@ class InstanceRow:
 
 
 @dataclass(frozen=True)
+class AsleepRow:
+    """A model a router has put to sleep: it holds no KV memory (its instance row left at sleep), but it is
+    there, and the next request wakes it. Owned by the router process (``owner_pid``); reaped with it."""
+
+    name: str
+    owner_pid: int
+    owner_start: int
+    engine: str
+    level: str  # "1", "2" or "stop"
+    since: float  # when it fell asleep (time.time())
+    last_wake: float | None  # when it last woke, if ever
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class DeviceSummary:
     device_id: str
     device_label: str
@@ -104,6 +125,7 @@ class DeviceSummary:
     budget: str
     free_bytes: int | None
     instances: list[InstanceRow]
+    asleep: list[AsleepRow] = field(default_factory=list)
 
     @property
     def mapped_bytes(self) -> int:
@@ -127,6 +149,19 @@ CREATE TABLE IF NOT EXISTS instances (
     registered REAL NOT NULL
 );
 """
+# Added after schema 1 without changing it: an older elastikv ignores the table; this one makes it when missing.
+_ASLEEP_TABLE = """
+CREATE TABLE IF NOT EXISTS asleep (
+    name TEXT PRIMARY KEY,
+    owner_pid INTEGER NOT NULL,
+    owner_start INTEGER NOT NULL,
+    engine TEXT NOT NULL,
+    level TEXT NOT NULL,
+    since REAL NOT NULL,
+    last_wake REAL
+)
+"""
+_ASLEEP_COLUMNS = "name, owner_pid, owner_start, engine, level, since, last_wake"
 _COLUMNS = (
     "name, pid, start_time, engine, limit_bytes, startup_limit_bytes, capacity_bytes, mapped_bytes, "
     "in_use_bytes, reserve_bytes, last_activity, registered"
@@ -274,6 +309,7 @@ class Ledger:
             except sqlite3.DatabaseError as exc:
                 raise self._corrupt(exc) from exc
             try:
+                db.execute(_ASLEEP_TABLE)
                 if reap:
                     self._reap(db)
                 yield db
@@ -289,12 +325,18 @@ class Ledger:
         except sqlite3.DatabaseError as exc:
             raise self._corrupt(exc) from exc
         for name, pid, start in rows:
-            if pid == self._pid and start == self._start:
-                continue
-            now = process_start_time(pid)
-            if now is None or (now != -1 and now != start):
+            if not self._alive(pid, start):
                 db.execute("DELETE FROM instances WHERE name = ? AND pid = ?", (name, pid))
                 log.info("removed instance %r of dead process %d from the ledger", name, pid)
+        for name, pid, start in db.execute("SELECT name, owner_pid, owner_start FROM asleep").fetchall():
+            if not self._alive(pid, start):
+                db.execute("DELETE FROM asleep WHERE name = ? AND owner_pid = ?", (name, pid))
+
+    def _alive(self, pid: int, start: int) -> bool:
+        if pid == self._pid and start == self._start:
+            return True
+        now = process_start_time(pid)
+        return not (now is None or (now != -1 and now != start))
 
     # -- budget --------------------------------------------------------------------------------------------
     def _budget_bytes(self, db: sqlite3.Connection, held: int) -> int:
@@ -420,14 +462,32 @@ class Ledger:
             rows = db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY name").fetchall()
         return [InstanceRow(*r) for r in rows]
 
+    # -- models asleep (a router's note) ----------------------------------------------------------------------
+    def mark_asleep(self, name: str, *, engine: str, level: str, last_wake: float | None) -> None:
+        """Note that this process (a router) has put model ``name`` to sleep; ``elastikv status`` shows it."""
+        with self._transaction() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO asleep ({_ASLEEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, self._pid, self._start, engine, level, time.time(), last_wake),
+            )
+
+    def mark_awake(self, name: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM asleep WHERE name = ? AND owner_pid = ?", (name, self._pid))
+
+    def asleep(self) -> list[AsleepRow]:
+        with self._transaction() as db:
+            return [AsleepRow(*r) for r in db.execute(f"SELECT {_ASLEEP_COLUMNS} FROM asleep ORDER BY name")]
+
     def summary(self) -> DeviceSummary:
         with self._transaction() as db:
+            asleep = [AsleepRow(*r) for r in db.execute(f"SELECT {_ASLEEP_COLUMNS} FROM asleep ORDER BY name")]
             rows = [InstanceRow(*r) for r in db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY name")]
             held = sum(r.mapped_bytes for r in rows)
             spec = db.execute("SELECT value FROM meta WHERE key = 'budget'").fetchone()[0]
             budget = self._budget_bytes(db, held)
         free = self._free_bytes() if self._free_bytes is not None else None
-        return DeviceSummary(self.device_id, self.device_label, self.total_bytes, budget, spec, free, rows)
+        return DeviceSummary(self.device_id, self.device_label, self.total_bytes, budget, spec, free, rows, asleep)
 
     def close(self) -> None:
         with self._lock:

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from elastikv.config import format_bytes
+from elastikv.errors import Interrupted
 from elastikv.router.config import ModelSpec, RouterConfig
 from elastikv.workload import Arrival, Outcome, replay
 
@@ -90,35 +91,50 @@ async def replay_through_router(
     """Start the router and its engines, replay each trace in turn, stop everything. Returns each trace's
     :class:`Replayed` and every model's final status (wakes, sleeps, restarts). ``between(i)`` runs before trace
     ``i`` is sent (e.g. to print what comes)."""
-    import uvicorn
-
-    from elastikv.router.app import create_app
+    from elastikv import ports
     from elastikv.router.router import Router
+    from elastikv.router.run import serve
 
+    sock = ports.listen(config.host, config.port, what=f"{label}'s router")
     router = Router(config, log_dir=log_dir)
-    server = uvicorn.Server(uvicorn.Config(create_app(router), host=config.host, port=config.port,
-                                           log_level="warning", lifespan="on"))  # fmt: skip
     logging.getLogger("elastikv").setLevel(logging.WARNING)
-    serving = asyncio.create_task(server.serve())
+    stop, started = asyncio.Event(), asyncio.Event()
+    serving = asyncio.create_task(serve(router, sock, stop=stop, started=started))
     names = [m.name for m in config.models]
     out: list[Replayed] = []
     try:
         with console.status(f"{label}: starting {len(names)} engines..."):
-            while not server.started:
-                if serving.done():
-                    serving.result()
-                    raise RuntimeError("the router stopped while starting")
-                await asyncio.sleep(0.1)
+            waiter = asyncio.create_task(started.wait())
+            await asyncio.wait({serving, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if serving.done():
+                serving.result()  # an engine did not start: EngineStartFailed with its log's end
+                raise Interrupted(f"{label}: stopped while starting the engines")
         for i, trace in enumerate(traces):
             if between is not None:
                 between(i)
-            out.append(await _replay_one(router, config, list(trace), held, console, label))
+            out.append(await _until_stopped(_replay_one(router, config, list(trace), held, console, label), serving))
     finally:
         states = {name: m.status() for name, m in router.models.items()}
-        server.should_exit = True
-        with contextlib.suppress(Exception):
+        stop.set()
+        try:
             await serving
+        finally:
+            sock.close()
     return out, states
+
+
+async def _until_stopped(work: Any, serving: asyncio.Task[None]) -> Any:
+    """Run ``work`` while the router serves; if the router stops first (a signal), cancel it and raise."""
+    task = asyncio.ensure_future(work)
+    await asyncio.wait({task, serving}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    serving.result()
+    raise Interrupted("stopped by a signal; every engine has been stopped")
 
 
 async def _replay_one(

@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from elastikv import children
+
 MIB = 1024**2
 PAGE = 8 * MIB  # tiny model, per-layer layout: 2 layers x (K, V) x one 2 MiB chunk
 PROMPTS = ["The quick brown fox", "Return the list of all the values in the mapping"]
@@ -47,7 +49,7 @@ def test_the_router_serves_sglang_sleeps_it_when_idle_and_wakes_it_on_demand(mod
     url = f"http://127.0.0.1:{port}"
     engine_log = tmp_path / "tiny-sglang.log"
     with (tmp_path / "router.log").open("w") as out:
-        router = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        router = children.popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_for_port(port, router, tmp_path / "router.log")
         first = [_complete(url, p) for p in PROMPTS]  # the first request waits for SGLang to start

@@ -1,10 +1,14 @@
 """The router's state: every model it serves, the HTTP client that reaches their engines, the idle watch.
 
 Who owns what: the ``Router`` owns one ``ManagedModel`` per configured model (each owning its engine process),
-one ``httpx.AsyncClient`` shared by all of them, and the task that puts idle models to sleep. ``start`` brings
-every engine up at once and waits for all of them; ``stop`` ends them all and leaves no instance of theirs in
-the ledger (a process that ended holds nothing after the next ledger access, invariant 6: ``stop`` makes that
-access).
+one ``httpx.AsyncClient`` shared by all of them, and the task that puts idle models to sleep. ``start`` checks
+that every configured engine port is free, brings every engine up at once and waits for all of them; if one
+fails, the others are stopped and ``EngineStartFailed`` says which and why (the end of its log). ``stop`` ends
+them all and leaves no instance of theirs in the ledger (a process that ended holds nothing after the next ledger
+access, invariant 6: ``stop`` makes that access).
+
+The router also notes in the ledger which of its models sleep (``Ledger.mark_asleep``), so that
+``elastikv status`` lists them while they hold no memory; the notes go with the router (they carry its pid).
 """
 
 from __future__ import annotations
@@ -12,26 +16,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import tempfile
 from pathlib import Path
 
 import httpx
 
+from elastikv import ports
 from elastikv.config import Settings
+from elastikv.errors import ElastikvError, EngineStartFailed
 from elastikv.ledger import Ledger, LedgerError, ledger_files
 from elastikv.router.config import RouterConfig
-from elastikv.router.supervisor import ManagedModel
+from elastikv.router.supervisor import PORT_FIX, ManagedModel
 
 log = logging.getLogger("elastikv.router")
 
 WATCH_EVERY_S = 0.25
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = ports.free_port
 
 
 class Router:
@@ -48,12 +50,28 @@ class Router:
         )
         self.models: dict[str, ManagedModel] = {}
         for spec in config.models:
-            self.models[spec.name] = ManagedModel(spec, spec.port or free_port(), self.client, self.log_dir)
+            model = ManagedModel(spec, spec.port or free_port(), self.client, self.log_dir)
+            model.note_asleep = self._note_asleep
+            self.models[spec.name] = model
         self._watch_task: asyncio.Task[None] | None = None
+        self._ledger_of: dict[str, Path] = {}  # the ledger file each model's instance row was last seen in
 
     async def start(self) -> None:
+        """Start every engine and wait until all answer. Raises ``PortInUse`` before starting anything if a
+        configured port is taken, ``EngineStartFailed`` (the others stopped) if an engine does not come up."""
+        for m in self.models.values():
+            if m.spec.port is not None:
+                ports.check_free("127.0.0.1", m.port, what=f"model {m.spec.name!r}", fix=PORT_FIX)
         log.info("starting %d engine(s); their logs are in %s", len(self.models), self.log_dir)
-        await asyncio.gather(*(m.start() for m in self.models.values()))
+        results = await asyncio.gather(*(m.start() for m in self.models.values()), return_exceptions=True)
+        failed = [(m, r) for m, r in zip(self.models.values(), results, strict=True) if isinstance(r, BaseException)]
+        if failed:
+            await asyncio.gather(*(m.close() for m in self.models.values()), return_exceptions=True)
+            for _m, exc in failed:
+                if not isinstance(exc, Exception):
+                    raise exc  # a cancellation (Ctrl-C while starting): the engines are stopped already
+            raise EngineStartFailed("\n\n".join(str(exc) for _m, exc in failed))
+        await asyncio.get_running_loop().run_in_executor(None, self.ledger_rows)  # learn where each model books
         c = self.config
         log.info("serving %s on http://%s:%d/v1", ", ".join(self.models), c.host, c.port)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_models())
@@ -65,11 +83,20 @@ class Router:
                 await self._watch_task
         await asyncio.gather(*(m.close() for m in self.models.values()), return_exceptions=True)
         await self.client.aclose()
+        for m in self.models.values():
+            if m.sleep_level_now:
+                with contextlib.suppress(ElastikvError, OSError):
+                    self._note_asleep(m, False)
         left = self.ledger_rows()  # this access also clears the rows of every engine that just ended
         ours = {name: n for name, n in left.items() if name in self.models}
         if ours:
             log.warning("still in the ledger after stopping: %s", ", ".join(ours))
         log.info("stopped every engine")
+
+    def kill_now(self) -> None:
+        """SIGKILL every engine's process group at once (a second Ctrl-C): no waiting for a clean stop."""
+        for m in self.models.values():
+            m.kill_now()
 
     async def _watch_models(self) -> None:
         while True:
@@ -99,6 +126,27 @@ class Router:
                 try:
                     for row in ledger.instances():
                         mapped[row.name] = mapped.get(row.name, 0) + row.mapped_bytes
+                        self._ledger_of[row.name] = path
                 finally:
                     ledger.close()
         return mapped
+
+    def _note_asleep(self, model: ManagedModel, asleep: bool) -> None:
+        """Note in the ledger that ``model`` sleeps (or woke), for ``elastikv status``. Blocking (SQLite): called
+        in a thread. The note goes in the ledger that held the model's instance row; a model that never held
+        one (an engine without elastikv) is not noted."""
+        name = model.spec.name
+        if name not in self._ledger_of:
+            self.ledger_rows()  # where its row is (the router looked at start; a model may book later)
+        path = self._ledger_of.get(name)
+        if path is None:
+            return
+        ledger = Ledger.open_existing(path)
+        try:
+            if asleep:
+                ledger.mark_asleep(name, engine=model.spec.engine, level=model.sleep_level_now,
+                                   last_wake=model.last_wake)  # fmt: skip
+            else:
+                ledger.mark_awake(name)
+        finally:
+            ledger.close()

@@ -28,14 +28,18 @@ import contextlib
 import enum
 import logging
 import os
+import secrets
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from elastikv import ports
+from elastikv.children import die_with_parent
 from elastikv.errors import ElastikvError
 from elastikv.router.config import ModelSpec
 from elastikv.router.launch import Launch, describe, launch
@@ -50,6 +54,7 @@ DRAIN_TIMEOUT_S = 120.0  # an admin sleep waits this long for requests in flight
 HEALTH_EVERY_S = 5.0  # an engine that is up is asked for its health this often
 HEALTH_TIMEOUT_S = 10.0
 HEALTH_FAILURES = 3  # checks failed in a row before the engine is killed and restarted
+PORT_FIX = "stop that process, or give the model another port: in the router's config"
 
 
 class State(enum.Enum):
@@ -81,7 +86,8 @@ class Counters:
     sleeps: int = 0
     restarts: int = 0
     crashes: int = 0
-    wake_seconds: list[float] = field(default_factory=list)  # since the metrics last read them
+    # From the request that found the model asleep to the engine answering again, since the metrics last read them
+    wake_seconds: list[float] = field(default_factory=list)
     start_seconds: float = 0.0
 
 
@@ -110,17 +116,29 @@ class ManagedModel:
         self._last_health = time.monotonic()
         self._killed_because: str | None = None  # set when the router itself kills a hung engine
         self._closing = False
+        self.sleep_level_now = ""  # the level of the last sleep ("1", "2", "stop")
+        self._start_token = ""  # this start's ELASTIKV_START_TOKEN: the engine reports it on /health
+        self.last_wake: float | None = None  # time.time() of the last completed wake
+        # Set by the Router: note a sleep (True) or a wake (False) in the ledger, for `elastikv status`. Blocking.
+        self.note_asleep: Callable[[ManagedModel, bool], None] | None = None
 
     # -- requests --------------------------------------------------------------------------------------------
     async def acquire(self) -> None:
         """Admit one request: wake or start the engine if needed. Raises ``Unavailable``."""
+        arrived = time.monotonic()
         while True:
             if self.state is State.AWAKE:
                 self.active += 1  # no await since the check: invariant 2
                 self.last_used = time.monotonic()
                 return
             self.refuse_if_down()
-            await self._bring_up()
+            await self._bring_up(arrived)
+            if not self.awake:
+                await asyncio.sleep(0.01)  # another task is moving it (starting, sleeping): never spin on the loop
+
+    @property
+    def awake(self) -> bool:
+        return self.state is State.AWAKE
 
     def release(self) -> None:
         self.active -= 1
@@ -137,19 +155,22 @@ class ManagedModel:
                 retry_after_s=max(1.0, wait),
             )
 
-    async def _bring_up(self) -> None:
-        """Wake an asleep model or start a stopped one, counted as one wake; a no-op if another got there first."""
+    async def _bring_up(self, arrived: float) -> None:
+        """Wake an asleep model or start a stopped one, counted as one wake; a no-op if another got there first.
+        The wake is timed from ``arrived`` (when the request that found the model asleep came in) to the engine
+        answering again, which is what that request waited."""
         async with self.lock:
             self.refuse_if_down()
             if self.state not in (State.ASLEEP, State.STOPPED):
                 return
-            t0 = time.monotonic()
             if self.state is State.ASLEEP:
                 await self._wake()
             else:
                 await self._start_for_wake()
             self.counters.wakes += 1
-            self.counters.wake_seconds.append(time.monotonic() - t0)
+            self.counters.wake_seconds.append(time.monotonic() - arrived)
+            self.last_wake = time.time()
+            await self._note(asleep=False)
 
     async def _start_for_wake(self) -> None:
         """Start a stopped engine (``sleep_level: stop``); lock held. A start that fails is a crash."""
@@ -164,28 +185,38 @@ class ManagedModel:
 
     # -- lifetime --------------------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Start the engine and wait until it is healthy. On failure it is retried in the background."""
+        """Start the engine and wait until it is healthy. Raises ``EngineExited`` (with the end of its log) if it
+        exits or does not become healthy: a first start that fails is a configuration to fix, not a crash to
+        retry (a crash later is restarted with backoff)."""
         async with self.lock:
             try:
                 await self._start_locked()
-            except EngineExited as exc:
-                log.error("%s", exc)
-                self._schedule_restart()
+            except BaseException:
+                self.state = State.STOPPED
+                raise
 
     async def _start_locked(self) -> None:
         self.state = State.STARTING
         t0 = time.monotonic()
+        try:  # a port someone else holds would answer as if it were the engine: never start onto one
+            ports.check_free("127.0.0.1", self.port, what=f"model {self.spec.name!r}", fix=PORT_FIX)
+        except ports.PortInUse as exc:
+            raise EngineExited(str(exc)) from None
+        self._start_token = secrets.token_hex(8)
         log_file = self.log_path.open("ab")
         try:
             log_file.write(f"\n=== elastikv serve: starting {describe(self.launch.argv)}\n".encode())
             log_file.flush()
             proc = await asyncio.create_subprocess_exec(
                 *self.launch.argv,
-                env=self.launch.env,
+                env={**self.launch.env, "ELASTIKV_START_TOKEN": self._start_token},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,  # its own process group: Ctrl-C reaches the router, which stops it in order
+                # Its own process group, which dies with the router (elastikv.children): Ctrl-C reaches the router,
+                # which stops it in order, and a router that dies any other way takes it along.
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         finally:
             log_file.close()
@@ -213,6 +244,7 @@ class ManagedModel:
             with contextlib.suppress(httpx.HTTPError):
                 r = await self.client.get(self.url + self.spec.health_path, timeout=2.0)
                 if r.status_code == 200:
+                    self._check_answering_as_ours(r, proc)
                     return
             if time.monotonic() > deadline:
                 raise EngineExited(
@@ -220,6 +252,29 @@ class ManagedModel:
                     f"the end of its log ({self.log_path}):\n{self.log_tail()}"
                 )
             await asyncio.sleep(0.1)
+
+    def _check_answering_as_ours(self, health: httpx.Response, proc: asyncio.subprocess.Process) -> None:
+        """The port answered: make sure it is the engine this start launched, not another server that holds the
+        port. The embedded engine says so itself (this start's token on /health); for the others, the process
+        listening on the port must be in the engine's process group."""
+        if self.spec.engine == "elastikv":
+            with contextlib.suppress(ValueError):
+                body = health.json()
+                if isinstance(body, dict) and body.get("start_token") == self._start_token:
+                    return
+            who = ports.holder(self.port)
+        else:
+            pid = ports.listener_pid(self.port)
+            if pid is None:
+                return  # cannot tell (another user's process, or no psutil): the port was free before the start
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(pid) == proc.pid:
+                    return
+            who = ports.holder(self.port)
+        raise EngineExited(
+            f"{self.spec.name}: port {self.port} answers, but not as the engine the router started: it is held by "
+            f"{who}; stop that process or give the model another port"
+        )
 
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
@@ -269,6 +324,13 @@ class ManagedModel:
         if self._proc is not None:
             await self._terminate(self._proc)
         self.state = State.STOPPED
+
+    def kill_now(self) -> None:
+        """SIGKILL the engine's process group without waiting (the router is being told to stop, twice)."""
+        self._closing = True
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
 
     async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
         """SIGTERM the engine's process group, SIGKILL it after the grace period."""
@@ -361,6 +423,8 @@ class ManagedModel:
                 if self.state is State.SLEEPING:
                     self.state = State.AWAKE if self._alive() else State.RESTARTING
                 raise
+            self.sleep_level_now = str(level)
+            await self._note(asleep=True)
             self.counters.sleeps += 1
             seconds = time.monotonic() - t0
             log.info("%s: asleep (level %s, %s) in %.2f s", self.spec.name, level, reason, seconds)
@@ -370,7 +434,7 @@ class ManagedModel:
         """Wake the model now (admin); requests do this on their own."""
         t0 = time.monotonic()
         before = self.counters.wakes
-        await self._bring_up()
+        await self._bring_up(t0)
         return {
             "model": self.spec.name,
             "state": self.state.value,
@@ -388,12 +452,36 @@ class ManagedModel:
             if not self._alive():
                 self.state = State.RESTARTING if not self._closing else State.STOPPED
                 raise Unavailable(f"{self.spec.name}: the engine {self.last_exit or 'exited'} while waking") from exc
-            self.state = State.ASLEEP
-            raise Unavailable(f"{self.spec.name}: waking failed: {exc}") from exc
+            if await self._healthy():
+                self.state = State.ASLEEP  # a refusal (e.g. no memory now): the next request tries again
+                raise Unavailable(f"{self.spec.name}: waking failed: {exc}") from exc
+            # Awake but unable to serve (its batching thread died on waking): restart it, as after a crash.
+            self._killed_because = f"failed to wake ({exc})"
+            self.state = State.RESTARTING  # requests are refused from now on (invariant 3); the watcher restarts it
+            assert self._proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)  # the watcher sees a crash and restarts it
+            raise Unavailable(f"{self.spec.name}: the engine failed to wake ({exc}); restarting it", 2.0) from exc
         seconds = time.monotonic() - t0
         self.state = State.AWAKE
         self.last_used = time.monotonic()
         log.info("%s: awake in %.2f s", self.spec.name, seconds)
+
+    async def _healthy(self) -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            r = await self.client.get(self.url + self.spec.health_path, timeout=HEALTH_TIMEOUT_S)
+            return r.status_code == 200
+        return False
+
+    async def _note(self, *, asleep: bool) -> None:
+        """Tell the ledger (through the Router) that the model sleeps or woke; a failure costs only the note."""
+        if self.note_asleep is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.note_asleep, self, asleep)
+        except Exception as exc:
+            what = "sleep" if asleep else "wake"
+            log.warning("%s: could not note the %s in the ledger: %s", self.spec.name, what, exc)
 
     async def _call(self, method: str, path: str) -> None:
         r = await self.client.request(method, self.url + path, json={}, timeout=self.spec.start_timeout_s)
@@ -428,6 +516,7 @@ class ManagedModel:
             "sleep_after_s": self.spec.idle_s,
             "sleep_level": self.spec.sleep_level,
             "wakes": c.wakes,
+            "last_wake": self.last_wake,
             "sleeps": c.sleeps,
             "restarts": c.restarts,
             "crashes": c.crashes,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from elastikv.config import Settings
-from elastikv.errors import ConfigError, ElastikvError
+from elastikv.errors import ConfigError, ElastikvError, EngineDied
 from elastikv.models import kv_bytes_per_token
 from elastikv.serving import attention as attention_impl
 
@@ -37,11 +37,21 @@ class Asleep(ElastikvError):
     """The engine is asleep: wake it (POST /wake_up) before sending requests."""
 
 
-class EngineDied(ElastikvError):
-    """transformers' batching thread has ended: the engine cannot answer any more (its log says why)."""
-
-
 _DIED = object()  # put in a request's queue when the batching thread is found dead
+START_TIMEOUT_S = 120.0  # the batching thread makes its KV cache within this long, or the start fails
+
+
+def _why(error: BaseException | None) -> str:
+    """The batching thread's fatal error, with the fix where it is known."""
+    if error is None:
+        return "it ended without an error (the engine's log says more)"
+    text = f"{type(error).__name__}: {error}"
+    if "available memory 0" in text:
+        try:
+            import psutil  # noqa: F401
+        except ImportError:
+            return text + " (transformers sizes its cache with psutil, which is not installed: `pip install psutil`)"
+    return text
 
 
 @dataclass
@@ -119,15 +129,30 @@ class Engine:
         self._queues: dict[str, asyncio.Queue[Any]] = {}  # requests waiting for tokens, by id
         self._watchdog: asyncio.Task[None] | None = None
         self.wakes = 0  # completed wake_up calls (the router's tests count them)
+        self.died: str | None = None  # why the engine can no longer serve (a wake whose batching thread died)
         self._start()
 
     # -- lifetime -----------------------------------------------------------------------------------------
     def _start(self) -> None:
+        """Start transformers' batching thread and wait until it can serve: its KV cache made (that is where a
+        start fails: no memory, no psutil, a bad config). A thread that dies is ``EngineDied`` with its error,
+        within seconds, never a server that answers nothing."""
         self.model.set_attn_implementation(self.attention)
         self._manager = self.model.init_continuous_batching(
             generation_config=self.generation_config, continuous_batching_config=self.cb_config
         )
         self._manager.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        manager = self._manager
+        while manager.batch_processor is None or manager.background_thread_status.fatal_error is not None:
+            error = manager.background_thread_status.fatal_error
+            if error is not None or not manager.is_running():
+                self._stop()
+                raise EngineDied(f"{self.name}: transformers' batching thread died at start: {_why(error)}")
+            if time.monotonic() > deadline:
+                self._stop()
+                raise EngineDied(f"{self.name}: transformers' batching thread not ready after {START_TIMEOUT_S:.0f} s")
+            time.sleep(0.005)
 
     def _stop(self) -> None:
         if self._manager is not None:
@@ -163,6 +188,8 @@ class Engine:
     @property
     def healthy(self) -> bool:
         """Asleep, or awake with transformers' batching thread alive (it ends on an error it cannot handle)."""
+        if self.died is not None:
+            return False
         return bool(self._asleep) or (self._manager is not None and self._manager.is_running())
 
     # -- sleep and wake -------------------------------------------------------------------------------------
@@ -206,7 +233,11 @@ class Engine:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 self._host_weights = []
-            self._start()
+            try:
+                self._start()
+            except EngineDied as exc:
+                self.died = str(exc)  # unhealthy from now on: the router restarts the engine
+                raise
             self._asleep = 0
             self.wakes += 1
             return {"sleeping": 0, "seconds": time.perf_counter() - t0}

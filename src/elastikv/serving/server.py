@@ -14,23 +14,33 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
-from elastikv.errors import ConfigError
-from elastikv.serving.engine import Asleep, Engine, EngineDied
+from elastikv.errors import ConfigError, EngineDied
+from elastikv.serving.engine import Asleep, Engine
 
 
-def create_app(engine: Engine, *, close_on_shutdown: bool = False) -> FastAPI:
+def create_app(
+    engine: Engine,
+    *,
+    close_on_shutdown: bool = False,
+    start_token: str | None = None,
+    on_serving: Callable[[], None] | None = None,
+) -> FastAPI:
     """The engine's app. With ``close_on_shutdown`` the server's shutdown (SIGTERM, Ctrl-C) closes the engine, so
-    its KV pages are unmapped and its ledger row leaves before the process ends."""
+    its KV pages are unmapped and its ledger row leaves before the process ends. ``start_token`` (the router's
+    ``ELASTIKV_START_TOKEN`` for this start) is reported on /health, so the router knows the port answers as the
+    engine it started, not a foreign server. ``on_serving`` runs once the server takes requests."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if on_serving is not None:
+            on_serving()
         try:
             yield
         finally:
@@ -191,7 +201,8 @@ def create_app(engine: Engine, *, close_on_shutdown: bool = False) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = engine.healthy
-        body = {"status": "ok" if ok else "dead", "model": engine.name, "sleeping": engine.sleeping}
+        body = {"status": "ok" if ok else "dead", "model": engine.name, "sleeping": engine.sleeping,
+                "start_token": start_token, "reason": engine.died}  # fmt: skip
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/is_sleeping")
@@ -207,7 +218,10 @@ def create_app(engine: Engine, *, close_on_shutdown: bool = False) -> FastAPI:
 
     @app.post("/wake_up")
     async def wake_up() -> dict[str, Any]:
-        return await asyncio.get_running_loop().run_in_executor(None, engine.wake_up)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, engine.wake_up)
+        except EngineDied as exc:
+            raise HTTPException(503, str(exc)) from None
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
