@@ -1,6 +1,6 @@
 """The vLLM adapter's contract with the installed vLLM, and what a user sees when it does not hold.
 
-The adapter's :data:`~elastikv.engines.vllm.TARGETS` lists every vLLM name it patches or calls. Here the
+The adapter's targets (:func:`~elastikv.engines.vllm.targets_for`) list every vLLM name it patches or calls. Here the
 installed vLLM's *source files* are parsed (no import of the code under test's patches) and each target must
 be bound at the top of its module, or defined on its class, with the parameters the adapter passes. A vLLM
 release that moves one fails this test in CI instead of failing users.
@@ -30,9 +30,12 @@ def contract_problems(root: Path | None = None) -> list[str]:
     release without installing it (unzip its wheel's ``vllm/*.py`` into DIR): how 0.33 was checked on a machine
     that can only run 0.32.
     """
-    from elastikv.engines.vllm import TARGETS
+    from elastikv.engines.contract import installed_root, vllm_version_in
+    from elastikv.engines.vllm import targets_for
 
-    return source_problems(TARGETS, root)
+    found = vllm_version_in(root or installed_root("vllm") or Path("."))
+    assert found is not None, "no vllm/_version.py: which release is this?"
+    return source_problems(targets_for(found), root)
 
 
 @needs_vllm
@@ -54,9 +57,10 @@ def test_an_unknown_version_is_refused_with_the_supported_ones() -> None:
     from elastikv.engines.vllm import check_version
     from elastikv.errors import UnsupportedEngine
 
-    with pytest.raises(UnsupportedEngine, match=r"supports vLLM 0\.32, 0\.33; this is vLLM 0\.35\.1\b"):
+    with pytest.raises(UnsupportedEngine, match=r"supports vLLM 0\.26, 0\.32, 0\.33, 0\.34; this is vLLM 0\.35\.1\b"):
         check_version("0.35.1", (0, 35, 1))
-    check_version("0.33.0", (0, 33, 0))
+    for supported in ((0, 26, 0), (0, 32, 0), (0, 33, 0), (0, 34, 0)):
+        check_version(".".join(map(str, supported)), supported)
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -85,7 +89,7 @@ def test_an_unsupported_vllm_refuses_to_start(tmp_path: Path) -> None:
     out = _python(code, ELASTIKV="1", TMPDIR=str(tmp_path))
     assert out.returncode != 0
     assert "STARTED" not in out.stdout
-    assert "elastikv supports vLLM 0.32, 0.33; this is vLLM 0.31.2" in out.stderr, out.stderr[-3000:]
+    assert "elastikv supports vLLM 0.26, 0.32, 0.33, 0.34; this is vLLM 0.31.2" in out.stderr, out.stderr[-3000:]
 
 
 @needs_vllm

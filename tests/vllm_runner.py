@@ -33,11 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def kv_bytes() -> int:
     """Bytes the elastic KV cache of this process really holds (0 without elastikv or in another process)."""
-    from elastikv.engines import vllm as adapter
+    from elastikv.engines import vllm_worker
 
-    cache = adapter._worker
+    cache = vllm_worker.this_worker()
     if cache is None:
         return 0
+    if cache.backend.name == "cuda":  # the driver's figure is device-wide: count what this space maps
+        return int(cache.space.mapped_bytes) if cache.space is not None else 0
     return int(cache.backend.allocated_bytes())  # type: ignore[attr-defined]
 
 
@@ -52,18 +54,15 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(
-        model=model,
-        skip_tokenizer_init=True,
-        block_size=32,
-        max_model_len=2048,
-        enable_prefix_caching=prefix,
-        dtype="float32",
-        enforce_eager=True,
-        gpu_memory_utilization=0.2,  # vLLM's CPU start-up check only; elastikv sizes the KV cache itself
-        max_num_batched_tokens=2048,
-        seed=0,
-    )
+    if "--gpu" in sys.argv:  # what users run: bf16, torch.compile and CUDA graphs, FlashAttention
+        options: dict[str, Any] = dict(dtype="bfloat16", enforce_eager=False, max_model_len=4096,
+                                       max_num_batched_tokens=8192, gpu_memory_utilization=0.3)  # fmt: skip
+    else:
+        options = dict(dtype="float32", enforce_eager=True, max_model_len=2048, max_num_batched_tokens=2048,
+                       gpu_memory_utilization=0.2)  # fmt: skip  # the CPU start-up check only
+    # elastikv sizes its KV cache itself (gpu_memory_utilization sizes the plain baseline's static cache)
+    llm = LLM(model=model, skip_tokenizer_init=True, block_size=32 if "--gpu" not in sys.argv else 16,
+              enable_prefix_caching=prefix, seed=0, **options)  # fmt: skip
     say({"ready": True, "pid": os.getpid(), "elastic": instance(llm) is not None})
     for line in sys.stdin:
         cmd = json.loads(line)

@@ -150,11 +150,27 @@ def installed_root(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))).parent
 
 
-def _targets(engine: str) -> tuple[Target, ...]:
-    if engine == "vllm":
-        from elastikv.engines.vllm import TARGETS
+def vllm_version_in(root: Path) -> tuple[int, ...] | None:
+    """The vLLM release whose source lies under ``root`` (its ``vllm/_version.py``), without importing it."""
+    path = root / "vllm" / "_version.py"
+    if not path.exists():
+        return None
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__version_tuple__"
+                                                for t in node.targets):  # fmt: skip
+            value = ast.literal_eval(node.value)
+            return tuple(x for x in value if isinstance(x, int))
+    return None
 
-        return TARGETS
+
+def _targets(engine: str, root: Path | None) -> tuple[Target, ...]:
+    if engine == "vllm":
+        from elastikv.engines import vllm
+
+        found = vllm_version_in(root) if root is not None else None
+        if found is None:
+            raise SystemExit(f"no vllm/_version.py under {root}: which vLLM release is this?")
+        return vllm.targets_for(found)
     if engine == "sglang":
         from elastikv.engines.sglang import TARGETS as SGLANG_TARGETS
 
@@ -167,6 +183,6 @@ if __name__ == "__main__":  # python -m elastikv.engines.contract ENGINE [DIR]
         raise SystemExit("usage: python -m elastikv.engines.contract vllm|sglang [DIR-with-the-unpacked-source]")
     engine = sys.argv[1]
     root = Path(sys.argv[2]) if len(sys.argv) == 3 else installed_root(engine)
-    found = source_problems(_targets(engine), root)
+    found = source_problems(_targets(engine, root), root)
     print("\n".join(found) if found else f"every {sys.argv[1]} target is present")
     sys.exit(1 if found else 0)

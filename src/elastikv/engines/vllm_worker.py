@@ -1,0 +1,208 @@
+"""vLLM adapter, worker side, shared by every supported vLLM: the process that owns the KV buffers.
+
+One worker per tensor-parallel rank. ``determine_available_memory`` reports the *virtual capacity* (the device's
+total memory, in whole pages), never a free-memory snapshot; vLLM sizes its block count from it. The real KV
+allocation (the one made inside ``Worker.initialize_from_config``; profiling allocations pass through to vLLM)
+is built by the generation module for this vLLM (``vllm_kv_*.py``) over a scratch-backed
+:class:`~elastikv.space.KVSpace`, which :func:`serve_pages` then serves to the engine core (``engines/peer.py``).
+
+Unmapping and GPU work (async scheduling, CUDA graphs, FlashAttention on any stream): the engine core frees
+blocks when vLLM's scheduler does, and vLLM frees a block only once no step that reads it can still be
+*launched*. A step already launched may still be queued or running on the GPU; so before a page is unmapped,
+the page server waits for every kernel queued on the device, on every stream (``PageServer.drain``:
+``torch.cuda.synchronize``). Unmapped slots are backed by a scratch chunk, so a padded or dummy slot that
+points at a free block (CUDA graph padding, warm-up with made-up block ids) reads or writes scratch, never an
+unmapped address; vLLM's null block (block 0) is mapped at start and never unmapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from elastikv import lifecycle
+from elastikv.config import Settings, format_bytes
+from elastikv.engines.contract import Target
+from elastikv.engines.peer import PageServer
+from elastikv.errors import ConfigError, UnsupportedEngine
+from elastikv.instance import backend_for
+from elastikv.memory import MemoryBackend
+from elastikv.space import KVSpace, default_chunk_bytes
+
+log = logging.getLogger("elastikv")
+
+TARGETS: tuple[Target, ...] = (
+    Target("vllm.v1.worker.gpu_worker", "Worker.initialize_from_config", ("self", "kv_cache_config")),
+    Target("vllm.v1.worker.gpu_worker", "Worker.determine_available_memory", ("self",)),
+    Target("vllm.v1.worker.gpu_worker", "Worker.get_kv_cache_spec", ("self",)),
+)
+# Only on vLLM's CPU platform: importing cpu_worker elsewhere replaces torch.cuda's events and streams with CPU
+# stand-ins for the whole process (its cpu/shm module does so at import), which would break a GPU worker.
+CPU_TARGETS: tuple[Target, ...] = (
+    Target("vllm.v1.worker.cpu_worker", "CPUWorker.determine_available_memory", ("self",), optional=True),
+)
+
+
+def on_cpu() -> bool:
+    """Whether this vLLM runs on its CPU platform (decided by vLLM; no CPU-only module is imported to ask)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def install(patch: Callable[[str, str, Callable[[Any], Any]], None]) -> None:
+    patch("vllm.v1.worker.gpu_worker", "Worker.initialize_from_config", _wrap_initialize_from_config)
+    patch("vllm.v1.worker.gpu_worker", "Worker.determine_available_memory", _wrap_determine_available_memory)
+    if on_cpu():
+        patch("vllm.v1.worker.cpu_worker", "CPUWorker.determine_available_memory", _wrap_determine_available_memory)
+
+
+@dataclass
+class _WorkerCache:
+    """This process's elastic KV cache (one per worker process)."""
+
+    backend: MemoryBackend
+    space: KVSpace | None = None
+    server: PageServer | None = None
+    rank: int = 0
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.space is not None:
+            self.space.close()
+        self.backend.close()
+
+
+_worker: _WorkerCache | None = None
+_real_allocation = threading.local()  # .worker is set while Worker.initialize_from_config runs
+
+
+def _worker_backend(device: torch.device) -> _WorkerCache:
+    global _worker
+    if _worker is None:
+        backend = backend_for(device, Settings.from_env(), holder="this vLLM worker")
+        _worker = _WorkerCache(backend)
+        lifecycle.on_exit(_worker.close)
+    return _worker
+
+
+def _block_outermost(layout: Any) -> bool:
+    order: Any = getattr(layout, "value", None)
+    return bool(order) and order[0] == 1
+
+
+def _capacity(worker: Any) -> int:
+    """The virtual capacity in bytes, rounded down so that vLLM's block count fills whole pages."""
+    specs = worker.get_kv_cache_spec()
+    pages = {int(s.page_size_bytes) for s in specs.values()}
+    if len(pages) != 1:
+        raise UnsupportedEngine(
+            f"elastikv needs every KV cache layer to use one page size; this model has {sorted(pages)}. "
+            "Run it without ELASTIKV=1."
+        )
+    page, layers = pages.pop(), len(specs)
+    cache = _worker_backend(worker.device if hasattr(worker, "device") else torch.device("cpu"))
+    gran, total = cache.backend.granularity, cache.backend.mem_info()[1]
+    try:
+        outermost = _block_outermost(worker.cache_config.get_resolved_kv_cache_layout())
+    except (AttributeError, ValueError):
+        outermost = False
+    if outermost:  # a block is all layers side by side, padded to the specs' alignment
+        align = 1
+        for s in specs.values():
+            getter = getattr(s, "get_block_stride_alignment", None)
+            if getter is not None:
+                a = int(getter())
+                align = math.lcm(align, a)
+        unit = -(-page * layers // align) * align
+        quantum = default_chunk_bytes(unit, gran, target_blocks=max(1, gran // page))
+        bytes_per_block = unit
+    else:  # one contiguous range per layer: a page is one chunk in each
+        chunk = default_chunk_bytes(page, gran)
+        quantum = chunk * layers
+        bytes_per_block = page * layers
+    capacity = total // quantum * quantum
+    if capacity < quantum:
+        raise ConfigError(f"the device ({format_bytes(total)}) cannot hold one page of {format_bytes(quantum)}")
+    log.debug("capacity %s (%d blocks of %s)", format_bytes(capacity), capacity // bytes_per_block, bytes_per_block)
+    return capacity
+
+
+def _wrap_determine_available_memory(original: Callable[..., int]) -> Callable[..., int]:
+    def determine_available_memory(self: Any) -> int:
+        # Run vLLM's own pass for what it does besides measuring (profiling, compiling, warming up), with a
+        # 1-byte explicit request so that it neither sizes from free memory nor refuses a large size.
+        cc = self.cache_config
+        saved = cc.kv_cache_memory_bytes
+        cc.kv_cache_memory_bytes = 1
+        try:
+            original(self)
+        finally:
+            cc.kv_cache_memory_bytes = saved
+        capacity = _capacity(self)
+        log.info(
+            "elastikv: KV cache virtual capacity %s (the device's memory; mapped on demand)", format_bytes(capacity)
+        )
+        return capacity
+
+    return determine_available_memory
+
+
+def _wrap_initialize_from_config(original: Callable[..., None]) -> Callable[..., None]:
+    def initialize_from_config(self: Any, kv_cache_config: Any) -> None:
+        _real_allocation.worker = self
+        try:
+            original(self, kv_cache_config)
+        finally:
+            _real_allocation.worker = None
+
+    return initialize_from_config
+
+
+def this_worker() -> _WorkerCache | None:
+    """This process's elastic KV cache, if it is a worker that has one."""
+    return _worker
+
+
+def real_allocation_worker() -> Any:
+    """The vLLM worker whose ``initialize_from_config`` is running on this thread, or None (a profiling
+    allocation, or not a worker): only that allocation is made elastic."""
+    return getattr(_real_allocation, "worker", None)
+
+
+def take_space(device: torch.device, make: Callable[[MemoryBackend], KVSpace]) -> KVSpace:
+    """This worker's one KV space, made by ``make`` over its backend; a second one is refused."""
+    cache = _worker_backend(device)
+    if cache.space is not None:
+        raise UnsupportedEngine("this worker already has an elastic KV cache; vLLM asked for a second one")
+    cache.space = make(cache.backend)
+    return cache.space
+
+
+def serve_pages(worker: Any) -> None:
+    """Serve this worker's space to the engine core (after the views are made)."""
+    cache = _worker
+    assert cache is not None and cache.space is not None
+    cache.rank = int(getattr(worker, "rank", 0) or 0)
+    backend, space = cache.backend, cache.space
+    facts = {"rank": cache.rank, "device_id": backend.device_id, "device_label": backend.device_label,
+             "total_bytes": backend.mem_info()[1], "layout": space.layout}  # fmt: skip
+    cache.server = PageServer(space, facts)
+    log.info("elastikv: worker rank %d: %s; pages served at %s", cache.rank, space.describe(), cache.server.path)
+
+
+def endpoint(_worker_obj: Any = None) -> dict[str, Any] | None:
+    """This worker's page server facts (run in every worker through ``collective_rpc``), or None."""
+    cache = _worker
+    if cache is None or cache.server is None:
+        return None
+    facts = dict(cache.server.facts)
+    facts["free_bytes"] = cache.backend.mem_info()[0]
+    return facts
