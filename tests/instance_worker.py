@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -22,6 +23,10 @@ import torch
 from elastikv.errors import AllocationRefused
 from elastikv.instance import open_instance
 from elastikv.space import KVGeometry
+
+# A shell that starts a job in the background (`cmd &`, no job control) has it ignore SIGINT, and Python then
+# leaves SIGINT ignored; the tests' Ctrl-C must reach this worker as KeyboardInterrupt wherever the suite runs.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 GEOMETRY = KVGeometry(num_layers=1, block_shape=(16, 8, 128), dtype=torch.float32)  # 32 blocks in a 4 MiB page
 

@@ -185,10 +185,27 @@ def test_ctrl_c_while_engines_start_stops_them_at_once(tmp_path: Path, model: Pa
         children.stop_group(proc)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_router_takes_its_engines_with_it(tmp_path: Path, model: Path) -> None:
+    """SIGKILL: the router cannot stop anything; the kernel signals its engines (PR_SET_PDEATHSIG) and they end."""
+    config = _router_config(tmp_path, model, listen=ports.free_port())
+    proc = children.popen([*CLI, "serve", str(config), "--log-dir", str(tmp_path / "logs")], env=_env(tmp_path),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        (engine,) = _engines_of(proc.pid, 1, timeout_s=60)
+        deadline = time.monotonic() + 120
+        while not _answers(engine):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+        assert _all_gone([engine], 30) == []
+    finally:
+        children.stop_group(proc)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM])
 def test_the_demo_ended_by_a_signal_leaves_no_engine(tmp_path: Path, sig: signal.Signals) -> None:
-    """SIGTERM: the demo stops its engines in order. SIGKILL: it cannot; the kernel signals its engines
-    (PR_SET_PDEATHSIG), and they end themselves."""
+    """SIGTERM: the demo stops its engines in order and removes its work directory (SIGKILL: the test above)."""
     proc = children.popen([*CLI, "demo", "--duration", "60", "--out", str(tmp_path / "out")], cwd=tmp_path,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
