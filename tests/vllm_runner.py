@@ -56,7 +56,7 @@ def main() -> None:
 
     if "--gpu" in sys.argv:  # what users run: bf16, torch.compile and CUDA graphs, FlashAttention
         options: dict[str, Any] = dict(dtype="bfloat16", enforce_eager=False, max_model_len=4096,
-                                       max_num_batched_tokens=8192, gpu_memory_utilization=0.3)  # fmt: skip
+                                       max_num_batched_tokens=8192, gpu_memory_utilization=0.5)  # fmt: skip
     else:
         options = dict(dtype="float32", enforce_eager=True, max_model_len=2048, max_num_batched_tokens=2048,
                        gpu_memory_utilization=0.2)  # fmt: skip  # the CPU start-up check only

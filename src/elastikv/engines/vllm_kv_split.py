@@ -101,14 +101,7 @@ def _space_for(kv_cache_config: Any, backend: MemoryBackend) -> KVSpace:
     layers, size = _check_plan(kv_cache_config)
     n = int(kv_cache_config.num_blocks)
     geometry = KVGeometry(layers, (size // n,), torch.uint8, buffers_per_layer=1)
-    space = KVSpace(backend, geometry, layout="per-layer", num_blocks=n, null_blocks=1, scratch_backed=True)
-    if space.num_blocks != n:
-        space.close()
-        raise UnsupportedEngine(
-            f"vLLM planned {n} blocks, not a whole number of {space.blocks_per_page}-block pages; elastikv sizes "
-            "the cache itself: do not pass --num-gpu-blocks-override with ELASTIKV=1"
-        )
-    return space
+    return vllm_worker.open_space(backend, geometry, "per-layer", n)
 
 
 def _elastic_tensors(

@@ -70,14 +70,7 @@ def _space_for(kv_cache_config: Any, backend: MemoryBackend) -> KVSpace:
             f"stride {t.block_stride}, offset {t.offset}, {n} blocks); elastikv knows layer-outermost and "
             "block-outermost layouts"
         )
-    space = KVSpace(backend, geometry, layout=layout, num_blocks=n, null_blocks=1, scratch_backed=True)  # type: ignore[arg-type]
-    if space.num_blocks != n:
-        space.close()
-        raise UnsupportedEngine(
-            f"vLLM planned {n} blocks, not a whole number of {space.blocks_per_page}-block pages; elastikv sizes "
-            "the cache itself: do not pass --num-gpu-blocks-override with ELASTIKV=1"
-        )
-    return space
+    return vllm_worker.open_space(backend, geometry, layout, n)
 
 
 def _make_allocate_kv_cache(original: Callable[..., dict[str, torch.Tensor]]) -> Callable[..., Any]:

@@ -33,7 +33,7 @@ from elastikv.engines.peer import PageServer
 from elastikv.errors import ConfigError, UnsupportedEngine
 from elastikv.instance import backend_for
 from elastikv.memory import MemoryBackend
-from elastikv.space import KVSpace, default_chunk_bytes
+from elastikv.space import KVGeometry, KVSpace, default_chunk_bytes
 
 log = logging.getLogger("elastikv")
 
@@ -184,6 +184,19 @@ def take_space(device: torch.device, make: Callable[[MemoryBackend], KVSpace]) -
         raise UnsupportedEngine("this worker already has an elastic KV cache; vLLM asked for a second one")
     cache.space = make(cache.backend)
     return cache.space
+
+
+def open_space(backend: MemoryBackend, geometry: KVGeometry, layout: str, num_blocks: int) -> KVSpace:
+    """The scratch-backed space for vLLM's plan: exactly ``num_blocks`` blocks (vLLM's block 0, its null block,
+    mapped for good), which must fill whole pages."""
+    space = KVSpace(backend, geometry, layout=layout, num_blocks=num_blocks, null_blocks=1, scratch_backed=True)  # type: ignore[arg-type]
+    if space.num_blocks != num_blocks:
+        space.close()
+        raise UnsupportedEngine(
+            f"vLLM planned {num_blocks} blocks, not a whole number of {space.blocks_per_page}-block pages; elastikv "
+            "sizes the cache itself: do not pass --num-gpu-blocks-override with ELASTIKV=1"
+        )
+    return space
 
 
 def serve_pages(worker: Any) -> None:
