@@ -8,7 +8,6 @@ server on the port is never mistaken for the engine.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import socket
 
@@ -17,25 +16,6 @@ from elastikv.errors import ConfigError
 
 class PortInUse(ConfigError):
     """A port elastikv must listen on is held by another process."""
-
-
-def holder(port: int) -> str:
-    """Who listens on ``port``, as a user would want to read it: "pid 123 (python -m http.server 8001)"."""
-    try:
-        import psutil
-    except ImportError:
-        return f"another process (`ss -ltnp 'sport = :{port}'` shows which)"
-    try:
-        conns = psutil.net_connections(kind="inet")
-    except (psutil.AccessDenied, OSError):
-        conns = []
-    for c in conns:
-        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(c.pid)
-                return f"pid {c.pid} ({' '.join(proc.cmdline()) or proc.name()})"
-            return f"pid {c.pid}"
-    return f"another process (`ss -ltnp 'sport = :{port}'` shows which)"
 
 
 def listener_pid(port: int) -> int | None:
@@ -49,6 +29,20 @@ def listener_pid(port: int) -> int | None:
     except Exception:  # no psutil, psutil.AccessDenied, ...: unknown, not an error
         return None
     return None
+
+
+def holder(port: int) -> str:
+    """Who listens on ``port``, as a user would want to read it: "pid 123 (python -m http.server 8001)"."""
+    pid = listener_pid(port)
+    if pid is None:
+        return f"another process (`ss -ltnp 'sport = :{port}'` shows which)"
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        return f"pid {pid} ({' '.join(proc.cmdline()) or proc.name()})"
+    except Exception:  # gone meanwhile, or not ours to read
+        return f"pid {pid}"
 
 
 def listen(host: str, port: int, *, what: str, fix: str = "stop it or choose another port") -> socket.socket:
