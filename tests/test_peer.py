@@ -26,9 +26,12 @@ GEOMETRY = KVGeometry(num_layers=2, block_shape=(64 * 1024,), dtype=torch.uint8,
 MIB = 1024**2
 
 
+def _space(backend: MemoryBackend, num_blocks: int = 512) -> KVSpace:
+    return KVSpace(backend, GEOMETRY, layout="per-layer", num_blocks=num_blocks, null_blocks=1, scratch_backed=True)
+
+
 def _rank(backend: MemoryBackend, rank: int, num_blocks: int = 512) -> PageServer:
-    space = KVSpace(backend, GEOMETRY, layout="per-layer", num_blocks=num_blocks, null_blocks=1, scratch_backed=True)
-    return PageServer(space, {"rank": rank, "device_id": backend.device_id})
+    return PageServer(_space(backend, num_blocks), {"rank": rank, "device_id": backend.device_id})
 
 
 @pytest.fixture
@@ -163,3 +166,73 @@ def test_requests_from_two_threads_never_interleave(two_ranks: list[PageServer])
     pages.close()
     assert not errors
     assert [s.space.mapped_pages for s in two_ranks] == [0, 0]
+
+
+class _CountingServer(PageServer):
+    """A real PageServer that also counts its drains (the fence's observable effect on the host backend)."""
+
+    drains = 0
+
+    def drain(self) -> None:
+        self.drains += 1
+        super().drain()
+
+
+def test_the_fence_drains_every_live_worker_once_and_skips_a_lost_one(backend: MemoryBackend) -> None:
+    servers = [_CountingServer(_space(backend), {"rank": r, "device_id": backend.device_id}) for r in (0, 1)]
+    pages = PeerPages([s.facts for s in servers], timeout=5)
+    alloc = BlockAllocator(pages, reserve_bytes=0, background=False)
+    try:
+        blocks = alloc.allocate(3 * pages.blocks_per_page)  # three whole pages
+        alloc.free(blocks)
+        alloc.maintain(now=0.0)
+        alloc.maintain(now=60.0)  # one trim of three pages: one drain per worker, not one per page
+        assert [s.drains for s in servers] == [1, 1]
+        assert [s.space.mapped_pages for s in servers] == [1, 1]
+        servers[1].close()
+        pages.fence().wait()  # the lost worker is skipped, not waited for
+        assert servers[0].drains == 2
+    finally:
+        alloc.close()
+        pages.close()
+        for s in servers:
+            s.close()
+            s.space.close()
+
+
+@pytest.mark.gpu
+def test_a_page_read_by_a_kernel_on_a_side_stream_is_unmapped_only_after_the_kernel(backend: MemoryBackend) -> None:
+    """Invariant 5 on the GPU, across the scheduler/worker split: a kernel queued on a non-default stream (as
+    vLLM's forward pass is) reads a block; the scheduler frees it and trims at once. The fence (every worker drains
+    its device) holds the unmap back until the kernel has read the real data, not the scratch page."""
+    if backend.name != "cuda":
+        pytest.skip("the host backend has no streams")
+    server = _rank(backend, 0)
+    pages = PeerPages([server.facts], timeout=30)
+    alloc = BlockAllocator(pages, reserve_bytes=0, background=False)
+    try:
+        held = alloc.allocate(2 * pages.blocks_per_page)
+        block = held[-1]  # not in page 0, which holds the null block and stays mapped
+        alloc.free(held[:-1])
+        buf = server.space.buffer(0)
+        buf[block].fill_(7)
+        out = torch.zeros_like(buf[block])
+        side = torch.cuda.Stream(device=buf.device)
+        torch.cuda.synchronize(buf.device)
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the read
+            out.copy_(buf[block])
+        alloc.free([block])
+        t0 = time.monotonic()
+        alloc.maintain(now=0.0)
+        alloc.maintain(now=60.0)  # trims the page: fence, then unmap
+        assert not server.space.is_mapped(block // pages.blocks_per_page)
+        assert side.query(), "the unmap returned while the kernel that reads the page was still queued"
+        torch.cuda.synchronize(buf.device)
+        assert int(out.min()) == 7 == int(out.max()), "the kernel read the page after it was unmapped"
+        print(f"\nunmap waited {time.monotonic() - t0:.3f} s for the side stream's kernel")
+    finally:
+        alloc.close()
+        pages.close()
+        server.close()
+        server.space.close()

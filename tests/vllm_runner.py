@@ -10,6 +10,8 @@ Replies are printed on lines starting with ``RESULT `` (vLLM logs to stdout too)
     file really holds (``fstat``; RSS would count the scratch page once per slot it backs).
 ``{"op": "settle", "timeout": 5}``
     Wait until the allocator has trimmed back to its floor (no change for 0.5 s); reply its statistics.
+    With ``"until": "floor"``: wait until no more is mapped than the reserve target and the null block's page
+    (or the timeout); ``seconds`` says when, ``trace`` how mapped memory fell.
 ``{"op": "reset_prefix_cache"}``
     vLLM's own ``LLM.reset_prefix_cache()``; replies whether it succeeded.
 ``{"op": "quit"}``
@@ -74,7 +76,7 @@ def main() -> None:
         elif op == "reset_prefix_cache":
             say({"reset": bool(llm.reset_prefix_cache())})
         elif op == "settle":
-            say(settle(llm, float(cmd.get("timeout", 5.0))))
+            say(settle(llm, float(cmd.get("timeout", 5.0)), cmd.get("until")))
         else:
             say({"error": f"unknown op {op}"})
     del llm
@@ -120,22 +122,33 @@ def generate(llm: Any, cmd: dict[str, Any], SamplingParams: Any, TokensPrompt: A
     }
 
 
-def settle(llm: Any, timeout: float) -> dict[str, Any]:
+def settle(llm: Any, timeout: float, until: str | None = None) -> dict[str, Any]:
     inst = instance(llm)
     if inst is None:
         return {"error": "no elastic cache in this process"}
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     last, since = None, time.monotonic()
+    trace: list[tuple[float, int]] = []  # (seconds, mapped bytes) at each change
     while time.monotonic() < deadline:
-        mapped = inst.allocator.stats().mapped_bytes
+        st = inst.allocator.stats()
+        mapped = st.mapped_bytes
         if mapped != last:
+            trace.append((round(time.monotonic() - t0, 3), mapped))
             last, since = mapped, time.monotonic()
-        elif time.monotonic() - since > 0.5:
+        floor = st.page_bytes * (1 + -(-st.reserve_target_blocks // inst.allocator.blocks_per_page))
+        if until == "floor" and mapped <= floor:
+            break
+        if until is None and time.monotonic() - since > 0.5:
             break
         time.sleep(0.02)
     s = inst.allocator.stats()
     return {
+        "seconds": time.monotonic() - t0,
+        "trace": trace,
         "mapped": s.mapped_bytes,
+        "floor": s.page_bytes * (1 + -(-s.reserve_target_blocks // inst.allocator.blocks_per_page)),
+        "page_bytes": s.page_bytes,
         "in_use_blocks": s.blocks_in_use,
         "cached_blocks": inst_pool(llm).free_block_queue.num_free_blocks,
         "kv": kv_bytes(),

@@ -8,6 +8,7 @@ map and unmap to every worker's :class:`PageServer` over a persistent Unix socke
 Wire format: one JSON object per line, each way. A peer never runs code it receives (no pickle)::
 
     -> {"op": "map", "pages": [3]}        <- {"ok": true}
+    -> {"op": "drain"}                    <- {"ok": true}   (every kernel queued on the device has finished)
     -> {"op": "unmap", "pages": [3, 4]}   <- {"ok": true}
     -> {"op": "facts"}                    <- {"ok": true, "facts": {...}}
     <- {"ok": false, "error": "OutOfMemory", "message": "..."}   (the worker changed nothing)
@@ -18,8 +19,10 @@ always hold the same pages; the allocator then refuses the allocation and the en
 A reply that does not come within the timeout marks the peer lost: every later map is refused at once (the
 engine keeps serving what it holds; nothing hangs), and pages are never unmapped on a guess.
 
-Invariant 5 across processes: a worker drains its device (``torch.cuda.synchronize``) before every unmap, so
-the kernels that read a freed block, queued before the scheduler freed it, have finished.
+Invariant 5 across processes: :meth:`PeerPages.fence` has every worker drain its device (``torch.cuda.synchronize``,
+all streams) and returns once they have. The allocator takes that fence *after* the pages it unmaps became empty,
+so the kernels that read a freed block, queued before the scheduler freed it, have finished before the unmap.
+One drain per batch of pages, not per page: a drain while the engine decodes waits for its current step.
 """
 
 from __future__ import annotations
@@ -106,6 +109,9 @@ class PageServer:
         op = request.get("op")
         if op == "facts":
             return {"ok": True, "facts": self.facts}
+        if op == "drain":
+            self.drain()
+            return {"ok": True}
         pages = request.get("pages")
         if not isinstance(pages, list) or not all(type(p) is int for p in pages):
             raise ConfigError(f"request {request!r}: 'pages' must be a list of page numbers")
@@ -116,7 +122,7 @@ class PageServer:
                 return self._map(pages)
             if op == "unmap":
                 return self._unmap(pages)
-        raise ConfigError(f"unknown op {op!r}; use map, unmap or facts")
+        raise ConfigError(f"unknown op {op!r}; use map, unmap, drain or facts")
 
     def _map(self, pages: list[int]) -> dict[str, Any]:
         done: list[int] = []
@@ -131,7 +137,8 @@ class PageServer:
         return {"ok": True}
 
     def _unmap(self, pages: list[int]) -> dict[str, Any]:
-        self.drain()
+        # No drain here: the scheduler fenced (op "drain") after these pages emptied; a rollback of a map
+        # unmaps a page no kernel was ever given.
         failed: list[str] = []
         for p in pages:
             try:
@@ -183,7 +190,7 @@ class _Peer:
     def call(self, op: str, pages: Sequence[int]) -> None:
         if self.lost is not None:
             raise PeerLost(self.where, self.lost)
-        request = {"op": op, "pages": list(pages)}
+        request: dict[str, Any] = {"op": op} if op == "drain" else {"op": op, "pages": list(pages)}
         if self._local is not None:
             reply = self._local.handle(request)
         else:
@@ -268,8 +275,8 @@ class PeerPages:
                 raise
 
     def unmap_page(self, page: int) -> None:
-        """Unmap ``page`` on every rank; each drains its device first. Raises if any rank failed (the
-        allocator then keeps the page booked and out of use)."""
+        """Unmap ``page`` on every rank (after a :meth:`fence` taken once it was empty). Raises if any rank failed
+        (the allocator then keeps the page booked and out of use)."""
         with self._lock:
             errors: list[ElastikvError] = []
             for peer in self._peers:
@@ -281,7 +288,14 @@ class PeerPages:
                 raise errors[0]
 
     def fence(self) -> DoneFence:
-        return DoneFence()  # each worker drains its own device before an unmap (see the module docstring)
+        """Every worker drains its device now (all streams); returns a fence that has passed. A lost worker is
+        skipped: no page can be unmapped there anyway (its unmaps fail and the allocator quarantines the page)."""
+        with self._lock:
+            for peer in self._peers:
+                if peer.lost is None:
+                    with contextlib.suppress(PeerLost):
+                        peer.call("drain", ())
+        return DoneFence()
 
     @property
     def lost(self) -> list[str]:

@@ -15,6 +15,7 @@ through :func:`_owner`; ``BlockPool.free_blocks`` gained ``evict_first`` in 0.34
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -38,6 +39,7 @@ TARGETS: tuple[Target, ...] = (
     Target("vllm.v1.engine.core", "EngineCore._initialize_kv_caches", ("self", "vllm_config")),
     Target("vllm.v1.engine.core", "EngineCore.collective_rpc", ("self", "method")),
     Target("vllm.v1.engine.core", "EngineCore.shutdown", ("self",)),
+    Target("vllm.v1.engine.core", "EngineCore.sleep", ("self", "level")),
     Target("vllm.v1.core.kv_cache_coordinator", "BlockPool"),
     Target(
         "vllm.v1.core.kv_cache_coordinator",
@@ -66,6 +68,7 @@ def install(patch: Callable[[str, str, Callable[[Any], Any]], None]) -> None:
     """Patch the engine core and the scheduler (every process; only the engine core uses them)."""
     patch("vllm.v1.engine.core", "EngineCore._initialize_kv_caches", _wrap_initialize_kv_caches)
     patch("vllm.v1.engine.core", "EngineCore.shutdown", _wrap_shutdown)
+    patch("vllm.v1.engine.core", "EngineCore.sleep", _wrap_sleep)
     patch("vllm.v1.core.kv_cache_coordinator", "BlockPool", lambda _orig: _pool_class())
     patch(
         "vllm.v1.core.kv_cache_coordinator",
@@ -157,6 +160,26 @@ def _wrap_shutdown(original: Callable[..., Any]) -> Callable[..., Any]:
         return original(self)
 
     return shutdown
+
+
+def _wrap_sleep(original: Callable[..., Any]) -> Callable[..., Any]:
+    """vLLM's sleep (level >= 1) clears the prefix cache, so every block is back in the allocator; then the
+    allocator goes idle: every empty page is unmapped and no reserve is kept until the next request allocates.
+    (vLLM's own sleep offloads or drops the weights; the KV cache is elastikv's, not in vLLM's memory pool.)"""
+
+    def sleep(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        level = int(kwargs.get("level", args[0] if args else 1))
+        inst = getattr(self, "_elastikv", None)
+        if inst is None or level < 1:
+            return result
+        if isinstance(result, concurrent.futures.Future):  # it sleeps once in-flight requests are done
+            result.add_done_callback(lambda _done: inst.allocator.idle())
+        else:
+            inst.allocator.idle()
+        return result
+
+    return sleep
 
 
 def _wrap_get_num_blocks_to_allocate(original: Callable[..., int]) -> Callable[..., int]:
