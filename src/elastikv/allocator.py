@@ -677,6 +677,11 @@ class BlockAllocator:
     def limit(self) -> int:
         return self._budget.limit
 
+    def over_limit_bytes(self) -> int:
+        """How far mapped memory is above the limit (a lowered limit): what the engine should let go of, by
+        freeing blocks it keeps only as a cache, so that their pages empty and are unmapped. 0 within it."""
+        return max(0, self._budget.booked - self._budget.limit)
+
     def available(self) -> int:
         """Blocks ``allocate`` could hand out right now, mapping pages within the limit if needed."""
         with self._lock:

@@ -353,9 +353,14 @@ def _make_pool_class(BlockPool: type, FreeKVCacheBlockQueue: type) -> type:
             self._bound_prefix_cache()
 
         def _bound_prefix_cache(self) -> None:
-            """Evict cached blocks beyond ``ELASTIKV_PREFIX_CACHE``: page-emptying ones first, then the oldest."""
+            """Evict cached blocks beyond ``ELASTIKV_PREFIX_CACHE``, and as many as mapped memory is above a
+            lowered limit (``elastikv limit``: cached blocks would otherwise keep their pages mapped, and be
+            reused in place, forever): page-emptying ones first, then the oldest."""
             assert self.instance is not None
             over = self.free_block_queue.num_free_blocks - self.instance.prefix_cache_blocks
+            excess = self._alloc.over_limit_bytes()
+            if excess > 0:
+                over = max(over, min(self.free_block_queue.num_free_blocks, -(-excess // self._block_bytes)))
             if over <= 0:
                 return
             # Blocks that empty a page go first, so memory really returns; then the least recently used.
