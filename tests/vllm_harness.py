@@ -52,9 +52,11 @@ def engine_env(tmp: Path, *, elastic: bool, multiprocess: bool, **extra: str) ->
 class Engine:
     """One runner process. ``call`` sends a command and returns its reply."""
 
-    def __init__(self, model: Path, env: Mapping[str, str], *, prefix_caching: bool = True, gpu: bool = False) -> None:
+    def __init__(
+        self, model: Path, env: Mapping[str, str], *, prefix_caching: bool = True, gpu: bool = False, util: float = 0.5
+    ) -> None:
         args = [sys.executable, str(RUNNER), str(model)] + (["--prefix-caching"] if prefix_caching else [])
-        args += ["--gpu"] if gpu else []
+        args += ["--gpu", f"--util={util}"] if gpu else []
         self.proc = children.popen(
             args,
             env=dict(env),

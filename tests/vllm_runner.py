@@ -1,6 +1,6 @@
 """A real vLLM engine in its own process, driven by the tests over stdin/stdout (one JSON object per line).
 
-    python tests/vllm_runner.py MODEL_DIR [--prefix-caching]
+    python tests/vllm_runner.py MODEL_DIR [--prefix-caching] [--gpu [--util=0.5]]
 
 Replies are printed on lines starting with ``RESULT `` (vLLM logs to stdout too). Commands:
 
@@ -57,8 +57,9 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     if "--gpu" in sys.argv:  # what users run: bf16, torch.compile and CUDA graphs, FlashAttention
+        util = next((float(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--util=")), 0.5)
         options: dict[str, Any] = dict(dtype="bfloat16", enforce_eager=False, max_model_len=4096,
-                                       max_num_batched_tokens=8192, gpu_memory_utilization=0.5)  # fmt: skip
+                                       max_num_batched_tokens=8192, gpu_memory_utilization=util)  # fmt: skip
     else:
         options = dict(dtype="float32", enforce_eager=True, max_model_len=2048, max_num_batched_tokens=2048,
                        gpu_memory_utilization=0.2)  # fmt: skip  # the CPU start-up check only
