@@ -68,7 +68,9 @@ def default_dir() -> Path:
 
 
 def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None if there is no such process."""
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if there is no such process or it has
+    exited and waits only to be reaped (a zombie: its memory, GPU memory included, is already gone; in a container
+    whose PID 1 never reaps, it would otherwise hold its ledger row forever)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -77,7 +79,9 @@ def process_start_time(pid: int) -> int | None:
     except PermissionError:  # hidepid: assume alive with the start time we know cannot be checked
         return -1
     fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[19])  # field 22 of stat(5); fields[0] is field 3
+    if fields[0] in (b"Z", b"X"):  # field 3 of stat(5), the state: zombie or dead
+        return None
+    return int(fields[19])  # field 22 of stat(5)
 
 
 @dataclass(frozen=True)
