@@ -32,23 +32,26 @@ from benchmarks._results import environment, save
 from tests.vllm_harness import Engine, engine_env, prompts
 
 
-def _env(tmp: Path, elastic: bool) -> dict[str, str]:
+def _env(tmp: Path, elastic: bool, extra: dict[str, str]) -> dict[str, str]:
     env = engine_env(tmp, elastic=elastic, multiprocess=False, VLLM_USE_FLASHINFER_SAMPLER="0", HF_HUB_OFFLINE="1",
                      ELASTIKV_RESERVE="256MiB")  # fmt: skip  # the default reserve
     env.pop("ELASTIKV_HOST_MEMORY", None)
+    if elastic:
+        env.update(extra)
     return env
 
 
-def run(model: Path, tmp: Path, waves: int, singles: int) -> dict[str, Any]:
+def run(model: Path, tmp: Path, waves: int, singles: int, extra: dict[str, str]) -> dict[str, Any]:
     engines: dict[str, Engine] = {}
     start: dict[str, float] = {}
     kinds = ("plain", "elastic")
     decode: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     ttft: dict[str, list[float]] = {k: [] for k in kinds}
+    single_maps = [0, 0]  # pages elastikv mapped during the single requests: in the background, by the caller
     try:
         for kind in kinds:  # one after the other: vLLM sizes the plain cache from free memory at its start
             t0 = time.perf_counter()
-            engines[kind] = Engine(model, _env(tmp / kind, kind == "elastic"), gpu=True, util=0.4)
+            engines[kind] = Engine(model, _env(tmp / kind, kind == "elastic", extra), gpu=True, util=0.4)
             ready = engines[kind].wait_ready()
             assert ready["elastic"] is (kind == "elastic"), engines[kind].tail()
             start[kind] = time.perf_counter() - t0
@@ -64,6 +67,8 @@ def run(model: Path, tmp: Path, waves: int, singles: int) -> dict[str, Any]:
             for kind in kinds if i % 2 == 0 else kinds[::-1]:
                 reply = engines[kind].call(op="generate", prompts=one, max_tokens=1, sample_ms=1000)
                 ttft[kind].append(reply["seconds"])
+                single_maps[0] += reply["pages_mapped"]
+                single_maps[1] += reply["pages_mapped_by_caller"]
     finally:
         for e in engines.values():
             e.close()
@@ -82,6 +87,7 @@ def run(model: Path, tmp: Path, waves: int, singles: int) -> dict[str, Any]:
         "ttft_ratio_pairs": [min(pair_ttft), statistics.median(pair_ttft), max(pair_ttft)],
         "waves_with_identical_tokens": same,
         "elastic_peak_mapped": max(r["peak_mapped"] for r in decode["elastic"]),
+        "elastic_pages_mapped_during_singles": single_maps,
     }
 
 
@@ -91,6 +97,8 @@ def main() -> None:
     ap.add_argument("--waves", type=int, default=6)
     ap.add_argument("--singles", type=int, default=24)
     ap.add_argument("--model-cache", default=os.environ.get("ELASTIKV_MODEL_CACHE", ".models"))
+    ap.add_argument("--elastic-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="more environment for the elastic engine (ELASTIKV_PREFIX_CACHE=0, ...)")  # fmt: skip
     args = ap.parse_args()
     import torch
     import vllm
@@ -101,7 +109,8 @@ def main() -> None:
     model = Path(args.model_cache) / f"llama-{args.size}"
     make_model_once(model, size=args.size)
     with tempfile.TemporaryDirectory(prefix="elastikv-bench-") as d:
-        r = run(model, Path(d), args.waves, args.singles)
+        extra = dict(kv.split("=", 1) for kv in args.elastic_env)
+        r = run(model, Path(d), args.waves, args.singles, extra)
     mean = statistics.mean
     lines = [
         f"vLLM {vllm.__version__} on {device}: random {args.size} Llama (bf16), CUDA graphs, Model Runner V2, "
@@ -120,12 +129,15 @@ def main() -> None:
         f"({' / '.join(f'{x:.3f}' for x in r['ttft_ratio_pairs'])}) |",
         "",
         f"elastikv mapped at most {r['elastic_peak_mapped'] / 1024**3:.2f} GiB of KV in the decode waves; plain vLLM "
-        "holds its whole static cache throughout.",
+        "holds its whole static cache throughout. Pages elastikv mapped during the single requests (background / "
+        f"on the engine's thread): {r['elastic_pages_mapped_during_singles'][0]} / "
+        f"{r['elastic_pages_mapped_during_singles'][1]}"
+        + (f"; elastic engine's extra settings: {extra}" if extra else "."),
         "Targets (issue 18): decode >= 0.98x, light-load TTFT <= 1.03x.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    path = save("vllm-gpu", device, {"env": environment(device), "size": args.size, **r}, text)
+    path = save("vllm-gpu", device, {"env": environment(device), "size": args.size, "elastic_env": extra, **r}, text)
     print(f"saved {path}")
 
 

@@ -103,6 +103,7 @@ def generate(llm: Any, cmd: dict[str, Any], SamplingParams: Any, TokensPrompt: A
                 peak_mapped = max(peak_mapped, inst.allocator.stats().mapped_bytes)
             time.sleep(interval)
 
+    first = inst.allocator.stats() if inst is not None else None
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
@@ -119,6 +120,9 @@ def generate(llm: Any, cmd: dict[str, Any], SamplingParams: Any, TokensPrompt: A
         "peak": peak,
         "peak_mapped": peak_mapped,
         "refusals": stats.refusals if stats else None,
+        # pages this call mapped (in the background, or on the engine's thread when the reserve was short)
+        "pages_mapped": stats.pages_mapped_total - first.pages_mapped_total if stats and first else 0,
+        "pages_mapped_by_caller": stats.pages_mapped_by_caller - first.pages_mapped_by_caller if stats and first else 0,
         "after": {"kv": kv_bytes()},
     }
 
