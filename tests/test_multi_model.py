@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,3 +111,89 @@ def test_bad_options_are_refused_with_what_to_write() -> None:
         from elastikv.multi_model import _models
 
         _models(BenchPlan(models=("a",), model_paths=("/nonexistent",)), Path("/tmp"), None, None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="the embedded engine runs static, elastic"):
+        plan_from_options(modes="static,kvcached,elastic")
+    with pytest.raises(ConfigError, match="static and elastic are always among them"):
+        plan_from_options(engine="vllm", modes="kvcached,elastic")
+    with pytest.raises(ConfigError, match="--engine 'sglang'"):
+        plan_from_options(engine="sglang")
+    assert plan_from_options(engine="vllm", modes="static,kvcached,elastic,elastic-v2").modes == (
+        "static", "kvcached", "elastic", "elastic-v2")  # fmt: skip
+
+
+def test_chat_lengths_follow_sharegpt_as_the_vllm_paper_measured_it() -> None:
+    """Log-normal around ShareGPT's means (161 prompt, 338 output tokens): the medians are exp(mu), which clipping
+    does not move; the spread covers short and long requests alike."""
+    import random
+    import statistics
+
+    from elastikv.workload import CHAT_MEAN_OUTPUT, CHAT_MEAN_PROMPT, CHAT_SIGMA, chat_lengths
+
+    draw, rng = chat_lengths(), random.Random(0)
+    pairs = [draw(rng) for _ in range(20000)]
+    prompts, outputs = [p for p, _ in pairs], [o for _, o in pairs]
+    assert statistics.median(prompts) == pytest.approx(CHAT_MEAN_PROMPT / math.exp(CHAT_SIGMA**2 / 2), rel=0.05)
+    assert statistics.median(outputs) == pytest.approx(CHAT_MEAN_OUTPUT / math.exp(CHAT_SIGMA**2 / 2), rel=0.05)
+    assert min(prompts) >= 4 and max(prompts) <= 2048 and max(outputs) <= 1024
+    assert statistics.fmean(prompts) == pytest.approx(CHAT_MEAN_PROMPT, rel=0.1)
+    trace = intermittent(["a", "b"], duration=30, base_rate=1, peak_rate=5, peak_width=5, prompt_tokens=1,
+                         output_tokens=1, seed=3, lengths=chat_lengths())  # fmt: skip
+    assert len({a.prompt_tokens for a in trace}) > len(trace) // 3  # lengths vary request by request
+
+
+def test_every_vllm_mode_runs_the_same_flags_and_only_the_kv_owner_differs(tmp_path: Path) -> None:
+    from elastikv.bench_vllm import VLLM_MODES, router_config
+
+    paths = {"m1": tmp_path / "m", "m2": tmp_path / "m"}
+
+    def config(mode: str) -> Any:
+        return router_config(mode, paths, share=2 * 1024**3, budget=6 * 1024**3, env={"X": "1"}, dtype="bfloat16",
+                             max_model_len=4608, extra_args=("--seed", "0"), start_timeout_s=60)  # fmt: skip
+
+    configs = {mode: config(mode) for mode in VLLM_MODES}
+    common = ["--dtype", "bfloat16", "--max-model-len", "4608", "--no-enable-prefix-caching"]
+    for mode, cfg in configs.items():
+        assert [m.name for m in cfg.models] == ["m1", "m2"]
+        for spec in cfg.models:
+            assert spec.args[: len(common)] == tuple(common) and "--seed" in spec.args, (mode, spec.args)
+            assert spec.idle_s is None and spec.sleep_level == "stop"  # weights resident, no sleep mode flags
+            assert spec.env["X"] == "1"
+            assert spec.env.get("VLLM_USE_V2_MODEL_RUNNER") == (None if mode == "elastic-v2" else "0")
+    static = configs["static"].models[0]
+    assert static.engine == "command" and "--kv-cache-memory-bytes" in static.args
+    assert static.args[static.args.index("--kv-cache-memory-bytes") + 1] == str(2 * 1024**3)
+    kvc = configs["kvcached"].models[1]
+    assert kvc.engine == "command" and kvc.env["ENABLE_KVCACHED"] == "true" and kvc.env["KVCACHED_IPC_NAME"] == (
+        "kvcached_m2")  # fmt: skip
+    assert "ELASTIKV_DEVICE_BUDGET" not in kvc.env and "--kv-cache-memory-bytes" not in kvc.args
+    for mode in ("elastic", "elastic-v2"):
+        spec = configs[mode].models[0]
+        assert spec.engine == "vllm" and spec.env["ELASTIKV_DEVICE_BUDGET"] == str(6 * 1024**3)
+    with pytest.raises(ConfigError, match="mode 'lmcache'"):
+        router_config("lmcache", paths, share=1, budget=1, env={}, dtype="bfloat16", max_model_len=1, extra_args=(),
+                      start_timeout_s=1)  # fmt: skip
+
+
+def test_what_a_kvcached_server_holds_is_read_from_its_segment() -> None:
+    import os
+    import struct
+
+    from elastikv.bench_vllm import kvcached_held, kvcached_ipc
+
+    name = f"ekv-test-{os.getpid()}"
+    path = Path("/dev/shm") / kvcached_ipc(name)
+    path.write_bytes(struct.pack("<3q", 8 * 1024**3, 3 * 1024**3, 64 * 1024**2))  # limit, used, preallocated
+    try:
+        assert kvcached_held([name, "absent"]) == {name: 3 * 1024**3 + 64 * 1024**2, "absent": 0}
+    finally:
+        path.unlink()
+
+
+def test_the_report_names_kvcached_beside_static_when_it_ran(tmp_path: Path) -> None:
+    """A report with a kvcached mode renders every mode and both ratios (the renderer reads only the report)."""
+    from elastikv.multi_model import _comparisons
+
+    assert _comparisons(("static", "kvcached", "elastic", "elastic-v2")) == [
+        ("kvcached", "static"), ("elastic", "static"), ("elastic-v2", "static"), ("elastic", "kvcached"),
+        ("elastic-v2", "kvcached")]  # fmt: skip
+    assert _comparisons(("static", "elastic")) == [("elastic", "static")]

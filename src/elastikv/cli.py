@@ -73,6 +73,14 @@ def bench() -> None:
     default=None,
     help="Replay this trace (JSON lines: at, model, prompt_tokens, output_tokens) instead of the sweep.",
 )
+@click.option("--engine", type=click.Choice(["embedded", "vllm"]), default="embedded", show_default=True,
+              help="Serve each model with elastikv's embedded engine or with vLLM's OpenAI server.")  # fmt: skip
+@click.option("--modes", default=None, help="Modes to run, e.g. static,kvcached,elastic (vllm also: elastic-v2; "
+              "default static,elastic).")  # fmt: skip
+@click.option("--workload", type=click.Choice(["long", "chat"]), default="long", show_default=True,
+              help="long: every request --prompt-tokens + --output-tokens; chat: ShareGPT-like lengths.")  # fmt: skip
+@click.option("--vllm-arg", "vllm_args", multiple=True, help="A flag for every vLLM server (repeat; e.g. "
+              "--vllm-arg=--enforce-eager).")  # fmt: skip
 @click.option("--short", is_flag=True, help="Two rates (light, peak): one 10-minute command on an H100.")
 @click.option("--elastic-first", is_flag=True,
               help="Run elastic before static (repeat a run in both orders: the GPU's speed may drift).")  # fmt: skip
@@ -91,10 +99,12 @@ def bench_multi_model(
     model_paths: tuple[str, ...], count: int, size: str | None, kv_budget: str | None, rates: str | None,
     duration: float | None, peak_width: float | None, prompt_tokens: int | None, output_tokens: int | None,
     max_batch_tokens: int | None, attention: str | None, trace: str | None, short: bool, elastic_first: bool,
+    engine: str, modes: str | None, workload: str, vllm_args: tuple[str, ...],
     merge: tuple[str, ...], model_cache: str | None, out: str, seed: int,
 ) -> None:  # fmt: skip
-    """N models on one GPU under intermittent peaks: static split against elastic sharing, over a sweep of
-    request rates. Prints TTFT/TPOT per rate and mode and the ratios; writes JSON, Markdown and a PNG."""
+    """N models on one GPU under intermittent peaks: static split against elastic sharing (and, with vLLM,
+    kvcached), over a sweep of request rates. Prints TTFT/TPOT per rate and mode and the ratios; writes JSON,
+    Markdown and a PNG."""
     from pathlib import Path
 
     from elastikv.multi_model import merge_and_save, plan_from_options, run_and_save
@@ -106,7 +116,7 @@ def bench_multi_model(
         model_paths=model_paths, count=count, size=size, kv_budget=kv_budget, rates=rates, duration=duration,
         peak_width=peak_width, prompt_tokens=prompt_tokens, output_tokens=output_tokens,
         max_batch_tokens=max_batch_tokens, attention=attention, trace=trace, short=short, seed=seed,
-        elastic_first=elastic_first,
+        elastic_first=elastic_first, engine=engine, modes=modes, workload=workload, vllm_args=vllm_args,
     )  # fmt: skip
     run_and_save(plan, Path(out), model_cache=Path(model_cache) if model_cache else None)
 

@@ -20,6 +20,7 @@ the rate from which static queues, and a PNG of TTFT against rate and of KV memo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -32,18 +33,29 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
+from elastikv.bench_vllm import VLLM_MODES
 from elastikv.config import ATTENTIONS, format_bytes
 from elastikv.errors import ConfigError
 from elastikv.models import SIZES, kv_bytes_per_token
+from elastikv.multi_model_report import _best_peak, _plot, _print, _ratio, markdown
 from elastikv.routed import Replayed, embedded_config, held_kv, replay_through_router
 from elastikv.router.config import RouterConfig
-from elastikv.workload import Arrival, intermittent, load_trace, peak_rate, save_trace, summary
+from elastikv.workload import Arrival, chat_lengths, intermittent, load_trace, peak_rate, save_trace, summary
 
 MODES = ("static", "elastic")
+ENGINES = ("embedded", "vllm")
+WORKLOADS = ("long", "chat")
 MiB, GiB = 1024**2, 1024**3
 QUEUEING = 3.0  # static "queues" at a rate whose p99 TTFT is this many times its p50 at the lightest rate
+
+
+def _comparisons(modes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(mode, baseline) pairs reported as ratios: every other mode over static, and elastic modes over kvcached."""
+    pairs = [(m, "static") for m in modes if m != "static"]
+    if "kvcached" in modes:
+        pairs += [(m, "kvcached") for m in modes if m.startswith("elastic")]
+    return pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +77,11 @@ class BenchPlan:
     reserve: int | None = None  # ELASTIKV_RESERVE for the elastic engines; None: elastikv's default
     idle_s: float | None = None  # elastic mode: sleep a model idle this long (weights to host); None: never
     trace: str | None = None  # replay this trace (JSON lines) instead of the rate sweep
-    elastic_first: bool = False  # run elastic before static (runs in both orders cancel a drift of the GPU's speed)
+    elastic_first: bool = False  # run the modes in reverse (runs in both orders cancel a drift of the GPU's speed)
+    engine: str = "embedded"  # "embedded" (elastikv's own engine) or "vllm" (vLLM's OpenAI server; bench_vllm.py)
+    modes: tuple[str, ...] = MODES  # vllm also: "kvcached", "elastic-v2"; static and elastic always run
+    workload: str = "long"  # "long" (prompt_tokens + output_tokens each) or "chat" (ShareGPT-like lengths)
+    vllm_args: tuple[str, ...] = ()  # more flags for every vLLM server, every mode
     timeout_s: float = 600.0  # per request
     seed: int = 0
 
@@ -82,6 +98,20 @@ class BenchPlan:
             raise ConfigError(f"--attention {self.attention!r}: choose one of {', '.join(ATTENTIONS)}")
         if self.prompt_tokens < 1 or self.output_tokens < 1 or self.kv_budget <= 0:
             raise ConfigError("prompt and output tokens and the KV budget must be positive")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
+        known = MODES if self.engine == "embedded" else VLLM_MODES
+        unknown = [m for m in self.modes if m not in known]
+        if (
+            unknown
+            or "static" not in self.modes
+            or "elastic" not in self.modes
+            or len(set(self.modes)) < len(self.modes)
+        ):
+            raise ConfigError(f"--modes {','.join(self.modes)}: the {self.engine} engine runs {', '.join(known)}; "
+                              "static and elastic are always among them, each once")  # fmt: skip
+        if self.workload not in WORKLOADS:
+            raise ConfigError(f"--workload {self.workload!r}: choose one of {', '.join(WORKLOADS)}")
 
 
 SHORT = {  # fits one 10-minute command on the H100 (two rates: light and peak)
@@ -134,17 +164,23 @@ def run_bench(
     )
     results: dict[str, list[Replayed]] = {}
     states: dict[str, Any] = {}
-    for mode in MODES[::-1] if plan.elastic_first else MODES:
-        cfg = _router_config(mode, plan, paths, work, third_tokens, per_token)
-        held = held_kv(mode, plan.models, plan.kv_budget // len(plan.models))
+    for mode in plan.modes[::-1] if plan.elastic_first else plan.modes:
         t0 = time.monotonic()
 
         def between(i: int, mode: str = mode) -> None:
             console.print(f"{mode}: rate {rates[i]} req/s at the peak, {len(traces[i])} requests")
 
+        cfg, held, after_start = _mode(mode, plan, paths, work, traces, third_tokens, per_token)
         results[mode], states[mode] = asyncio.run(
             replay_through_router(
-                cfg, traces, log_dir=work / f"logs-{mode}", held=held, console=console, label=mode, between=between
+                cfg,
+                traces,
+                log_dir=work / f"logs-{mode}",
+                held=held,
+                console=console,
+                label=mode,
+                between=between,
+                after_start=after_start,
             )
         )
         console.print(f"{mode}: done in {time.monotonic() - t0:.0f} s")
@@ -184,9 +220,50 @@ def _models(plan: BenchPlan, work: Path, cache: Path | None, console: Console) -
 
 
 def _trace(plan: BenchPlan, rate: float, i: int) -> list[Arrival]:
+    lengths = chat_lengths() if plan.workload == "chat" else None
     return intermittent(plan.models, duration=plan.duration, base_rate=plan.base_rate, peak_rate=rate,
                         peak_width=plan.peak_width, prompt_tokens=plan.prompt_tokens,
-                        output_tokens=plan.output_tokens, seed=plan.seed + i)  # fmt: skip
+                        output_tokens=plan.output_tokens, seed=plan.seed + i, lengths=lengths)  # fmt: skip
+
+
+def _mode(
+    mode: str,
+    plan: BenchPlan,
+    paths: dict[str, Path],
+    work: Path,
+    traces: list[list[Arrival]],
+    third_tokens: int,
+    per_token: int,
+) -> tuple[RouterConfig, Any, Any]:
+    """The router config, the KV-held sampler and what to hold once the engines are up, for one mode."""
+    share = plan.kv_budget // len(plan.models)
+    if plan.engine == "embedded":
+        return _router_config(mode, plan, paths, work, third_tokens, per_token), held_kv(mode, plan.models, share), None
+    from elastikv import bench_vllm
+
+    bench_vllm.check_vllm(mode)
+    env = {"ELASTIKV_LEDGER_DIR": str(work / "ledger"), "VLLM_LOGGING_LEVEL": "WARNING"}
+    if plan.reserve is not None:
+        env["ELASTIKV_RESERVE"] = str(plan.reserve)
+    longest = max((a.prompt_tokens + a.output_tokens for t in traces for a in t), default=1)
+    cfg = bench_vllm.router_config(mode, paths, share=share, budget=plan.kv_budget, env=env, dtype=plan.dtype,
+                                   max_model_len=-(-(longest + 16) // 256) * 256, extra_args=plan.vllm_args,
+                                   start_timeout_s=900.0)  # fmt: skip
+    if mode == "kvcached":
+        names = plan.models
+        held: Any = lambda _router: bench_vllm.kvcached_held(names)  # noqa: E731
+
+        @contextlib.contextmanager
+        def after_start() -> Any:
+            bench_vllm.set_kvcached_limits(names, plan.kv_budget)
+            with bench_vllm.ballast(plan.kv_budget) as info:
+                yield info
+
+        return cfg, held, after_start
+    held = held_kv("static" if mode == "static" else "elastic", plan.models, share)
+    if mode == "static":
+        return cfg, held, None
+    return cfg, held, lambda: bench_vllm.ballast(plan.kv_budget)
 
 
 def _router_config(
@@ -229,7 +306,7 @@ def _report(
     for i, rate in enumerate(rates):
         arrivals = {n: [a.at for a in traces[i] if a.model == n] for n in plan.models}
         run: dict[str, Any] = {"rate": rate, "requests": len(traces[i]), "arrivals": arrivals, "modes": {}}
-        for mode in MODES:
+        for mode in plan.modes:
             r = results[mode][i]
             ok = [o for o in r.outcomes if o.ok]
             in_order = sorted(r.outcomes, key=lambda o: (o.arrival.at, o.arrival.model))  # the trace's order
@@ -248,8 +325,10 @@ def _report(
                 "memory": [(round(t, 2), h) for t, h in r.samples],
                 "engine_metrics": r.engine_metrics,  # cumulative per engine since its start (driver time...)
             }
-        s, e = run["modes"]["static"]["all"], run["modes"]["elastic"]["all"]
-        run["elastic_over_static"] = {k: _ratio(e[k], s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean")}
+        for mode, base in _comparisons(plan.modes):  # elastic_over_static, elastic_over_kvcached, ...
+            b, m = run["modes"][base]["all"], run["modes"][mode]["all"]
+            run[f"{mode}_over_{base}"] = {k: _ratio(m[k], b[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99",
+                                                                         "tpot_mean")}  # fmt: skip
         runs.append(run)
     report = {
         "benchmark": "multi-model",
@@ -298,16 +377,13 @@ def _summarize(report: dict[str, Any]) -> dict[str, Any]:
     report["peak_p99_ttft_static_over_elastic"] = _ratio(
         peak["modes"]["static"]["all"]["ttft_p99"], peak["modes"]["elastic"]["all"]["ttft_p99"]
     )
+    if "kvcached" in peak["modes"]:
+        report["peak_p99_ttft_kvcached_over_elastic"] = _ratio(
+            peak["modes"]["kvcached"]["all"]["ttft_p99"], peak["modes"]["elastic"]["all"]["ttft_p99"]
+        )
     report["light"] = _pooled([r for r in runs if r["rate"] == runs[0]["rate"]])
     report["light_mean_ttft_elastic_over_static"] = report["light"]["ttft_mean_ratio"]
     return report
-
-
-def _best_peak(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run where static's p99 TTFT is the most times elastic's."""
-    return max(
-        runs, key=lambda r: _ratio(r["modes"]["static"]["all"]["ttft_p99"], r["modes"]["elastic"]["all"]["ttft_p99"])
-    )
 
 
 BOOTSTRAP = 2000  # resamples for the light-load interval
@@ -373,164 +449,6 @@ def _git_commit() -> str:
         return ""
 
 
-def _ratio(a: float, b: float) -> float:
-    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
-
-
-def _ms(seconds: float) -> str:
-    return "-" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
-
-
-def _print(console: Console, report: dict[str, Any]) -> None:
-    table = Table(title=f"multi-model benchmark on {report['device']}: TTFT and TPOT (ms), per rate and mode",
-                  title_justify="left")  # fmt: skip
-    for col in ("rate", "mode", "done", "TTFT mean", "p50", "p99", "TPOT mean", "out tok/s", "prompt tok/s", "KV peak"):
-        table.add_column(col, justify="left" if col in ("mode",) else "right")
-    for run in report["runs"]:
-        for mode in MODES:
-            m = run["modes"][mode]
-            s = m["all"]
-            table.add_row(
-                f"{run['rate']:g}", mode, f"{s['completed']}/{s['requests']}",
-                *(_ms(s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean")),
-                f"{m['output_tokens_per_s']:.0f}", f"{m['prompt_tokens_per_s']:.0f}", format_bytes(m["peak_kv_bytes"]),
-                end_section=mode == "elastic",
-            )  # fmt: skip
-    console.print(table)
-    for run in report["runs"]:
-        r = run["elastic_over_static"]
-        console.print(f"rate {run['rate']:g}: elastic / static TTFT mean {r['ttft_mean']:.2f}, p50 {r['ttft_p50']:.2f},"
-                      f" p99 {r['ttft_p99']:.2f}; TPOT {r['tpot_mean']:.2f}")  # fmt: skip
-    console.print(
-        f"static queues from {report['static_queues_from_rate']} req/s ({report['queueing_rule']}); at "
-        f"{report['best_peak_rate']:g} req/s static p99 TTFT is "
-        f"[bold]{report['peak_p99_ttft_static_over_elastic']:.1f}x[/] elastic's; at the lightest, elastic mean TTFT "
-        f"is [bold]{report['light_mean_ttft_elastic_over_static']:.3f}x[/] static's ({_light_text(report['light'])})"
-    )
-
-
-def _light_text(light: dict[str, Any]) -> str:
-    ci = light["ci95"]
-    interval = f", 95% interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
-    runs = ", ".join(f"{r:.3f}" for r in light["per_run"])
-    return f"{light['requests']} requests in {light['runs']} run(s){interval}; per run {runs}"
-
-
-def markdown(report: dict[str, Any]) -> str:
-    """The report as a Markdown summary (what the results directory keeps beside the JSON)."""
-    p = report["plan"]
-    lines = [
-        f"# multi-model benchmark: {len(p['models'])} models on {report['device']}",
-        "",
-        f"{report['date']}, commit {report['commit']}: `{report['command']}`",
-        "",
-        f"KV budget {format_bytes(p['kv_budget'])} ({report['static_share_tokens']} tokens per model when split), "
-        f"requests of {p['prompt_tokens']} prompt + {p['output_tokens']} output tokens, {p['duration']:g} s of trace "
-        f"per rate (peaks {p['peak_width']:g} s wide, base rate {p['base_rate']:g}/s), attention "
-        f"{report.get('attention', 'sdpa')} in both modes. Why: {report['why']}.",
-        "",
-        "| peak rate (req/s) | mode | completed | TTFT mean (ms) | p50 | p99 | TPOT mean (ms) | output tok/s | "
-        "prompt tok/s | KV peak |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for run in report["runs"]:
-        for mode in MODES:
-            m = run["modes"][mode]
-            s = m["all"]
-            times = " | ".join(_ms(s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean"))
-            lines.append(
-                f"| {run['rate']:g} | {mode} | {s['completed']}/{s['requests']} | {times} | "
-                f"{m['output_tokens_per_s']:.0f} | {m['prompt_tokens_per_s']:.0f} | "
-                f"{format_bytes(m['peak_kv_bytes'])} |"
-            )
-    lines += ["", "| peak rate | elastic/static TTFT mean | p50 | p99 | TPOT mean |", "|---|---|---|---|---|"]
-    for run in report["runs"]:
-        r = run["elastic_over_static"]
-        lines.append(f"| {run['rate']:g} | {r['ttft_mean']:.3f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | "
-                     f"{r['tpot_mean']:.3f} |")  # fmt: skip
-    lines += [
-        "",
-        f"- static queues from: {report['static_queues_from_rate']} req/s ({report['queueing_rule']})",
-        f"- best peak rate ({report['best_peak_rate']:g} req/s): static p99 TTFT / elastic p99 TTFT = "
-        f"**{report['peak_p99_ttft_static_over_elastic']:.2f}** (target >= 5)",
-        f"- lightest rate: elastic mean TTFT / static = **{report['light_mean_ttft_elastic_over_static']:.3f}** "
-        f"(target <= 1.05; {_light_text(report['light'])})",
-        "",
-        "Per model:",
-        "",
-        "| peak rate | model | mode | completed | TTFT mean (ms) | p99 | KV peak |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for run in report["runs"]:
-        for name in p["models"]:
-            for mode in MODES:
-                m = run["modes"][mode]
-                s = m["models"][name]
-                lines.append(f"| {run['rate']:g} | {name} | {mode} | {s['completed']}/{s['requests']} | "
-                             f"{_ms(s['ttft_mean'])} | {_ms(s['ttft_p99'])} | "
-                             f"{format_bytes(m['peak_kv_bytes_per_model'][name])} |")  # fmt: skip
-    driver = [(run["rate"], name, f) for run in report["runs"]
-              for name, f in run["modes"]["elastic"].get("engine_metrics", {}).items() if f]  # fmt: skip
-    if driver:
-        lines += ["", "Elastic engines' allocators in the driver (cumulative since the engine started, seconds):", "",
-                  "| after rate | model | caller map | background map | unmap | pages mapped (by caller) |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
-        for rate, name, f in driver:
-            g = {k.removeprefix("kv_"): v for k, v in f.items()}
-            maps, by_caller = g.get("pages_mapped_total", 0), g.get("pages_mapped_by_caller", 0)
-            lines.append(f"| {rate:g} | {name} | {g.get('caller_map_seconds', 0):.3f} | "
-                         f"{g.get('background_map_seconds', 0):.3f} | {g.get('unmap_seconds', 0):.3f} | "
-                         f"{maps:.0f} ({by_caller:.0f}) |")  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def _plot(path: Path, report: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plan, device, runs = report["plan"], report["device"], report["runs"]
-    models, budget = plan["models"], plan["kv_budget"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
-    rates = sorted({r["rate"] for r in runs})  # a rate run more than once: each run a point, the line their mean
-    for mode, color in zip(MODES, ("tab:red", "tab:blue"), strict=True):
-        for key, style in (("ttft_p99", "-o"), ("ttft_mean", "--s")):
-            values = [[r["modes"][mode]["all"][key] for r in runs if r["rate"] == rate] for rate in rates]
-            top.plot(rates, [sum(v) / len(v) for v in values], style, color=color,
-                     label=f"{mode} {key.replace('ttft_', 'TTFT ')}")  # fmt: skip
-            top.plot([r["rate"] for r in runs], [r["modes"][mode]["all"][key] for r in runs], style[-1], color=color,
-                     alpha=0.4)  # fmt: skip
-    top.set_xscale("log")
-    top.set_yscale("log")
-    top.set_xlabel("peak request rate per model (requests/s)")
-    top.set_ylabel("time to first token (s)")
-    top.legend(fontsize=8)
-    top.set_title("TTFT against load: static split vs elastic sharing", loc="left")
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    shown = _best_peak(runs)
-    samples = shown["modes"]["elastic"]["memory"]
-    t = [s[0] for s in samples]
-    stacks = [[s[1].get(name, 0) / GiB for s in samples] for name in models]
-    bottom.stackplot(t, stacks, labels=models, colors=colors[: len(models)], alpha=0.8, step="post")
-    share = budget / len(models) / GiB
-    for k in range(1, len(models) + 1):
-        bottom.axhline(share * k, color="black", linestyle=":", linewidth=0.8)
-    bottom.axhline(budget / GiB, color="black", linestyle="--", linewidth=1, label="budget (static: split)")
-    for i, name in enumerate(models):
-        at = shown["arrivals"][name]
-        bottom.plot(at, [-0.02 * budget / GiB * (i + 1)] * len(at), "|", color=colors[i % len(colors)], markersize=6)
-    bottom.set_xlabel("seconds (ticks below: request arrivals per model)")
-    bottom.set_ylabel("KV memory mapped (GiB)")
-    bottom.legend(loc="upper right", fontsize=8, ncols=len(models) + 1)
-    bottom.set_title(f"elastic, peak rate {shown['rate']:g} req/s: KV memory per model (dotted: the static split)",
-                     loc="left")  # fmt: skip
-    fig.suptitle(f"elastikv multi-model benchmark, {device}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def plan_from_options(
     *,
     model_paths: tuple[str, ...] = (),
@@ -548,6 +466,10 @@ def plan_from_options(
     short: bool = False,
     elastic_first: bool = False,
     seed: int = 0,
+    engine: str = "embedded",
+    modes: str | None = None,
+    workload: str = "long",
+    vllm_args: tuple[str, ...] = (),
 ) -> BenchPlan:
     """The plan for the CLI's options: the GPU defaults (three 8B models, 16 GiB of KV) where there is a GPU,
     the CPU preset (tiny models on host memory) elsewhere; ``--short`` trims the GPU sweep to one command."""
@@ -581,6 +503,11 @@ def plan_from_options(
     fields.update({k: v for k, v in given.items() if v is not None})
     fields["seed"] = seed
     fields["elastic_first"] = elastic_first
+    fields["engine"] = engine
+    if modes is not None:
+        fields["modes"] = tuple(m.strip() for m in modes.split(",") if m.strip())
+    fields["workload"] = workload
+    fields["vllm_args"] = tuple(vllm_args)
     return BenchPlan(**fields)
 
 

@@ -87,10 +87,12 @@ async def replay_through_router(
     console: Console,
     label: str,
     between: Callable[[int], None] | None = None,
+    after_start: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> tuple[list[Replayed], dict[str, dict[str, Any]]]:
     """Start the router and its engines, replay each trace in turn, stop everything. Returns each trace's
     :class:`Replayed` and every model's final status (wakes, sleeps, restarts). ``between(i)`` runs before trace
-    ``i`` is sent (e.g. to print what comes)."""
+    ``i`` is sent (e.g. to print what comes); ``after_start()`` is entered once every engine is up and left before
+    they stop (e.g. a device ballast, or limits set in the engines)."""
     from elastikv import ports
     from elastikv.router.router import Router
     from elastikv.router.run import serve
@@ -110,10 +112,12 @@ async def replay_through_router(
             if serving.done():
                 serving.result()  # an engine did not start: EngineStartFailed with its log's end
                 raise Interrupted(f"{label}: stopped while starting the engines")
-        for i, trace in enumerate(traces):
-            if between is not None:
-                between(i)
-            out.append(await _until_stopped(_replay_one(router, config, list(trace), held, console, label), serving))
+        with after_start() if after_start is not None else contextlib.nullcontext():
+            for i, trace in enumerate(traces):
+                if between is not None:
+                    between(i)
+                replaying = _replay_one(router, config, list(trace), held, console, label)
+                out.append(await _until_stopped(replaying, serving))
     finally:
         states = {name: m.status() for name, m in router.models.items()}
         stop.set()

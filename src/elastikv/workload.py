@@ -51,6 +51,27 @@ class Outcome:
         return (self.latency - self.ttft) / (self.tokens - 1)
 
 
+Lengths = Callable[[random.Random], tuple[int, int]]  # a request's (prompt, output) tokens, drawn from a seed
+
+# ShareGPT conversations as the vLLM paper measured them (Kwon et al., SOSP 2023, section 6.1): 161 input and
+# 338 output tokens on average, both spread over orders of magnitude. Drawn here from log-normals with those means.
+CHAT_MEAN_PROMPT, CHAT_MEAN_OUTPUT, CHAT_SIGMA = 161.0, 338.0, 1.0
+
+
+def chat_lengths(max_prompt: int = 2048, max_output: int = 1024) -> Lengths:
+    """Chat-like request lengths (short prompts, answers of a few hundred tokens): ShareGPT's means as published
+    by the vLLM paper, log-normal, clipped to ``[4, max]``. Memory rarely binds with these; compute does."""
+    mu_p = math.log(CHAT_MEAN_PROMPT) - CHAT_SIGMA**2 / 2
+    mu_o = math.log(CHAT_MEAN_OUTPUT) - CHAT_SIGMA**2 / 2
+
+    def draw(rng: random.Random) -> tuple[int, int]:
+        p = int(rng.lognormvariate(mu_p, CHAT_SIGMA))
+        o = int(rng.lognormvariate(mu_o, CHAT_SIGMA))
+        return min(max(4, p), max_prompt), min(max(4, o), max_output)
+
+    return draw
+
+
 def intermittent(
     models: Sequence[str],
     *,
@@ -61,10 +82,12 @@ def intermittent(
     prompt_tokens: int,
     output_tokens: int,
     seed: int = 0,
+    lengths: Lengths | None = None,
 ) -> list[Arrival]:
     """A Poisson trace whose rate for model ``i`` is ``base_rate`` plus a raised-cosine peak of ``peak_rate``
     requests/s, ``peak_width`` seconds wide at its base, centred at ``(i + 0.5) / len(models)`` of ``duration``:
-    the models peak one after the other and are nearly idle in between."""
+    the models peak one after the other and are nearly idle in between. Every request is ``prompt_tokens`` +
+    ``output_tokens`` long, or as ``lengths`` draws it (e.g. :func:`chat_lengths`)."""
     if duration <= 0 or peak_width <= 0 or base_rate < 0 or peak_rate < 0:
         raise ConfigError("duration and peak width must be positive, rates not negative")
     rng = random.Random(seed)
@@ -83,7 +106,8 @@ def intermittent(
             if t >= duration:
                 break
             if rng.random() * top < rate(t):
-                out.append(Arrival(round(t, 4), model, prompt_tokens, output_tokens))
+                p, o = lengths(rng) if lengths is not None else (prompt_tokens, output_tokens)
+                out.append(Arrival(round(t, 4), model, p, o))
     return sorted(out, key=lambda a: a.at)
 
 

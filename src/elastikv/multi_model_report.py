@@ -1,0 +1,210 @@
+"""The multi-model benchmark's report, rendered: a terminal table, a Markdown summary and a PNG (TTFT against
+rate per mode; KV memory per model over time). Reads only the JSON-ready report ``multi_model.py`` makes, so a
+merged or old report renders the same way (reports from before the vLLM modes have no ``plan.modes``: static and
+elastic)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from elastikv.config import format_bytes
+
+GiB = 1024**3
+COLORS = {"static": "tab:red", "elastic": "tab:blue", "kvcached": "tab:green", "elastic-v2": "tab:purple"}
+
+
+def modes_of(report: dict[str, Any]) -> list[str]:
+    return list(report["plan"].get("modes", ("static", "elastic")))
+
+
+def _ratio_keys(run: dict[str, Any]) -> list[tuple[str, tuple[str, str]]]:
+    """The run's ``<mode>_over_<baseline>`` entries, as (key, (mode, baseline)), static baselines first."""
+    keys = [k for k in run if k.endswith(("_over_static", "_over_kvcached"))]
+    return [
+        (k, (k.split("_over_")[0], k.split("_over_")[1]))
+        for k in sorted(keys, key=lambda k: (k.endswith("kvcached"), k))
+    ]
+
+
+def _best_peak(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run where static's p99 TTFT is the most times elastic's."""
+    return max(
+        runs, key=lambda r: _ratio(r["modes"]["static"]["all"]["ttft_p99"], r["modes"]["elastic"]["all"]["ttft_p99"])
+    )
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
+
+
+def _print(console: Console, report: dict[str, Any]) -> None:
+    table = Table(title=f"multi-model benchmark on {report['device']}: TTFT and TPOT (ms), per rate and mode",
+                  title_justify="left")  # fmt: skip
+    for col in ("rate", "mode", "done", "TTFT mean", "p50", "p99", "TPOT mean", "out tok/s", "prompt tok/s", "KV peak"):
+        table.add_column(col, justify="left" if col in ("mode",) else "right")
+    for run in report["runs"]:
+        for mode in modes_of(report):
+            m = run["modes"][mode]
+            s = m["all"]
+            table.add_row(
+                f"{run['rate']:g}", mode, f"{s['completed']}/{s['requests']}",
+                *(_ms(s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean")),
+                f"{m['output_tokens_per_s']:.0f}", f"{m['prompt_tokens_per_s']:.0f}", format_bytes(m["peak_kv_bytes"]),
+                end_section=mode == modes_of(report)[-1],
+            )  # fmt: skip
+    console.print(table)
+    for run in report["runs"]:
+        for key, (mode, base) in _ratio_keys(run):
+            r = run[key]
+            console.print(f"rate {run['rate']:g}: {mode} / {base} TTFT mean {r['ttft_mean']:.2f}, p50 "
+                          f"{r['ttft_p50']:.2f}, p99 {r['ttft_p99']:.2f}; TPOT {r['tpot_mean']:.2f}")  # fmt: skip
+    if "peak_p99_ttft_kvcached_over_elastic" in report:
+        console.print(f"at {report['best_peak_rate']:g} req/s kvcached's p99 TTFT is "
+                      f"[bold]{report['peak_p99_ttft_kvcached_over_elastic']:.2f}x[/] elastic's")  # fmt: skip
+    console.print(
+        f"static queues from {report['static_queues_from_rate']} req/s ({report['queueing_rule']}); at "
+        f"{report['best_peak_rate']:g} req/s static p99 TTFT is "
+        f"[bold]{report['peak_p99_ttft_static_over_elastic']:.1f}x[/] elastic's; at the lightest, elastic mean TTFT "
+        f"is [bold]{report['light_mean_ttft_elastic_over_static']:.3f}x[/] static's ({_light_text(report['light'])})"
+    )
+
+
+def _light_text(light: dict[str, Any]) -> str:
+    ci = light["ci95"]
+    interval = f", 95% interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+    runs = ", ".join(f"{r:.3f}" for r in light["per_run"])
+    return f"{light['requests']} requests in {light['runs']} run(s){interval}; per run {runs}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as a Markdown summary (what the results directory keeps beside the JSON)."""
+    p = report["plan"]
+    lines = [
+        f"# multi-model benchmark: {len(p['models'])} models on {report['device']}",
+        "",
+        f"{report['date']}, commit {report['commit']}: `{report['command']}`",
+        "",
+        f"KV budget {format_bytes(p['kv_budget'])} ({report['static_share_tokens']} tokens per model when split), "
+        f"requests of {p['prompt_tokens']} prompt + {p['output_tokens']} output tokens, {p['duration']:g} s of trace "
+        f"per rate (peaks {p['peak_width']:g} s wide, base rate {p['base_rate']:g}/s), attention "
+        f"{report.get('attention', 'sdpa')} in both modes. Why: {report['why']}.",
+        "",
+        "| peak rate (req/s) | mode | completed | TTFT mean (ms) | p50 | p99 | TPOT mean (ms) | output tok/s | "
+        "prompt tok/s | KV peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        for mode in modes_of(report):
+            m = run["modes"][mode]
+            s = m["all"]
+            times = " | ".join(_ms(s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean"))
+            lines.append(
+                f"| {run['rate']:g} | {mode} | {s['completed']}/{s['requests']} | {times} | "
+                f"{m['output_tokens_per_s']:.0f} | {m['prompt_tokens_per_s']:.0f} | "
+                f"{format_bytes(m['peak_kv_bytes'])} |"
+            )
+    lines += ["", "| peak rate | ratio | TTFT mean | p50 | p99 | TPOT mean |", "|---|---|---|---|---|---|"]
+    for run in report["runs"]:
+        for key, (mode, base) in _ratio_keys(run):
+            r = run[key]
+            lines.append(f"| {run['rate']:g} | {mode} / {base} | {r['ttft_mean']:.3f} | {r['ttft_p50']:.3f} | "
+                         f"{r['ttft_p99']:.3f} | {r['tpot_mean']:.3f} |")  # fmt: skip
+    lines += [
+        "",
+        f"- static queues from: {report['static_queues_from_rate']} req/s ({report['queueing_rule']})",
+        f"- best peak rate ({report['best_peak_rate']:g} req/s): static p99 TTFT / elastic p99 TTFT = "
+        f"**{report['peak_p99_ttft_static_over_elastic']:.2f}** (target >= 5)",
+        f"- lightest rate: elastic mean TTFT / static = **{report['light_mean_ttft_elastic_over_static']:.3f}** "
+        f"(target <= 1.05; {_light_text(report['light'])})",
+        *(
+            [
+                f"- best peak rate: kvcached p99 TTFT / elastic p99 TTFT = "
+                f"**{report['peak_p99_ttft_kvcached_over_elastic']:.2f}** (aim >= 1.5)"
+            ]
+            if "peak_p99_ttft_kvcached_over_elastic" in report
+            else []
+        ),
+        "",
+        "Per model:",
+        "",
+        "| peak rate | model | mode | completed | TTFT mean (ms) | p99 | KV peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        for name in p["models"]:
+            for mode in modes_of(report):
+                m = run["modes"][mode]
+                s = m["models"][name]
+                lines.append(f"| {run['rate']:g} | {name} | {mode} | {s['completed']}/{s['requests']} | "
+                             f"{_ms(s['ttft_mean'])} | {_ms(s['ttft_p99'])} | "
+                             f"{format_bytes(m['peak_kv_bytes_per_model'][name])} |")  # fmt: skip
+    driver = [(run["rate"], name, f) for run in report["runs"]
+              for name, f in run["modes"]["elastic"].get("engine_metrics", {}).items() if f]  # fmt: skip
+    if driver:
+        lines += ["", "Elastic engines' allocators in the driver (cumulative since the engine started, seconds):", "",
+                  "| after rate | model | caller map | background map | unmap | pages mapped (by caller) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for rate, name, f in driver:
+            g = {k.removeprefix("kv_"): v for k, v in f.items()}
+            maps, by_caller = g.get("pages_mapped_total", 0), g.get("pages_mapped_by_caller", 0)
+            lines.append(f"| {rate:g} | {name} | {g.get('caller_map_seconds', 0):.3f} | "
+                         f"{g.get('background_map_seconds', 0):.3f} | {g.get('unmap_seconds', 0):.3f} | "
+                         f"{maps:.0f} ({by_caller:.0f}) |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, report: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plan, device, runs = report["plan"], report["device"], report["runs"]
+    models, budget = plan["models"], plan["kv_budget"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
+    rates = sorted({r["rate"] for r in runs})  # a rate run more than once: each run a point, the line their mean
+    for mode in modes_of(report):
+        color = COLORS.get(mode, "tab:gray")
+        for key, style in (("ttft_p99", "-o"), ("ttft_mean", "--s")):
+            values = [[r["modes"][mode]["all"][key] for r in runs if r["rate"] == rate] for rate in rates]
+            top.plot(rates, [sum(v) / len(v) for v in values], style, color=color,
+                     label=f"{mode} {key.replace('ttft_', 'TTFT ')}")  # fmt: skip
+            top.plot([r["rate"] for r in runs], [r["modes"][mode]["all"][key] for r in runs], style[-1], color=color,
+                     alpha=0.4)  # fmt: skip
+    top.set_xscale("log")
+    top.set_yscale("log")
+    top.set_xlabel("peak request rate per model (requests/s)")
+    top.set_ylabel("time to first token (s)")
+    top.legend(fontsize=8)
+    top.set_title("TTFT against load: static split vs elastic sharing", loc="left")
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    shown = _best_peak(runs)
+    samples = shown["modes"]["elastic"]["memory"]
+    t = [s[0] for s in samples]
+    stacks = [[s[1].get(name, 0) / GiB for s in samples] for name in models]
+    bottom.stackplot(t, stacks, labels=models, colors=colors[: len(models)], alpha=0.8, step="post")
+    share = budget / len(models) / GiB
+    for k in range(1, len(models) + 1):
+        bottom.axhline(share * k, color="black", linestyle=":", linewidth=0.8)
+    bottom.axhline(budget / GiB, color="black", linestyle="--", linewidth=1, label="budget (static: split)")
+    for i, name in enumerate(models):
+        at = shown["arrivals"][name]
+        bottom.plot(at, [-0.02 * budget / GiB * (i + 1)] * len(at), "|", color=colors[i % len(colors)], markersize=6)
+    bottom.set_xlabel("seconds (ticks below: request arrivals per model)")
+    bottom.set_ylabel("KV memory mapped (GiB)")
+    bottom.legend(loc="upper right", fontsize=8, ncols=len(models) + 1)
+    bottom.set_title(f"elastic, peak rate {shown['rate']:g} req/s: KV memory per model (dotted: the static split)",
+                     loc="left")  # fmt: skip
+    fig.suptitle(f"elastikv multi-model benchmark, {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
