@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,26 @@ def test_the_report_names_kvcached_beside_static_when_it_ran(tmp_path: Path) -> 
         ("kvcached", "static"), ("elastic", "static"), ("elastic-v2", "static"), ("elastic", "kvcached"),
         ("elastic-v2", "kvcached")]  # fmt: skip
     assert _comparisons(("static", "elastic")) == [("elastic", "static")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("EKV_LONG_TESTS") != "1",
+    reason="~3 minutes of vLLM start-ups on a CPU, "
+    "more than CI's budget allows: set EKV_LONG_TESTS=1 (the GPU runs it: scripts/gpu-check)",
+)
+def test_the_benchmark_serves_each_mode_with_vllm(tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "elastikv.cli", "bench", "multi-model", "--engine", "vllm", "--models", "2",
+           "--rates", "4", "--duration", "4", "--peak-width", "1.5", "--prompt-tokens", "128", "--output-tokens", "8",
+           "--vllm-arg=--enforce-eager", "--vllm-arg=--block-size=32", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(next(out.glob("multi-model-*.json")).read_text())
+    run = report["runs"][0]
+    assert report["plan"]["engine"] == "vllm" and list(run["modes"]) == ["static", "elastic"]
+    for mode in ("static", "elastic"):
+        assert run["modes"][mode]["all"]["completed"] == run["requests"], run["modes"][mode]["all"]
+    assert run["modes"]["elastic"]["peak_kv_bytes"] <= report["plan"]["kv_budget"]
+    assert "elastic_over_static" in run

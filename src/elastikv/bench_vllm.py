@@ -73,7 +73,7 @@ def router_config(
         if mode == "static":
             margs += ["--kv-cache-memory-bytes", str(share)]
             if on_cpu:  # vLLM's CPU build sizes its cache from this (whole GiB) instead
-                menv["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, share // 1024**3))
+                menv["VLLM_CPU_KVCACHE_SPACE"] = str(static_kv_bytes(share) // 1024**3)
         elif mode == "kvcached":
             menv.update(ENABLE_KVCACHED="true", KVCACHED_AUTOPATCH="1", KVCACHED_IPC_NAME=kvcached_ipc(name))
             if LIBSTDCXX.exists():
@@ -99,6 +99,11 @@ def router_config(
             )
         )
     return RouterConfig(host="127.0.0.1", port=free_port(), admin_token=None, models=tuple(specs), source=None)
+
+
+def static_kv_bytes(share: int) -> int:
+    """What a static server really holds for ``share``: the share on a GPU; on vLLM's CPU build, whole GiB."""
+    return share if not _on_cpu() else max(1, share // 1024**3) * 1024**3
 
 
 def _on_cpu() -> bool:

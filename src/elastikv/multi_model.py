@@ -260,7 +260,7 @@ def _mode(
                 yield info
 
         return cfg, held, after_start
-    held = held_kv("static" if mode == "static" else "elastic", plan.models, share)
+    held = held_kv("static" if mode == "static" else "elastic", plan.models, bench_vllm.static_kv_bytes(share))
     if mode == "static":
         return cfg, held, None
     return cfg, held, lambda: bench_vllm.ballast(plan.kv_budget)
