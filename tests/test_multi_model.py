@@ -221,3 +221,18 @@ def test_the_benchmark_serves_each_mode_with_vllm(tmp_path: Path) -> None:
         assert run["modes"][mode]["all"]["completed"] == run["requests"], run["modes"][mode]["all"]
     assert run["modes"]["elastic"]["peak_kv_bytes"] <= report["plan"]["kv_budget"]
     assert "elastic_over_static" in run
+
+
+def test_a_mode_that_fails_is_a_result_and_the_other_modes_still_run(tmp_path: Path) -> None:
+    """The elastic engines refuse to start (a read window of -5 tokens): the run goes on, static is measured, and
+    the report says elastic failed and why, every one of its requests counted as failed."""
+    from elastikv.multi_model import CPU, markdown, run_bench
+
+    plan = BenchPlan(**{**CPU, "models": ("model-a",), "rates": (4.0,), "duration": 3.0, "peak_width": 1.0,
+                        "elastic_read_tokens": -5})  # fmt: skip
+    report = run_bench(plan, png=tmp_path / "r.png", model_cache=tmp_path / "models")
+    run = report["runs"][0]
+    assert run["modes"]["static"]["all"]["completed"] == run["requests"] > 0
+    assert run["modes"]["elastic"]["all"]["completed"] == 0 and run["modes"]["elastic"]["all"]["failed"] > 0
+    assert list(report["failed_modes"]) == ["elastic"] and "max-kv-tokens" in report["failed_modes"]["elastic"]
+    assert "**elastic failed**" in markdown(report)

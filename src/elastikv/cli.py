@@ -287,8 +287,10 @@ def limit(name: str, size: str | None, reset: bool, device: str | None) -> None:
 @click.option("--limit", default=None, help="KV memory limit: 8GiB, 512MiB or 40% (default: ELASTIKV_LIMIT, else all).")
 @click.option("--device", default=None, help="cuda, cuda:1 or cpu (default: the GPU if there is one).")
 @click.option("--dtype", default="auto", show_default=True, help="auto, bfloat16, float16 or float32.")
-@click.option("--max-batch-tokens", default=512, show_default=True, help="Tokens per forward pass.")
-@click.option("--max-kv-tokens", default=16384, show_default=True, help="KV tokens one batch may read.")
+@click.option("--max-batch-tokens", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per forward pass.")  # fmt: skip
+@click.option("--max-kv-tokens", default=16384, show_default=True, type=click.IntRange(min=1),
+              help="KV tokens one batch may read.")  # fmt: skip
 @click.option(
     "--static-kv",
     default=None,

@@ -36,12 +36,12 @@ from rich.console import Console
 
 from elastikv.bench_vllm import VLLM_MODES
 from elastikv.config import ATTENTIONS, format_bytes
-from elastikv.errors import ConfigError
+from elastikv.errors import ConfigError, EngineDied, EngineStartFailed
 from elastikv.models import SIZES, kv_bytes_per_token
 from elastikv.multi_model_report import _best_peak, _plot, _print, _ratio, markdown
 from elastikv.routed import Replayed, embedded_config, held_kv, replay_through_router
 from elastikv.router.config import RouterConfig
-from elastikv.workload import Arrival, chat_lengths, intermittent, load_trace, peak_rate, save_trace, summary
+from elastikv.workload import Arrival, Outcome, chat_lengths, intermittent, load_trace, peak_rate, save_trace, summary
 
 MODES = ("static", "elastic")
 ENGINES = ("embedded", "vllm")
@@ -162,8 +162,14 @@ def run_bench(
         f"{plan.prompt_tokens}+{plan.output_tokens} tokens); rates {', '.join(map(str, rates))} req/s at a peak; "
         f"work files in {work}"
     )
+    if plan.engine == "vllm":  # what a mode needs installed: refused now, before any engine starts
+        from elastikv.bench_vllm import check_vllm
+
+        for mode in plan.modes:
+            check_vllm(mode)
     results: dict[str, list[Replayed]] = {}
     states: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     for mode in plan.modes[::-1] if plan.elastic_first else plan.modes:
         t0 = time.monotonic()
 
@@ -171,20 +177,30 @@ def run_bench(
             console.print(f"{mode}: rate {rates[i]} req/s at the peak, {len(traces[i])} requests")
 
         cfg, held, after_start = _mode(mode, plan, paths, work, traces, third_tokens, per_token)
-        results[mode], states[mode] = asyncio.run(
-            replay_through_router(
-                cfg,
-                traces,
-                log_dir=work / f"logs-{mode}",
-                held=held,
-                console=console,
-                label=mode,
-                between=between,
-                after_start=after_start,
+        try:
+            results[mode], states[mode] = asyncio.run(
+                replay_through_router(
+                    cfg,
+                    traces,
+                    log_dir=work / f"logs-{mode}",
+                    held=held,
+                    console=console,
+                    label=mode,
+                    between=between,
+                    after_start=after_start,
+                )
             )
-        )
+        except (EngineStartFailed, EngineDied, OSError, TimeoutError, ConfigError) as exc:
+            # A mode that fails is a result, not the end of the run: every request of it counts as failed, with why.
+            reason = f"{type(exc).__name__}: {exc}"
+            console.print(f"[red]{mode} failed[/]: {reason[-2000:]}")
+            failed[mode] = reason[-4000:]
+            results[mode] = [Replayed(outcomes=[Outcome(a, error=f"{mode} failed: {reason[:300]}") for a in t])
+                             for t in traces]  # fmt: skip
+            states[mode] = {}
         console.print(f"{mode}: done in {time.monotonic() - t0:.0f} s")
     report = _report(plan, device, rates, traces, results, states, third_tokens, per_token)
+    report["failed_modes"] = failed
     _print(console, report)
     _plot(png, report)
     report["png"] = str(png)
@@ -241,7 +257,6 @@ def _mode(
         return _router_config(mode, plan, paths, work, third_tokens, per_token), held_kv(mode, plan.models, share), None
     from elastikv import bench_vllm
 
-    bench_vllm.check_vllm(mode)
     env = {"ELASTIKV_LEDGER_DIR": str(work / "ledger"), "VLLM_LOGGING_LEVEL": "WARNING"}
     if plan.reserve is not None:
         env["ELASTIKV_RESERVE"] = str(plan.reserve)

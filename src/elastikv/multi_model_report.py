@@ -67,6 +67,8 @@ def _print(console: Console, report: dict[str, Any]) -> None:
             r = run[key]
             console.print(f"rate {run['rate']:g}: {mode} / {base} TTFT mean {r['ttft_mean']:.2f}, p50 "
                           f"{r['ttft_p50']:.2f}, p99 {r['ttft_p99']:.2f}; TPOT {r['tpot_mean']:.2f}")  # fmt: skip
+    for mode, why in report.get("failed_modes", {}).items():
+        console.print(f"[red]{mode} failed[/] (its requests count as failed): {why[-600:]}")
     if "peak_p99_ttft_kvcached_over_elastic" in report:
         console.print(f"at {report['best_peak_rate']:g} req/s kvcached's p99 TTFT is "
                       f"[bold]{report['peak_p99_ttft_kvcached_over_elastic']:.2f}x[/] elastic's")  # fmt: skip
@@ -133,6 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
             if "peak_p99_ttft_kvcached_over_elastic" in report
             else []
         ),
+        *(f"- **{mode} failed**: {why[-600:]}" for mode, why in report.get("failed_modes", {}).items()),
         "",
         "Per model:",
         "",
@@ -174,6 +177,8 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     rates = sorted({r["rate"] for r in runs})  # a rate run more than once: each run a point, the line their mean
     for mode in modes_of(report):
         color = COLORS.get(mode, "tab:gray")
+        if all(math.isnan(r["modes"][mode]["all"]["ttft_mean"]) for r in runs):
+            continue  # a mode that failed, or answered nothing: nothing to draw (the tables say why)
         for key, style in (("ttft_p99", "-o"), ("ttft_mean", "--s")):
             values = [[r["modes"][mode]["all"][key] for r in runs if r["rate"] == rate] for rate in rates]
             top.plot(rates, [sum(v) / len(v) for v in values], style, color=color,
