@@ -166,13 +166,6 @@ def ballast(budget: int) -> Iterator[dict[str, Any]]:
         torch.cuda.empty_cache()
 
 
-def device_free() -> int | None:
-    """The device's free memory now (None on a CPU): sampled beside the KV figures."""
-    import torch
-
-    return int(torch.cuda.mem_get_info()[0]) if torch.cuda.is_available() else None
-
-
 def check_vllm(mode: str) -> None:
     """Fail before starting anything when the mode's software is missing, naming the fix."""
     try:
