@@ -367,3 +367,52 @@ def test_eviction_order_puts_page_emptying_blocks_first(backend: MemoryBackend) 
     finally:
         alloc.close()
         space.close()
+
+
+def test_a_ledger_that_fails_refuses_growth_and_nothing_wedges(backend: MemoryBackend, tmp_path: object) -> None:
+    """Issue 20, item 1: the ledger's rows vanish under a running instance (reaped from another pid namespace,
+    deleted by hand). Growth is refused with a typed refusal, state unchanged; a second allocate in another thread
+    returns; trim still gives memory back; close is prompt and every page is unmapped."""
+    import sqlite3
+    from pathlib import Path
+
+    from elastikv.config import parse_size
+    from elastikv.errors import BudgetUnavailable
+    from elastikv.ledger import Ledger
+
+    ledger = Ledger("host:test-device", device_label="test", total_bytes=1024 * 1024**2,
+                    directory=Path(str(tmp_path)) / "ledger", budget=parse_size("512MiB"))  # fmt: skip
+    space = KVSpace(backend, SMALL, num_blocks=8 * BPP)
+    budget = ledger.register("victim", engine="test", limit=256 * 1024**2, capacity=space.num_pages * space.page_bytes,
+                             unit=space.page_bytes)  # fmt: skip
+    alloc = BlockAllocator(space, budget=budget, reserve_bytes=0, background=False, trim_delay=0.0)
+    held = alloc.allocate(1)
+    before = alloc.stats()
+    with sqlite3.connect(ledger.path) as db:
+        db.execute("DELETE FROM instances")
+    with pytest.raises(BudgetUnavailable, match="booking"):
+        alloc.allocate(2 * BPP)  # needs a second page: the ledger has no row to book it in
+    after = alloc.stats()
+    assert (after.pages_mapped, after.blocks_in_use, after.mapped_bytes) == (
+        before.pages_mapped, before.blocks_in_use, before.mapped_bytes)  # fmt: skip
+    answers: list[object] = []
+
+    def again() -> None:
+        try:
+            answers.append(alloc.allocate(2 * BPP))
+        except Exception as exc:
+            answers.append(exc)
+
+    t = threading.Thread(target=again)
+    t.start()
+    t.join(timeout=10)
+    assert not t.is_alive() and isinstance(answers[0], BudgetUnavailable), answers
+    alloc.free(held)
+    alloc.maintain(now=0.0)  # the sync fails (no row), refill and trim still run: the empty page goes
+    assert alloc.stats().pages_mapped == 0
+    t0 = time.monotonic()
+    alloc.close()
+    assert time.monotonic() - t0 < 5 and space.mapped_pages == 0
+    alloc.free(held)  # item 5: a late free after close is a no-op, not a TypeError
+    space.close()
+    ledger.close()

@@ -39,6 +39,7 @@ from typing import Protocol
 from elastikv.config import format_bytes
 from elastikv.errors import (
     AllocationRefused,
+    BudgetUnavailable,
     ConfigError,
     ElastikvError,
     InvalidBlockError,
@@ -225,6 +226,7 @@ class BlockAllocator:
         self._waiters = 0  # threads in _wait(): notify only when someone listens
         self._idle = False  # set by idle(): no reserve kept until the next allocate
         self._closed = False
+        self._last_sync_error = -math.inf
 
         self._pin_null_blocks()
         self._tick = tick
@@ -299,9 +301,12 @@ class BlockAllocator:
         return out
 
     def free(self, blocks: Iterable[int]) -> None:
-        """Give blocks back. All are checked before any is freed: a bad id raises and frees nothing."""
+        """Give blocks back. All are checked before any is freed: a bad id raises and frees nothing. After
+        :meth:`close`, nothing to do."""
         ids = blocks if isinstance(blocks, list) else list(blocks)
         with self._lock:
+            if self._closed:  # close() took every page back already: an engine's late free is a no-op
+                return
             allocated = self._allocated
             null = self._null
             try:
@@ -437,6 +442,8 @@ class BlockAllocator:
             self._budget.book(nbytes)
         except LimitExceeded as exc:
             error = exc
+        except Exception as exc:  # the ledger failed (busy, row gone, I/O): a refusal, state unchanged
+            error = BudgetUnavailable(f"booking {format_bytes(nbytes)} failed: {type(exc).__name__}: {exc}")
         else:
             for p in pages:
                 try:
@@ -452,7 +459,7 @@ class BlockAllocator:
                     except Exception:
                         log.exception("rolling back page %d failed; the page is quarantined", p)
                         lost.append(p)  # stays booked: never overcommit
-                self._budget.release(nbytes - len(lost) * self.page_bytes)
+                self._release(nbytes - len(lost) * self.page_bytes)
                 mapped = []
         bpp = self.blocks_per_page
         whole = error is None and take == len(pages) * bpp  # the request is exactly these fresh pages
@@ -550,9 +557,19 @@ class BlockAllocator:
         with self._lock:
             self._policy.observe(now, self._in_use_locked())
             self._target = 0 if self._idle else self._policy.target_blocks()
-        self._budget.sync(self.stats())  # a shared budget publishes our figures and reads live limits
+        try:
+            self._budget.sync(self.stats())  # a shared budget publishes our figures and reads live limits
+        except Exception as exc:  # the ledger failed: refill and trim still run (memory still goes back)
+            self._sync_failed(exc)
         self._refill()
         self._trim(now)
+
+    def _sync_failed(self, exc: Exception) -> None:
+        """Log a failed budget sync at most every 30 s (the maintainer retries every tick)."""
+        now = time.monotonic()
+        if now - self._last_sync_error >= 30.0:
+            self._last_sync_error = now
+            log.warning("elastikv: publishing to the ledger failed (%s: %s); retrying", type(exc).__name__, exc)
 
     def _refill(self) -> None:
         bpp = self.blocks_per_page
@@ -632,7 +649,7 @@ class BlockAllocator:
                     # Memory state unknown: keep the page out of use and its bytes booked (never overcommit).
                     log.exception("unmapping page %d failed; the page is quarantined", p)
             if done:
-                self._budget.release(len(done) * self.page_bytes)
+                self._release(len(done) * self.page_bytes)
             with self._lock:
                 for p in pages[start : start + group]:
                     if p in done:
@@ -644,6 +661,16 @@ class BlockAllocator:
                 self._pages_unmapped_total += len(done)
                 self._seconds["unmap"] += time.perf_counter() - t0
                 self._notify()
+
+    def _release(self, nbytes: int) -> None:
+        """Hand ``nbytes`` of unmapped memory back to the budget. A ledger that fails here must not stop the
+        page's state from being restored: the bytes stay booked there (an overcount, never an overcommit) until
+        the next sync publishes what is really mapped."""
+        try:
+            self._budget.release(nbytes)
+        except Exception:
+            log.exception("elastikv: handing %s back to the budget failed; the ledger overcounts until its next sync",
+                          format_bytes(nbytes))  # fmt: skip
 
     # ===================================================================================== limits & facts
     def _clamp_limit(self, nbytes: int) -> int:

@@ -59,6 +59,13 @@ class LimitExceeded(AllocationRefused):
     reason = "limit"
 
 
+class BudgetUnavailable(AllocationRefused):
+    """The budget could not be consulted (the ledger failed: busy past its wait, its row gone, unreadable): the
+    allocation is refused and nothing changed. Growth resumes when the ledger answers again."""
+
+    reason = "budget_unavailable"
+
+
 class UnsupportedEngine(ElastikvError, RuntimeError):
     """An engine version or patch target that elastikv does not know; it refuses to run unpatched."""
 
