@@ -402,3 +402,36 @@ def test_status_and_limit_report_a_broken_ledger(tmp_path: Path) -> None:
     assert out.returncode == 4 and "unreadable" in out.stderr and "Traceback" not in out.stderr
     out = cli(tmp_path, "limit", "x", "1GiB")
     assert out.returncode == 4
+
+
+def test_a_busy_ledger_is_reported_as_busy_naming_the_holder_never_as_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20, item 2: another process holds the write lock past the wait (here frozen with SIGSTOP inside its
+    transaction). Booking fails as LedgerBusy naming that process, and says not to remove the ledger; an allocator
+    over it refuses (BudgetUnavailable) instead of failing; once the holder is gone everything works again."""
+    import elastikv.ledger as ledger_module
+    from elastikv.ledger import LedgerBusy
+
+    monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT", 0.5)
+    ledger = make_ledger(tmp_path)
+    budget = ledger.register("waiting", engine="test", limit=64 * MiB, capacity=64 * MiB)
+    code = (
+        "import sqlite3, sys, os, signal; db = sqlite3.connect(sys.argv[1], isolation_level=None);"
+        "db.execute('BEGIN IMMEDIATE'); print('locked', flush=True); os.kill(os.getpid(), signal.SIGSTOP)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(ledger.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        with pytest.raises(LedgerBusy) as caught:
+            budget.book(8 * MiB)
+        assert time.monotonic() - t0 < 5
+        message = str(caught.value)
+        assert str(holder.pid) in message and "do not remove it" in message and "rm " not in message, message
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    budget.book(8 * MiB)  # the holder is gone: its transaction rolled back, booking works again
+    assert [r.mapped_bytes for r in ledger.instances()] == [8 * MiB]
+    ledger.close()

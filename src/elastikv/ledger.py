@@ -54,6 +54,11 @@ class LedgerError(ElastikvError, RuntimeError):
     """The ledger cannot be used: foreign, corrupt, or its files have unsafe permissions."""
 
 
+class LedgerBusy(LedgerError):
+    """Another process held the ledger's lock for longer than the wait (``BUSY_TIMEOUT``): it is alive and mid
+    transaction, or frozen there (SIGSTOP, a debugger). The ledger is fine; never remove it for this."""
+
+
 class UnknownInstance(ElastikvError, LookupError):
     """No live instance has that name on any device."""
 
@@ -65,6 +70,30 @@ class NameTaken(ConfigError):
 def default_dir() -> Path:
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
     return base / f"elastikv-{os.getuid()}"
+
+
+BUSY_TIMEOUT = 10.0  # seconds a transaction waits for another process's lock before LedgerBusy
+
+
+def _is_busy(exc: Exception) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        word in str(exc).lower() for word in ("database is locked", "database is busy", "database table is locked")
+    )
+
+
+def _holders(path: Path) -> list[int]:
+    """Other processes with the ledger (or its WAL files) open, from /proc (those of this user)."""
+    names = {str(path), f"{path}-wal", f"{path}-shm"}
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) in names for fd in (entry / "fd").iterdir()):
+                out.append(int(entry.name))
+        except OSError:
+            continue
+    return sorted(out)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -252,8 +281,8 @@ class Ledger:
         else:
             raise LedgerError(f"no ledger at {self.path}")
         try:
-            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA busy_timeout = 10000")
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = OFF")  # tmpfs: there is no disk to be durable on
         except sqlite3.DatabaseError as exc:
@@ -261,6 +290,14 @@ class Ledger:
         return db
 
     def _corrupt(self, exc: Exception) -> LedgerError:
+        """The error for ``exc`` from SQLite: busy (another process holds the lock) or really unreadable."""
+        if _is_busy(exc):
+            holders = ", ".join(str(p) for p in _holders(self.path)) or "unknown"
+            return LedgerBusy(
+                f"the ledger {self.path} stayed locked for {BUSY_TIMEOUT:g} s: another elastikv process holds it "
+                f"(processes with it open: {holders}; a stopped one, state T in `ps`, holds it until resumed). "
+                "The ledger is not damaged: do not remove it while engines run; retry, or resume or end that process"
+            )
         return LedgerError(
             f"the ledger {self.path} is unreadable ({exc}); if no elastikv process is running, remove it "
             f"(rm {self.path}*) and it will be made afresh"
