@@ -8,6 +8,8 @@ file order and the last one stops it with SIGTERM and checks that nothing is lef
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -415,3 +417,72 @@ def test_an_engine_that_cannot_start_stops_the_router_with_its_log(tmp_path: Pat
     assert "serving" not in r.stderr and time.monotonic() - t0 < 120
     ok_log = (tmp_path / "logs" / "ok.log").read_text()
     assert "elastikv engine: loading" in ok_log  # it was started, and stopped with the router: nothing left
+
+
+def test_a_cancelled_wake_or_sleep_or_a_start_that_cannot_spawn_never_freezes_the_model(tmp_path: Path) -> None:
+    """Issue 20, item 3: a request cancelled while it wakes its model, a sleep cancelled while it drains, and a
+    start that raises OSError (the engine's program is gone) each leave a stable state: the next request is
+    answered (or refused with a reason) within a bound, never left waiting on a model stuck mid-transition."""
+    from elastikv.models import make_model
+    from elastikv.router.config import parse_config
+    from elastikv.router.router import Router
+    from elastikv.router.supervisor import State, Unavailable
+
+    make_model(tmp_path / "m", size="tiny")
+    text = (f"env: {{ELASTIKV_BACKEND: host, ELASTIKV_HOST_MEMORY: 512MiB, ELASTIKV_RESERVE: 8MiB, "
+            f"ELASTIKV_LEDGER_DIR: {tmp_path / 'l'}}}\n"
+            "models: [{name: m, model: ./m, idle: never, args: [--dtype, float32]},\n"
+            "         {name: s, model: ./m, idle: never, sleep_level: stop, args: [--dtype, float32]}]\n")  # fmt: skip
+    config = parse_config(text, fmt="yaml", source=tmp_path / "router.yaml")
+
+    async def until(predicate: Any, what: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.005)
+
+    async def scenario() -> dict[str, Any]:
+        router = Router(config, log_dir=tmp_path / "logs")
+        await router.start()
+        try:
+            m, s = router.models["m"], router.models["s"]
+            # 1. Cancelled while waking.
+            await m.sleep(1)
+            assert m.state is State.ASLEEP
+            waking = asyncio.create_task(m.acquire())
+            await until(lambda: m.state is State.WAKING, "the wake began")
+            waking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waking
+            assert m.state in (State.ASLEEP, State.AWAKE), m.state
+            await asyncio.wait_for(m.acquire(), timeout=60)  # the next request wakes it
+            m.release()
+            # 2. A sleep cancelled while it waits for a request in flight to finish.
+            await m.acquire()
+            sleeping = asyncio.create_task(m.sleep(1))
+            await until(lambda: m.state is State.DRAINING, "the drain began")
+            sleeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sleeping
+            assert m.state is State.AWAKE
+            m.release()
+            await asyncio.wait_for(m.acquire(), timeout=5)
+            m.release()
+            # 3. A stopped engine whose program cannot be spawned any more.
+            await s.sleep("stop")
+            assert s.state is State.STOPPED
+            s.launch = dataclasses.replace(s.launch, argv=[str(tmp_path / "no-such-program"), *s.launch.argv[1:]])
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(s.acquire(), timeout=30)
+                refused = ""
+            except Unavailable as exc:
+                refused = str(exc)
+            return {"m": m.state, "s": s.state, "refused": refused, "seconds": time.monotonic() - t0}
+        finally:
+            await router.stop()
+
+    out = asyncio.run(scenario())
+    assert out["m"] is State.AWAKE
+    assert "failed to start again" in out["refused"] and "no-such-program" in out["refused"], out
+    assert out["s"] is State.RESTARTING and out["seconds"] < 5, out

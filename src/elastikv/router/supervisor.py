@@ -173,14 +173,22 @@ class ManagedModel:
             await self._note(asleep=False)
 
     async def _start_for_wake(self) -> None:
-        """Start a stopped engine (``sleep_level: stop``); lock held. A start that fails is a crash."""
+        """Start a stopped engine (``sleep_level: stop``); lock held. A start that fails, however it fails
+        (exits, never healthy, cannot even be spawned), is a crash: restarted with backoff, requests refused
+        meanwhile. A cancelled start leaves it STOPPED for the next request."""
         try:
             await self._start_locked()
-        except EngineExited as exc:
-            log.error("%s", exc)
+        except asyncio.CancelledError:
+            if self.state is State.STARTING:
+                self.state = State.STOPPED
+            raise
+        except Exception as exc:
+            if not isinstance(exc, EngineExited):
+                self.last_exit = f"could not be started ({type(exc).__name__}: {exc})"
+            log.error("%s: %s", self.spec.name, exc)
             self._schedule_restart()
             raise Unavailable(
-                f"{self.spec.name}: the engine failed to start again; retrying (log: {self.log_path})"
+                f"{self.spec.name}: the engine failed to start again ({exc}); retrying (log: {self.log_path})"
             ) from exc
 
     # -- lifetime --------------------------------------------------------------------------------------------
@@ -306,8 +314,11 @@ class ManagedModel:
                 return
             try:
                 await self._start_locked()
-            except EngineExited as exc:
-                log.error("%s", exc)
+            except asyncio.CancelledError:
+                self.state = State.RESTARTING  # closing: close() takes it from here
+                raise
+            except Exception as exc:  # exited, never healthy, or not even spawned: try again later
+                log.error("%s: %s", self.spec.name, exc)
                 self.state = State.RESTARTING
             else:
                 self.counters.restarts += 1
@@ -402,11 +413,14 @@ class ManagedModel:
                 return {"model": self.spec.name, "state": self.state.value, "changed": False}  # used meanwhile
             self.state = State.DRAINING  # new requests now queue on the lock
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            while self.active:
-                if time.monotonic() > deadline:
-                    self.state = State.AWAKE
-                    raise Unavailable(f"{self.spec.name}: requests still in flight after {DRAIN_TIMEOUT_S:.0f} s")
-                await asyncio.sleep(0.02)
+            try:
+                while self.active:
+                    if time.monotonic() > deadline:
+                        raise Unavailable(f"{self.spec.name}: requests still in flight after {DRAIN_TIMEOUT_S:.0f} s")
+                    await asyncio.sleep(0.02)
+            except BaseException:  # timed out, or the sleep was cancelled: it never stopped being awake
+                self.state = State.AWAKE
+                raise
             self.state = State.SLEEPING
             t0 = time.monotonic()
             try:
@@ -448,6 +462,11 @@ class ManagedModel:
         t0 = time.monotonic()
         try:
             await self._call(*self.launch.wake)
+        except asyncio.CancelledError:
+            # The request that woke it went away: asleep as far as we know (waking an awake engine is harmless),
+            # so the next request wakes it again; never left WAKING.
+            self.state = State.ASLEEP if self._alive() else (State.RESTARTING if not self._closing else State.STOPPED)
+            raise
         except BaseException as exc:
             if not self._alive():
                 self.state = State.RESTARTING if not self._closing else State.STOPPED
