@@ -66,9 +66,8 @@ class Metrics:
             c = m.counters
             for key in self.counts:
                 self.counts[key].labels(name).set(getattr(c, key))
-            samples, c.wake_seconds = c.wake_seconds, []
-            for t in samples:
-                self.wake_seconds.labels(name).observe(t)
+            while c.wake_seconds:
+                self.wake_seconds.labels(name).observe(c.wake_seconds.popleft())
             self.kv_mapped.labels(name).set(mapped.get(name, 0))
         return generate_latest(self.registry).decode()
 

@@ -31,6 +31,7 @@ import os
 import secrets
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ class Counters:
     restarts: int = 0
     crashes: int = 0
     # From the request that found the model asleep to the engine answering again, since the metrics last read them
-    wake_seconds: list[float] = field(default_factory=list)
+    wake_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # until /metrics reads them
     start_seconds: float = 0.0
 
 

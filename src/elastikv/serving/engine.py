@@ -14,11 +14,13 @@ memory copies at full speed) and starts a new manager; KV pages are mapped again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,9 @@ class Stats:
     running: int = 0
     waiting: int = 0
     finished: int = 0
-    ttft: list[float] = field(default_factory=list)  # seconds to the first token, of requests since last read
+    # seconds to the first token, of requests since /metrics last read them; bounded, as nothing may ever read them
+    ttft: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    cancelled: int = 0  # requests whose client went away before they finished: stopped, their KV freed
 
 
 class Engine:
@@ -290,7 +294,7 @@ class Engine:
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    async def generate(self, prompt: list[int], max_tokens: int) -> AsyncIterator[tuple[list[int], bool, str | None]]:
+    async def generate(self, prompt: list[int], max_tokens: int) -> AsyncGenerator[tuple[list[int], bool, str | None]]:
         """Yields (all tokens so far, finished, error) as they come."""
         if self._asleep:
             raise Asleep(f"{self.name} is asleep (level {self._asleep}); POST /wake_up first")
@@ -307,6 +311,7 @@ class Engine:
             None, lambda: manager.add_request(prompt, request_id=rid, max_new_tokens=max_tokens, streaming=True)
         )
         first = True
+        done = False
         try:
             while True:
                 out = await queue.get()
@@ -325,6 +330,10 @@ class Engine:
                 if done:
                     break
         finally:
+            if not done:  # the caller stopped reading (client disconnected, task cancelled): stop generating
+                self.stats.cancelled += 1
+                with contextlib.suppress(Exception):
+                    manager.cancel_request(rid)  # thread-safe (a queue the batching thread reads): frees its KV
             self._queues.pop(rid, None)
             if first:
                 self.stats.waiting -= 1

@@ -122,7 +122,7 @@ def create_app(
 
             async def events() -> AsyncIterator[bytes]:
                 sent = ""
-                try:
+                try:  # (closed early when the client disconnects: the finally below stops the generation)
                     async for tokens, done, error in gen:
                         if error:
                             yield f"data: {json.dumps({'error': {'message': error}})}\n\n".encode()
@@ -132,6 +132,8 @@ def create_app(
                         yield f"data: {json.dumps(make_chunk(delta, done, tokens))}\n\n".encode()
                 except EngineDied as exc:
                     yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'engine_died'}})}\n\n".encode()
+                finally:
+                    await gen.aclose()  # at once, not when the garbage collector gets to it: the KV goes back now
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -245,9 +247,8 @@ def create_app(
         waiting.labels(engine.name).set(engine.stats.waiting)
         sleeping.labels(engine.name).set(engine.sleeping)
         wakes.labels(engine.name).set(engine.wakes)
-        samples, engine.stats.ttft = engine.stats.ttft, []
-        for t in samples:
-            ttft.labels(engine.name).observe(t)
+        while engine.stats.ttft:
+            ttft.labels(engine.name).observe(engine.stats.ttft.popleft())
         return PlainTextResponse(generate_latest(registry).decode(), media_type="text/plain; version=0.0.4")
 
     @app.exception_handler(HTTPException)
