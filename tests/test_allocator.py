@@ -416,3 +416,34 @@ def test_a_ledger_that_fails_refuses_growth_and_nothing_wedges(backend: MemoryBa
     alloc.free(held)  # item 5: a late free after close is a no-op, not a TypeError
     space.close()
     ledger.close()
+
+
+def test_an_undeclared_side_stream_is_waited_for_before_an_unmap(backend: MemoryBackend) -> None:
+    """Issue 20, item 7: a space that was told no streams fences the whole device, so a kernel an engine queued on
+    a stream of its own (transformers' async batching, a forward stream) has read the page before it is unmapped."""
+    if backend.name != "cuda":
+        pytest.skip("the host backend has no streams")
+    import torch
+
+    space, alloc = make(backend)
+    try:
+        held = alloc.allocate(2 * BPP)
+        block = held[-1]  # page 1
+        alloc.free(held[:-1])
+        view = space.buffer(0)[block]
+        view.fill_(9)
+        out = torch.zeros_like(view)
+        side = torch.cuda.Stream(device=view.device)  # created after the space: nothing told it about this one
+        torch.cuda.synchronize(view.device)
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s before the read
+            out.copy_(view)
+        alloc.free([block])
+        alloc.maintain(now=0.0)
+        alloc.maintain(now=60.0)  # trim: fence (the whole device), then unmap
+        assert not space.is_mapped(space.page_of(block))
+        assert side.query(), "the unmap returned before the side stream's kernel ran"
+        assert int(out.min()) == 9 == int(out.max())
+    finally:
+        alloc.close()
+        space.close()

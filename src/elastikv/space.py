@@ -160,7 +160,8 @@ class KVSpace:
     raises the default, rounded up to whole blocks and granules (``ELASTIKV_CHUNK``). The first ``null_blocks``
     blocks form an always-mapped region the allocator never hands out (engines that pad block tables with a
     null block point them there). ``streams`` are the raw CUDA stream handles whose work must finish before
-    a page is unmapped (default: the legacy default stream plus PyTorch's current stream).
+    a page is unmapped, for an engine that knows them all; by default every stream of the device (the fence
+    synchronizes the device), which needs no knowledge of the engine.
 
     ``scratch_backed=True`` backs every page that has no memory of its own with one shared scratch chunk
     (mapped at every such slot), so that a stray access to a block that is not allocated (an engine reading
@@ -245,13 +246,9 @@ class KVSpace:
                 backend.free_reservation(self._va, self._va_bytes)
                 raise
 
-        if streams is None:
-            streams = [0]
-            if backend.name == "cuda" and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-                current = torch.cuda.current_stream().cuda_stream
-                if current:
-                    streams.append(current)
-        self.streams: tuple[int, ...] = tuple(streams)
+        # Undeclared streams: every stream of the device (an engine may compute on streams of its own, e.g.
+        # transformers' async batching or vLLM's forward stream, that no event on a known stream would order).
+        self.streams: tuple[int, ...] = tuple(streams or ())
 
         self._raw = backend.tensor(self._va, self._va_bytes)
         self._views = self._make_views()
@@ -397,7 +394,7 @@ class KVSpace:
             raise first
 
     def fence(self) -> Fence:
-        """A fence after all work queued so far on the space's streams."""
+        """A fence after all work queued so far on the space's streams (default: the whole device)."""
         return self.backend.record_fence(self.streams)
 
     def _check_page(self, page: int) -> None:

@@ -33,8 +33,8 @@ class Fence(Protocol):
 
 
 class DoneFence:
-    """A fence that has always passed: for work that is synchronous (host memory), or that the other side waits
-    for itself (a worker process drains its device before it unmaps)."""
+    """A fence that has always passed: for work that is synchronous (host memory), or that the other side has
+    already waited for (``PeerPages.fence``: every worker drained its device before it returns)."""
 
     def done(self) -> bool:
         return True
@@ -80,7 +80,9 @@ class MemoryBackend(Protocol):
         ...
 
     def record_fence(self, streams: Sequence[int] = ()) -> Fence:
-        """A fence after all work queued so far on ``streams`` (raw stream handles; empty: the default)."""
+        """A fence after all work queued so far on ``streams`` (raw stream handles). Empty: every stream of the
+        device, whoever made it (waiting synchronizes the device): what an engine that has not declared its
+        streams gets, so that a kernel on a stream elastikv was never told about is waited for too."""
         ...
 
     def tensor(self, va: int, nbytes: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ background thread included).
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -72,6 +72,25 @@ class CudaFence:
         for event in self._events:
             _check("cuEventSynchronize", cu.cuEventSynchronize(event))
         self.done()
+
+
+class DeviceFence:
+    """Every stream of the device: waiting synchronizes the whole context (``cuCtxSynchronize``), which covers
+    all work queued before the wait on any stream, hence all work queued before the fence was taken."""
+
+    def __init__(self, ensure_context: Callable[[], None]) -> None:
+        self._ensure_context = ensure_context
+        self._passed = False
+
+    def done(self) -> bool:
+        self.wait()  # no way to ask without waiting; callers wait right after taking it anyway
+        return True
+
+    def wait(self) -> None:
+        if not self._passed:
+            self._ensure_context()  # the maintainer's thread: make the context current there
+            _check("cuCtxSynchronize", cu.cuCtxSynchronize())
+            self._passed = True
 
 
 class CudaChunk:
@@ -187,9 +206,9 @@ class CudaBackend:
         free, total = _check("cuMemGetInfo", cu.cuMemGetInfo())
         return int(free), int(total)
 
-    def record_fence(self, streams: Sequence[int] = ()) -> CudaFence:
+    def record_fence(self, streams: Sequence[int] = ()) -> CudaFence | DeviceFence:
         self._ensure_context()
-        return CudaFence(streams or (0,))
+        return CudaFence(streams) if streams else DeviceFence(self._ensure_context)
 
     def tensor(self, va: int, nbytes: int) -> torch.Tensor:
         self._ensure_context()
