@@ -486,3 +486,62 @@ def test_a_cancelled_wake_or_sleep_or_a_start_that_cannot_spawn_never_freezes_th
     assert out["m"] is State.AWAKE
     assert "failed to start again" in out["refused"] and "no-such-program" in out["refused"], out
     assert out["s"] is State.RESTARTING and out["seconds"] < 5, out
+
+
+def test_an_engine_killed_while_it_goes_to_sleep_or_sleeps_is_restarted(tmp_path: Path) -> None:
+    """Issue 20, item 10: SIGKILL of the engine while the router puts it to sleep, and again while it sleeps. The
+    model never stays down: the sleep says what happened (a 503 with the reason, not a bare 500), the router
+    restarts the engine, and the next request is answered."""
+    from elastikv.models import make_model
+    from elastikv.router.config import parse_config
+    from elastikv.router.router import Router
+    from elastikv.router.supervisor import State, Unavailable
+
+    make_model(tmp_path / "m", size="tiny")
+    text = (f"env: {{ELASTIKV_BACKEND: host, ELASTIKV_HOST_MEMORY: 512MiB, ELASTIKV_RESERVE: 8MiB, "
+            f"ELASTIKV_LEDGER_DIR: {tmp_path / 'l'}}}\n"
+            "models: [{name: m, model: ./m, idle: never, args: [--dtype, float32]}]\n")  # fmt: skip
+    config = parse_config(text, fmt="yaml", source=tmp_path / "router.yaml")
+
+    async def answered(m: Any) -> float:
+        t0 = time.monotonic()
+        while True:
+            try:
+                await asyncio.wait_for(m.acquire(), timeout=60)
+                m.release()
+                return time.monotonic() - t0
+            except Unavailable:  # restarting: refused with the reason, at once
+                assert time.monotonic() - t0 < 60, m.status()
+                await asyncio.sleep(0.2)
+
+    async def scenario() -> list[str]:
+        router = Router(config, log_dir=tmp_path / "logs")
+        await router.start()
+        said = []
+        try:
+            m = router.models["m"]
+            # While going to sleep: kill it the moment the sleep call is under way.
+            sleeping = asyncio.create_task(m.sleep(1))
+            deadline = time.monotonic() + 30
+            while m.state is not State.SLEEPING and not sleeping.done():
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.001)
+            os.killpg(m.pid, signal.SIGKILL)
+            try:
+                await sleeping
+                said.append("slept first")
+            except Unavailable as exc:
+                said.append(str(exc))
+            await answered(m)
+            # While asleep.
+            await m.sleep(1)
+            assert m.state is State.ASLEEP
+            os.killpg(m.pid, signal.SIGKILL)
+            await answered(m)
+            assert m.state is State.AWAKE and m.counters.crashes >= 1
+        finally:
+            await router.stop()
+        return said
+
+    said = asyncio.run(scenario())
+    assert said[0] == "slept first" or ("while going to sleep" in said[0] and "SIGKILL" in said[0]), said

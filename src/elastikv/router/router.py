@@ -127,6 +127,8 @@ class Router:
                     for row in ledger.instances():
                         mapped[row.name] = mapped.get(row.name, 0) + row.mapped_bytes
                         self._ledger_of[row.name] = path
+                except LedgerError as exc:  # busy (a process frozen mid-transaction) or unreadable: figures only
+                    log.warning("reading the ledger %s failed (%s); its figures are left out", path, exc)
                 finally:
                     ledger.close()
         return mapped

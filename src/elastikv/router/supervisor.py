@@ -434,9 +434,25 @@ class ManagedModel:
                     method, path = self.launch.sleep
                     await self._call(method, path.replace("{level}", str(level)))
                     self.state = State.ASLEEP
-            except BaseException:
+            except BaseException as exc:
                 if self.state is State.SLEEPING:
-                    self.state = State.AWAKE if self._alive() else State.RESTARTING
+                    if isinstance(exc, Exception) and self._proc is not None:  # did it die? (reaped in a moment)
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(asyncio.shield(self._proc.wait()), timeout=2.0)
+                    if self._alive():
+                        self.state = State.AWAKE
+                        if isinstance(exc, Exception) and not isinstance(exc, Unavailable):
+                            raise Unavailable(f"{self.spec.name}: going to sleep failed ({type(exc).__name__}: "
+                                              f"{exc}); it stays awake") from exc  # fmt: skip
+                    elif not self._closing:
+                        # It died while going to sleep. The watcher took that exit for one we asked for (state
+                        # SLEEPING), so it is a crash to restart here, or the model stays down for good.
+                        self.last_exit = self._exit_text()
+                        self.counters.crashes += 1
+                        self._schedule_restart()
+                        if isinstance(exc, Exception):
+                            raise Unavailable(f"{self.spec.name}: the engine {self.last_exit} while going to "
+                                              f"sleep; restarting it (log: {self.log_path})", 2.0) from exc  # fmt: skip
                 raise
             self.sleep_level_now = str(level)
             await self._note(asleep=True)
@@ -471,7 +487,8 @@ class ManagedModel:
         except BaseException as exc:
             if not self._alive():
                 self.state = State.RESTARTING if not self._closing else State.STOPPED
-                raise Unavailable(f"{self.spec.name}: the engine {self.last_exit or 'exited'} while waking") from exc
+                raise Unavailable(f"{self.spec.name}: the engine {self.last_exit or self._exit_text()} while waking; "
+                                  f"the router restarts it (log: {self.log_path})", 2.0) from exc  # fmt: skip
             if await self._healthy():
                 self.state = State.ASLEEP  # a refusal (e.g. no memory now): the next request tries again
                 raise Unavailable(f"{self.spec.name}: waking failed: {exc}") from exc
@@ -507,6 +524,13 @@ class ManagedModel:
         r = await self.client.request(method, self.url + path, json={}, timeout=self.spec.start_timeout_s)
         if r.status_code >= 400:
             raise Unavailable(f"{self.spec.name}: {method} {path} answered {r.status_code}: {r.text[:500]}")
+
+    def _exit_text(self) -> str:
+        """How the engine's process ended, as far as it has been reaped: for messages."""
+        code = self._proc.returncode if self._proc is not None else None
+        if code is None:
+            return "exited"
+        return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.returncode is None
