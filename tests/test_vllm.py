@@ -175,14 +175,15 @@ def test_two_engines_share_a_small_budget(model: Path, tmp_path: Path, static: A
         # B's burst needed memory A held at its peak: it could only have it because A gave it back.
         assert first["peak_mapped"] + second["peak_mapped"] > budget, (first["peak_mapped"], second["peak_mapped"])
         assert a_idle["mapped"] + second["peak_mapped"] <= budget
-        # Both at once want more than the budget: requests wait for memory, and all complete.
+        # Both at once want more than the budget (2 x ~28 MiB against 44): requests wait for memory (in vLLM's queue,
+        # seeing exactly what the budget leaves, or refused when that view is a step old), and all complete; the
+        # budget is full and never overrun (asserted at the end, from the ledger sampled every 5 ms).
         start_at = time.time() + 1.0  # both start together, and their requests live long enough to overlap
         a.send(op="generate", prompts=BURST2, max_tokens=64, start_at=start_at)
         b.send(op="generate", prompts=BURST2, max_tokens=64, start_at=start_at)
         both = [a.receive(), b.receive()]
         want = static(BURST2, max_tokens=64)
         assert [r["tokens"] for r in both] == [want, want]
-        assert sum(r["refusals"] for r in both) > sum(r["refusals"] for r in (first, second)), both
     finally:
         stop.set()
         a.close()
