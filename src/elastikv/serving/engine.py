@@ -106,6 +106,11 @@ class Engine:
         # static_kv: the baseline elastikv is measured against: transformers' own paged cache of that many bytes,
         # allocated at start and held for good, with elastikv left off in this process.
         self.static_kv = static_kv
+        config = self.model.config
+        self.vocab_size = int(config.vocab_size)
+        self.max_positions = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+        # One request's prompt + output must fit one batch's KV read budget, or it is never scheduled.
+        self.max_request_tokens = max_kv_tokens if static_kv is None else None
         num_blocks = None
         if static_kv is None:
             adapter.enable(name=self.name, settings=self.settings, max_kv_tokens=max_kv_tokens)
@@ -282,6 +287,23 @@ class Engine:
         self._watchdog = loop.create_task(watch())
 
     # -- requests -----------------------------------------------------------------------------------------
+    def check_request(self, prompt: list[int], max_tokens: int) -> str | None:
+        """Why this request cannot be served (a message naming the field and the limit), or None. Checked at the
+        edge: what reaches transformers' batching thread must never kill or starve it."""
+        if not prompt:
+            return "the prompt is empty: give at least one token"
+        bad = next((i for i, t in enumerate(prompt) if type(t) is not int or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            return f"prompt token {bad} is {prompt[bad]!r}: token ids are whole numbers in [0, {self.vocab_size})"
+        total = len(prompt) + max_tokens
+        if self.max_positions is not None and total > self.max_positions:
+            return (f"the prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) is {total} tokens, more than this "
+                    f"model's maximum length of {self.max_positions}")  # fmt: skip
+        if self.max_request_tokens is not None and total > self.max_request_tokens:
+            return (f"the prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) is {total} tokens, more than one "
+                    f"batch may read ({self.max_request_tokens}, the engine's --max-kv-tokens)")  # fmt: skip
+        return None
+
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         ids: Any = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if not isinstance(ids, list):  # a BatchEncoding in some versions

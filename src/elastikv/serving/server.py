@@ -87,8 +87,8 @@ def create_app(
     async def body_of(request: Request) -> dict[str, Any]:
         try:
             body = await request.json()
-        except json.JSONDecodeError:
-            raise HTTPException(400, "the body is not JSON") from None
+        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, a lone surrogate, nesting too deep
+            raise HTTPException(400, f"the body is not JSON ({type(exc).__name__})") from None
         if not isinstance(body, dict):
             raise HTTPException(400, "the body must be a JSON object")
         return body
@@ -105,6 +105,9 @@ def create_app(
         return value
 
     async def run(prompt: list[int], max_tokens: int, stream: bool, make_chunk: Any, make_final: Any) -> Any:
+        problem = engine.check_request(prompt, max_tokens)
+        if problem is not None:
+            raise HTTPException(400, problem)
         if engine.sleeping:
             raise HTTPException(409, f"{engine.name} is asleep; POST /wake_up first (the router does it for you)")
         try:
@@ -148,7 +151,7 @@ def create_app(
         body = await body_of(request)
         check_model(body)
         prompt_in = body.get("prompt", "")
-        if isinstance(prompt_in, list) and all(isinstance(t, int) for t in prompt_in):
+        if isinstance(prompt_in, list) and all(type(t) is int for t in prompt_in):
             prompt = list(prompt_in)
         elif isinstance(prompt_in, str):
             prompt = engine.encode(prompt_in)
@@ -177,6 +180,9 @@ def create_app(
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise HTTPException(400, "messages must be a non-empty list of {role, content}")
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                raise HTTPException(400, f"messages[{i}] must be {{role: string, content: string}}, got {m!r:.80}")
         prompt = engine.encode_chat(messages)
         max_tokens = max_tokens_of(body)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
