@@ -187,6 +187,13 @@ def test_admin_endpoints_need_the_token(served: Served) -> None:
     unknown = httpx.post(served.url + "/admin/sleep", json={"model": "delta"},
                          headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
     assert unknown.status_code == 404
+    # Issue 20, item 11 (the router's edge): malformed bodies are 400s naming the problem, never 500s.
+    auth = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+    for path, raw in (("/admin/sleep", b'{"model": ["alpha"]}'), ("/admin/wake", b"[" * 200_000 + b"]" * 200_000),
+                      ("/v1/completions", b"[" * 200_000 + b"]" * 200_000), ("/v1/completions", b"\xff\xfe"),
+                      ("/v1/completions", b'{"model": ["alpha"], "prompt": "x"}')):  # fmt: skip
+        r = httpx.post(served.url + path, content=raw, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["message"], (path, raw[:30], r.status_code, r.text[:200])
 
 
 def admin(served: Served, action: str, model: str, **extra: Any) -> dict[str, Any]:

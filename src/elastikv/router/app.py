@@ -94,7 +94,7 @@ def create_app(router: Router, *, manage_lifetime: bool = True) -> FastAPI:
         raw = await request.body()
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deep
             return error(400, "the body is not JSON", type_="invalid_request_error")
         name = body.get("model") if isinstance(body, dict) else None
         if not isinstance(name, str):
@@ -213,10 +213,10 @@ def create_app(router: Router, *, manage_lifetime: bool = True) -> FastAPI:
             return no
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             body = None
         name = body.get("model") if isinstance(body, dict) else None
-        if not isinstance(body, dict) or name not in router.models:
+        if not isinstance(body, dict) or not isinstance(name, str) or name not in router.models:
             return error(404 if isinstance(name, str) else 400,
                          f"give an existing model as {{\"model\": NAME}}; served here: {', '.join(router.models)}",
                          type_="invalid_request_error", param="model")  # fmt: skip
