@@ -196,6 +196,19 @@ def test_admin_endpoints_need_the_token(served: Served) -> None:
         assert r.status_code == 400 and r.json()["error"]["message"], (path, raw[:30], r.status_code, r.text[:200])
 
 
+def test_only_the_router_can_put_its_engines_to_sleep(served: Served) -> None:
+    """Issue 20, item 11: an engine the router started takes sleep and wake only with the router's per-start
+    control token; anyone else who can reach its port (another user of the machine) gets a 403."""
+    port = served.status()["alpha"]["port"]
+    for path in ("/sleep?level=1", "/wake_up"):
+        for headers in ({}, {"Authorization": "Bearer guess"}):
+            r = httpx.post(f"http://127.0.0.1:{port}{path}", headers=headers, timeout=30)
+            assert r.status_code == 403 and "control token" in r.json()["error"]["message"], (path, r.text)
+    assert httpx.get(f"http://127.0.0.1:{port}/is_sleeping", timeout=10).json()["is_sleeping"] is False
+    assert admin(served, "sleep", "alpha")["state"] == "asleep"  # the router has the token
+    assert admin(served, "wake", "alpha")["state"] == "awake"
+
+
 def admin(served: Served, action: str, model: str, **extra: Any) -> dict[str, Any]:
     r = httpx.post(f"{served.url}/admin/{action}", json={"model": model, **extra},
                    headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)  # fmt: skip

@@ -361,7 +361,8 @@ def engine_cmd(
             err=True,
         )
 
-    app = create_app(engine, close_on_shutdown=True, start_token=settings.start_token, on_serving=serving)
+    app = create_app(engine, close_on_shutdown=True, start_token=settings.start_token,
+                     control_token=settings.control_token, on_serving=serving)  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     try:
         server.run(sockets=[sock])

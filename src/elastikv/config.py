@@ -138,6 +138,7 @@ class Settings:
     commit: str | None = None  # the commit benchmark results name, where the copy has no .git (the GPU machine)
     admin_token: str | None = None  # the router's admin token, where its config file does not give one
     start_token: str | None = None  # set by the router for each engine start; the engine shows it on /health
+    control_token: str | None = None  # set by the router for each start: the engine's /sleep and /wake_up need it
 
     @property
     def min_chunk_bytes(self) -> int | None:
@@ -229,4 +230,5 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "ELASTIKV_COMMIT": ("commit", lambda raw, var: raw),
     "ELASTIKV_ADMIN_TOKEN": ("admin_token", lambda raw, var: raw),
     "ELASTIKV_START_TOKEN": ("start_token", lambda raw, var: raw),
+    "ELASTIKV_CONTROL_TOKEN": ("control_token", lambda raw, var: raw),
 }

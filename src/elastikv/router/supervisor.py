@@ -119,6 +119,7 @@ class ManagedModel:
         self._closing = False
         self.sleep_level_now = ""  # the level of the last sleep ("1", "2", "stop")
         self._start_token = ""  # this start's ELASTIKV_START_TOKEN: the engine reports it on /health
+        self._control_token = ""  # this start's ELASTIKV_CONTROL_TOKEN
         self.last_wake: float | None = None  # time.time() of the last completed wake
         # Set by the Router: note a sleep (True) or a wake (False) in the ledger, for `elastikv status`. Blocking.
         self.note_asleep: Callable[[ManagedModel, bool], None] | None = None
@@ -212,13 +213,18 @@ class ManagedModel:
         except ports.PortInUse as exc:
             raise EngineExited(str(exc)) from None
         self._start_token = secrets.token_hex(8)
+        self._control_token = secrets.token_hex(16)  # the engine's /sleep and /wake_up need it; never shown
         log_file = self.log_path.open("ab")
         try:
             log_file.write(f"\n=== elastikv serve: starting {describe(self.launch.argv)}\n".encode())
             log_file.flush()
             proc = await asyncio.create_subprocess_exec(
                 *self.launch.argv,
-                env={**self.launch.env, "ELASTIKV_START_TOKEN": self._start_token},
+                env={
+                    **self.launch.env,
+                    "ELASTIKV_START_TOKEN": self._start_token,
+                    "ELASTIKV_CONTROL_TOKEN": self._control_token,
+                },
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
@@ -521,7 +527,8 @@ class ManagedModel:
             log.warning("%s: could not note the %s in the ledger: %s", self.spec.name, what, exc)
 
     async def _call(self, method: str, path: str) -> None:
-        r = await self.client.request(method, self.url + path, json={}, timeout=self.spec.start_timeout_s)
+        r = await self.client.request(method, self.url + path, json={}, timeout=self.spec.start_timeout_s,
+                                      headers={"Authorization": f"Bearer {self._control_token}"})  # fmt: skip
         if r.status_code >= 400:
             raise Unavailable(f"{self.spec.name}: {method} {path} answered {r.status_code}: {r.text[:500]}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,12 +31,15 @@ def create_app(
     *,
     close_on_shutdown: bool = False,
     start_token: str | None = None,
+    control_token: str | None = None,
     on_serving: Callable[[], None] | None = None,
 ) -> FastAPI:
     """The engine's app. With ``close_on_shutdown`` the server's shutdown (SIGTERM, Ctrl-C) closes the engine, so
     its KV pages are unmapped and its ledger row leaves before the process ends. ``start_token`` (the router's
     ``ELASTIKV_START_TOKEN`` for this start) is reported on /health, so the router knows the port answers as the
-    engine it started, not a foreign server. ``on_serving`` runs once the server takes requests."""
+    engine it started, not a foreign server. ``control_token`` (the router's ``ELASTIKV_CONTROL_TOKEN``, never shown)
+    is then required on /sleep and /wake_up: another user of the machine, who can reach the port, cannot put the
+    engine to sleep. ``on_serving`` runs once the server takes requests."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -217,15 +221,24 @@ def create_app(
     async def is_sleeping() -> dict[str, Any]:
         return {"is_sleeping": bool(engine.sleeping), "level": engine.sleeping}
 
+    def check_control(request: Request) -> None:
+        if control_token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {control_token}".encode()):
+            raise HTTPException(403, "sleep and wake are the router's: this engine was started with a control token")
+
     @app.post("/sleep")
-    async def sleep(level: int = 1) -> dict[str, Any]:
+    async def sleep(request: Request, level: int = 1) -> dict[str, Any]:
+        check_control(request)
         try:
             return await asyncio.get_running_loop().run_in_executor(None, engine.sleep, level)
         except ConfigError as exc:
             raise HTTPException(400, str(exc)) from None
 
     @app.post("/wake_up")
-    async def wake_up() -> dict[str, Any]:
+    async def wake_up(request: Request) -> dict[str, Any]:
+        check_control(request)
         try:
             return await asyncio.get_running_loop().run_in_executor(None, engine.wake_up)
         except EngineDied as exc:
@@ -259,9 +272,13 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        code = {400: "invalid_request_error", 404: "model_not_found", 409: "engine_asleep", 503: "engine_died"}.get(
-            exc.status_code, "error"
-        )
+        code = {
+            400: "invalid_request_error",
+            403: "forbidden",
+            404: "model_not_found",
+            409: "engine_asleep",
+            503: "engine_died",
+        }.get(exc.status_code, "error")
         return JSONResponse({"error": {"message": exc.detail, "type": code}}, status_code=exc.status_code)
 
     return app
