@@ -1,5 +1,7 @@
 """Invariants 1-4 of DESIGN.md, checked after every step of random allocate/free/limit/maintain sequences,
-with real out-of-memory from the backend mixed in (the device is filled with real chunks, then emptied)."""
+with real out-of-memory from the backend mixed in (the device is filled with real chunks, then emptied), and, in
+the faulty variant, failures injected at random points into the ledger (every call raises while it is "down"),
+page maps and page unmaps: every fault leaves the allocator consistent and ends in a refusal or a quarantine."""
 
 from __future__ import annotations
 
@@ -12,22 +14,60 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from tests.conftest import SMALL, device_filled, open_test_backend, used_bytes
 
-from elastikv.allocator import BlockAllocator
-from elastikv.errors import AllocationRefused, LimitExceeded
-from elastikv.ledger import Ledger
+from elastikv.allocator import LOST, BlockAllocator
+from elastikv.errors import AllocationRefused, DriverError, LimitExceeded
+from elastikv.ledger import Ledger, LedgerError
 from elastikv.space import KVSpace
 
 NUM_PAGES = 8
 
 
+class FaultySpace(KVSpace):
+    """A real KVSpace whose maps and unmaps fail, before touching anything, while told to (a driver error)."""
+
+    fail_map = False
+    fail_unmap = False
+
+    def map_page(self, page: int) -> None:
+        if self.fail_map:
+            raise DriverError("cuMemMap", "INJECTED", "an injected driver failure")
+        super().map_page(page)
+
+    def unmap_page(self, page: int) -> None:
+        if self.fail_unmap:
+            raise DriverError("cuMemUnmap", "INJECTED", "an injected driver failure")
+        super().unmap_page(page)
+
+
+class DownLedger:
+    """The real ledger, behind a switch: while ``down``, every call raises (a ledger busy past its wait, its row
+    reaped, its file gone)."""
+
+    def __init__(self, real: Ledger) -> None:
+        self.real = real
+        self.down = False
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self.real, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: object, **kwargs: object) -> object:
+            if self.down:
+                raise LedgerError("injected: the ledger is unavailable")
+            return attr(*args, **kwargs)
+
+        return call
+
+
 def make_machine(
-    kind: str, layout: str, through_ledger: bool = False, scratch: bool = False
+    kind: str, layout: str, through_ledger: bool = False, scratch: bool = False, faults: bool = False
 ) -> type[RuleBasedStateMachine]:
     class AllocatorMachine(RuleBasedStateMachine):
         def __init__(self) -> None:
             super().__init__()
             self.backend = open_test_backend(kind)
-            self.space = KVSpace(
+            self.space = (FaultySpace if faults else KVSpace)(
                 self.backend, SMALL, layout=layout, num_blocks=NUM_PAGES * 32, null_blocks=1, scratch_backed=scratch
             )
             self.page = self.space.page_bytes
@@ -43,6 +83,9 @@ def make_machine(
                 budget = self.ledger.register(
                     "m", engine="test", limit=capacity, capacity=capacity, unit=self.page, max_lease_units=4
                 )
+                if faults:
+                    self.down = DownLedger(self.ledger)
+                    budget.ledger = self.down  # type: ignore[assignment]
             self.alloc = BlockAllocator(
                 self.space, reserve_bytes=self.page, background=False, trim_delay=0.0, budget=budget
             )
@@ -55,13 +98,30 @@ def make_machine(
         def teardown(self) -> None:
             if self.filler is not None:
                 self.filler.__exit__(None, None, None)
+            if faults:
+                self.down.down = self.space.fail_map = self.space.fail_unmap = False  # type: ignore[attr-defined]
+            lost = self.lost_pages()
             self.alloc.close()
-            assert self.space.mapped_bytes == 0
+            assert self.space.mapped_bytes == lost * self.page  # quarantined pages stay mapped, and only they
             if self.ledger is not None:
                 self.ledger.close()
                 shutil.rmtree(self.ledger_dir or "", ignore_errors=True)  # one per hypothesis example
             self.space.close()
             self.backend.close()
+
+        def lost_pages(self) -> int:
+            return sum(state == LOST for state in self.alloc._state)  # quarantined: an unmap failed
+
+        @precondition(lambda self: faults)
+        @rule(what=st.sampled_from(["ledger", "map", "unmap"]), on=st.booleans())
+        def inject(self, what: str, on: bool) -> None:
+            event(f"fault {what} {'on' if on else 'off'}")
+            if what == "ledger":
+                self.down.down = on
+            elif what == "map":
+                self.space.fail_map = on  # type: ignore[attr-defined]
+            else:
+                self.space.fail_unmap = on  # type: ignore[attr-defined]
 
         def snapshot(self) -> tuple[object, ...]:
             s = self.alloc.stats()
@@ -111,7 +171,11 @@ def make_machine(
 
         @rule(pages=st.integers(1, NUM_PAGES + 2))
         def set_limit(self, pages: int) -> None:
-            self.alloc.set_limit(pages * self.page)
+            before = self.snapshot()
+            try:
+                self.alloc.set_limit(pages * self.page)
+            except LedgerError:  # a user's request while the ledger is down: a clear error, nothing changed
+                assert faults and self.snapshot() == before
 
         @rule(dt=st.sampled_from([0.0, 0.1, 2.0]))
         def maintain(self, dt: float) -> None:
@@ -147,11 +211,13 @@ def make_machine(
         @invariant()
         def bookkeeping_matches_the_device(self) -> None:
             s = self.alloc.stats()
-            assert s.mapped_bytes == self.space.mapped_bytes == s.pages_mapped * self.page
+            # Booked bytes are exactly the memory mapped: quarantined pages stay booked and mapped.
+            assert s.mapped_bytes == self.space.mapped_bytes == (s.pages_mapped + self.lost_pages()) * self.page
             if self.ledger is not None:  # the ledger books at least what is mapped, never past the limit
                 row = self.ledger.instances()[0]
                 assert s.mapped_bytes <= row.mapped_bytes
-                assert row.mapped_bytes <= max(row.limit_bytes, s.mapped_bytes)
+                if not faults:  # (a release that failed leaves the row over, until a sync publishes the truth)
+                    assert row.mapped_bytes <= max(row.limit_bytes, s.mapped_bytes)
             if kind == "host":  # the host device is ours alone: its use is exactly what is mapped
                 filled = sum(c.size for c in self.filler.gen.gi_frame.f_locals["chunks"]) if self.filler else 0
                 assert used_bytes(self.backend) == self.baseline + self.space.mapped_bytes + filled
@@ -166,6 +232,7 @@ TestHostInterleaved = _settings(make_machine("host", "interleaved")).TestCase
 TestHostPerLayer = _settings(make_machine("host", "per-layer")).TestCase
 TestHostThroughLedger = _settings(make_machine("host", "interleaved", through_ledger=True)).TestCase
 TestHostScratchBacked = _settings(make_machine("host", "per-layer", scratch=True)).TestCase
+TestHostFaults = _settings(make_machine("host", "per-layer", through_ledger=True, scratch=True, faults=True)).TestCase
 # On a GPU, filling the device takes real driver calls over ~80 GB: fewer examples, same rules.
 _gpu_settings = settings(_settings, max_examples=25)
 TestCudaInterleaved = pytest.mark.gpu(_gpu_settings(make_machine("cuda", "interleaved")).TestCase)
