@@ -123,6 +123,69 @@ def test_metrics_and_bad_requests(served: tuple[Any, Any]) -> None:
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=0)
 
 
+def test_a_client_that_goes_away_mid_stream_stops_its_generation(served: tuple[Any, Any]) -> None:
+    """Issue 20, item 6: a streamed request whose client disconnects after the first tokens is cancelled in the
+    engine (its KV freed at once), not generated to max_tokens; 20 times over, and the engine still answers."""
+    import httpx
+
+    client, engine = served
+    base = str(client.base_url).removesuffix("/v1/")
+    before = engine.stats.cancelled
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    for _ in range(20):
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # the first tokens came: hang up
+    inst = engine.instance
+    deadline = time.monotonic() + 30
+    while engine.stats.running or engine.stats.waiting or inst.allocator.stats().blocks_in_use:
+        assert time.monotonic() < deadline, (engine.stats, inst.allocator.stats())
+        time.sleep(0.05)
+    assert engine.stats.cancelled - before == 20
+    answer = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
+    assert answer.choices[0].text is not None
+    assert len(engine.stats.ttft) <= engine.stats.ttft.maxlen  # samples bounded whether /metrics reads them or not
+
+
+def test_hostile_requests_get_a_400_naming_the_problem_and_never_harm_the_engine(served: tuple[Any, Any]) -> None:
+    """Issue 20, item 11 (the engine's edge): malformed or impossible requests are refused with a 400 that names the
+    field and the limit, before they reach the batching thread; the engine answers normally afterwards."""
+    import httpx
+
+    client, engine = served
+    base = str(client.base_url).removesuffix("/v1/")
+    url = f"{base}/v1/completions"
+    cases: list[tuple[Any, str]] = [
+        ({"prompt": [], "max_tokens": 4}, "prompt is empty"),
+        ({"prompt": [5, -1, 7], "max_tokens": 4}, "prompt token 1 is -1"),
+        ({"prompt": [5, engine.vocab_size], "max_tokens": 4}, f"[0, {engine.vocab_size})"),
+        ({"prompt": [5, True], "max_tokens": 4}, "a string or a list of token ids"),
+        ({"prompt": [7] * 8300, "max_tokens": 4}, "maximum length of 8192"),
+        ({"prompt": [7] * 10, "max_tokens": 9000}, "maximum length"),
+        ({"prompt": "hi", "max_tokens": "4"}, "max_tokens must be a positive whole number"),
+        ({"prompt": {"a": 1}, "max_tokens": 4}, "a string or a list of token ids"),
+    ]
+    with httpx.Client(timeout=30) as http:
+        for body, message in cases:
+            for stream in (False, True):
+                r = http.post(url, json={"model": "tiny", "stream": stream, **body})
+                assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text[:300])
+        raw_bodies = [b"\xff\xfe not utf-8", b'{"prompt": "\\ud800", "max_tokens": 2', b"[" * 200_000 + b"]" * 200_000]
+        for raw in raw_bodies:
+            r = http.post(url, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400, (raw[:40], r.status_code, r.text[:200])
+        chat = http.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": 7}]})
+        assert chat.status_code == 400 and "messages[0]" in chat.json()["error"]["message"], chat.text
+    assert engine.stats.running == 0 and engine.stats.waiting == 0
+    answer = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
+    assert answer.choices[0].text is not None and engine.died is None
+
+
+# The tests above share the module's engine; the ones below make engines of their own. One process holds one
+# embedded engine's cache at a time (a new one closes the old), so tests of `served` must stay above this line.
+
+
 def test_elastikv_engine_command_serves_and_shows_in_status(tmp_path: Path) -> None:
     import json
     import os
@@ -223,62 +286,3 @@ def test_a_flood_over_the_limit_all_completes_through_the_server(tmp_path: Path)
     assert [r["usage"]["completion_tokens"] for r in replies] == [32] * 24
     assert len({r["choices"][0]["text"] for r in replies}) == 1  # same prompt, greedy: the same answer
     assert stats.pages_mapped_total * stats.page_bytes <= 6 * 2**20  # never more than the limit
-
-
-def test_a_client_that_goes_away_mid_stream_stops_its_generation(served: tuple[Any, Any]) -> None:
-    """Issue 20, item 6: a streamed request whose client disconnects after the first tokens is cancelled in the
-    engine (its KV freed at once), not generated to max_tokens; 20 times over, and the engine still answers."""
-    import httpx
-
-    client, engine = served
-    base = str(client.base_url).removesuffix("/v1/")
-    inst = engine.instance
-    before = engine.stats.cancelled
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4000, "stream": True, "ignore_eos": True}
-    for _ in range(20):
-        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))  # the first tokens came: hang up
-    deadline = time.monotonic() + 30
-    while engine.stats.running or engine.stats.waiting or inst.allocator.stats().blocks_in_use:
-        assert time.monotonic() < deadline, (engine.stats, inst.allocator.stats())
-        time.sleep(0.05)
-    assert engine.stats.cancelled - before == 20
-    answer = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
-    assert answer.choices[0].text is not None
-    assert len(engine.stats.ttft) <= engine.stats.ttft.maxlen  # samples bounded whether /metrics reads them or not
-
-
-def test_hostile_requests_get_a_400_naming_the_problem_and_never_harm_the_engine(served: tuple[Any, Any]) -> None:
-    """Issue 20, item 11 (the engine's edge): malformed or impossible requests are refused with a 400 that names the
-    field and the limit, before they reach the batching thread; the engine answers normally afterwards."""
-    import httpx
-
-    client, engine = served
-    base = str(client.base_url).removesuffix("/v1/")
-    url = f"{base}/v1/completions"
-    cases: list[tuple[Any, str]] = [
-        ({"prompt": [], "max_tokens": 4}, "prompt is empty"),
-        ({"prompt": [5, -1, 7], "max_tokens": 4}, "prompt token 1 is -1"),
-        ({"prompt": [5, engine.vocab_size], "max_tokens": 4}, f"[0, {engine.vocab_size})"),
-        ({"prompt": [5, True], "max_tokens": 4}, "a string or a list of token ids"),
-        ({"prompt": [7] * 8300, "max_tokens": 4}, "maximum length of 8192"),
-        ({"prompt": [7] * 10, "max_tokens": 9000}, "maximum length"),
-        ({"prompt": "hi", "max_tokens": "4"}, "max_tokens must be a positive whole number"),
-        ({"prompt": {"a": 1}, "max_tokens": 4}, "a string or a list of token ids"),
-    ]
-    with httpx.Client(timeout=30) as http:
-        for body, message in cases:
-            for stream in (False, True):
-                r = http.post(url, json={"model": "tiny", "stream": stream, **body})
-                assert r.status_code == 400 and message in r.json()["error"]["message"], (body, r.text[:300])
-        raw_bodies = [b"\xff\xfe not utf-8", b'{"prompt": "\\ud800", "max_tokens": 2', b"[" * 200_000 + b"]" * 200_000]
-        for raw in raw_bodies:
-            r = http.post(url, content=raw, headers={"content-type": "application/json"})
-            assert r.status_code == 400, (raw[:40], r.status_code, r.text[:200])
-        chat = http.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": 7}]})
-        assert chat.status_code == 400 and "messages[0]" in chat.json()["error"]["message"], chat.text
-    assert engine.stats.running == 0 and engine.stats.waiting == 0
-    answer = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4)
-    assert answer.choices[0].text is not None and engine.died is None
