@@ -345,6 +345,28 @@ def test_router_metrics(served: Served) -> None:
     assert "elastikv_router_wake_seconds_count" in text
 
 
+def test_clients_that_hang_up_mid_stream_leave_nothing_running(served: Served) -> None:
+    """Issue 20, items 6 and 11 through the router: 30 streamed requests whose clients hang up after the first
+    tokens. The router closes each upstream stream, the engine cancels the request: nothing keeps generating,
+    the router's count of requests at the engine returns to zero, and the model answers normally afterwards."""
+    body = {"model": "beta", "prompt": "count", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    for _ in range(30):
+        with httpx.stream("POST", f"{served.url}/v1/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            assert next(line for line in r.iter_lines() if line.startswith("data: "))
+    port = served.status()["beta"]["port"]
+    deadline = time.monotonic() + 30
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        busy = [line for line in text.splitlines() if line.startswith(("elastikv_requests_running", "elastikv_requests_"
+                "waiting")) and not line.endswith(" 0.0")]  # fmt: skip
+        if not busy and _metric(served, 'elastikv_router_requests_active{model="beta"}') == 0:
+            break
+        assert time.monotonic() < deadline, busy
+        time.sleep(0.1)
+    assert complete(served, "beta", "hello", 4).status_code == 200
+
+
 def test_sigterm_stops_every_engine_and_leaves_nothing(served: Served) -> None:
     from elastikv.ledger import Ledger, ledger_files
 
