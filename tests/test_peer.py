@@ -34,6 +34,15 @@ def _rank(backend: MemoryBackend, rank: int, num_blocks: int = 512) -> PageServe
     return PageServer(_space(backend, num_blocks), {"rank": rank, "device_id": backend.device_id})
 
 
+def _shut(alloc: BlockAllocator, pages: PeerPages, servers: list[PageServer]) -> None:
+    """Close an allocator over ``pages``, the pages, and every rank's server and space."""
+    alloc.close()
+    pages.close()
+    for s in servers:
+        s.close()
+        s.space.close()
+
+
 @pytest.fixture
 def two_ranks(backend: MemoryBackend) -> Iterator[list[PageServer]]:
     servers = [_rank(backend, 0), _rank(backend, 1)]
@@ -81,11 +90,7 @@ def test_a_map_that_fails_on_one_rank_is_undone_on_all_and_refused() -> None:
         alloc.free(got)  # and the cache goes on working
         assert len(alloc.allocate(alloc.blocks_per_page)) == alloc.blocks_per_page
     finally:
-        alloc.close()
-        pages.close()
-        for s in servers:
-            s.close()
-            s.space.close()
+        _shut(alloc, pages, servers)
         roomy.close()
         tight.close()
 
@@ -193,11 +198,7 @@ def test_the_fence_drains_every_live_worker_once_and_skips_a_lost_one(backend: M
         pages.fence().wait()  # the lost worker is skipped, not waited for
         assert servers[0].drains == 2
     finally:
-        alloc.close()
-        pages.close()
-        for s in servers:
-            s.close()
-            s.space.close()
+        _shut(alloc, pages, servers)
 
 
 @pytest.mark.gpu
@@ -232,7 +233,4 @@ def test_a_page_read_by_a_kernel_on_a_side_stream_is_unmapped_only_after_the_ker
         assert int(out.min()) == 7 == int(out.max()), "the kernel read the page after it was unmapped"
         print(f"\nunmap waited {time.monotonic() - t0:.3f} s for the side stream's kernel")
     finally:
-        alloc.close()
-        pages.close()
-        server.close()
-        server.space.close()
+        _shut(alloc, pages, [server])

