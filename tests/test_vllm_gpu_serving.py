@@ -125,17 +125,27 @@ class Watch:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def mapped(self) -> dict[str, int]:
+    def mapped(self) -> dict[str, int] | None:
+        """Mapped bytes per instance, or None when the ledger could not be read this time (busy): never a
+        made-up zero, which would read as "under the limit"."""
         from elastikv.ledger import summaries
 
         try:
             return {r.name: r.mapped_bytes for d in summaries(self.ledger) for r in d.instances}
-        except Exception:  # the ledger busy for a moment: the next sample has it
-            return {}
+        except Exception:
+            return None
+
+    def now(self, name: str) -> int:
+        """``name``'s mapped bytes now (read again while the ledger is busy)."""
+        while (mapped := self.mapped()) is None:
+            time.sleep(0.01)
+        return mapped.get(name, 0)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples.append((time.monotonic(), self.mapped(), torch.cuda.mem_get_info()[0]))
+            mapped = self.mapped()
+            if mapped is not None:
+                self.samples.append((time.monotonic(), mapped, torch.cuda.mem_get_info()[0]))
             time.sleep(0.02)  # each sample is a ledger transaction: leave the engines room to book
 
     def peak(self, name: str | None = None, since: float = 0.0, until: float = float("inf")) -> int:
@@ -150,8 +160,8 @@ class Watch:
     def wait_until(self, name: str, at_most: int, timeout: float) -> float:
         """Seconds until ``name`` maps at most ``at_most`` bytes; fails after ``timeout``."""
         t0 = time.monotonic()
-        while (got := self.mapped().get(name, 0)) > at_most:
-            assert time.monotonic() - t0 < timeout, f"{name} still maps {got / MiB:.0f} MiB after {timeout} s"
+        while (mapped := self.mapped()) is None or mapped.get(name, 0) > at_most:
+            assert time.monotonic() - t0 < timeout, f"{name} still maps {(mapped or {}).get(name, -1) / MiB:.0f} MiB"
             time.sleep(0.01)
         return time.monotonic() - t0
 
@@ -224,7 +234,7 @@ def test_vllm_serve_answers_like_plain_vllm_follows_load_obeys_a_lowered_limit_a
         done: list[list[list[int]]] = []
         runner = threading.Thread(target=lambda: done.append(server.burst(prompts(48, 1500, seed=12), 128)))
         runner.start()
-        while watch.mapped().get("served", 0) < 1 * GiB and runner.is_alive():
+        while watch.now("served") < 1 * GiB and runner.is_alive():
             time.sleep(0.01)
         t_limit = time.monotonic()
         subprocess.run([sys.executable, "-m", "elastikv.cli", "limit", "served", "512MiB"], env=env, check=True,
@@ -243,7 +253,7 @@ def test_vllm_serve_answers_like_plain_vllm_follows_load_obeys_a_lowered_limit_a
         slept = server.post("/sleep?level=1")
         time.sleep(0.5)  # the allocator unmaps its reserve on its next pass
         asleep_free = torch.cuda.mem_get_info()[0]
-        asleep_mapped = watch.mapped().get("served", 0)
+        asleep_mapped = watch.now("served")
         woke = server.post("/wake_up")
         t1 = time.perf_counter()
         after_wake = server.complete(asked[0])
