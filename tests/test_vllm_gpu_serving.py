@@ -143,9 +143,10 @@ class Watch:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            t = time.monotonic()  # a sample read after t shows the state at t or later
             mapped = self.mapped()
             if mapped is not None:
-                self.samples.append((time.monotonic(), mapped, torch.cuda.mem_get_info()[0]))
+                self.samples.append((t, mapped, torch.cuda.mem_get_info()[0]))
             time.sleep(0.02)  # each sample is a ledger transaction: leave the engines room to book
 
     def peak(self, name: str | None = None, since: float = 0.0, until: float = float("inf")) -> int:
@@ -239,11 +240,13 @@ def test_vllm_serve_answers_like_plain_vllm_follows_load_obeys_a_lowered_limit_a
         t_limit = time.monotonic()
         subprocess.run([sys.executable, "-m", "elastikv.cli", "limit", "served", "512MiB"], env=env, check=True,
                        capture_output=True, timeout=60)  # fmt: skip
-        under = watch.wait_until("served", at_most=512 * MiB, timeout=30.0)
+        watch.wait_until("served", at_most=512 * MiB, timeout=30.0)
+        t_under = time.monotonic()  # (the CLI itself takes a second or two: count from before it ran)
+        under = t_under - t_limit
         runner.join(timeout=600)
         t_done = time.monotonic()
         assert done and len(done[0]) == 48 and all(len(t) == 128 for t in done[0])
-        held_after = watch.peak("served", since=t_limit + under + 0.05, until=t_done)
+        held_after = watch.peak("served", since=t_under, until=t_done)
         assert held_after <= 512 * MiB, held_after
         subprocess.run([sys.executable, "-m", "elastikv.cli", "limit", "served", "--reset"], env=env, check=True,
                        capture_output=True, timeout=60)  # fmt: skip
