@@ -116,7 +116,7 @@ def main() -> None:
         f"vLLM {vllm.__version__} on {device}: random {args.size} Llama (bf16), CUDA graphs, Model Runner V2, "
         f"{args.waves} waves of 32 x (128 + 256) tokens, {args.singles} single 512-token requests (1 token each)",
         f"greedy tokens identical in {r['waves_with_identical_tokens']} of {args.waves} waves (as started: an engine "
-        "that compiled the model from a cold torch.compile cache and one that loaded it differ even without "
+        "that compiled the model from a cold torch.compile cache and one that loaded it can differ without "
         "elastikv; tests/test_vllm_gpu.py is the identity proof)",
         "",
         "| figure | plain vLLM | vLLM + elastikv | elastic / plain (paired min / median / max) |",
