@@ -62,7 +62,7 @@ def _mixed_prompts() -> list[list[int]]:
     return out
 
 
-@pytest.mark.parametrize(("size", "runner"), [("1b", "v2"), ("1b", "v1"), ("8b", "v2")])
+@pytest.mark.parametrize(("size", "runner"), [("1b", "v2"), ("1b", "v1"), ("8b", "v2"), ("8b", "v1")])
 def test_greedy_identity_and_memory_following_load(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, size: str, runner: str
 ) -> None:
