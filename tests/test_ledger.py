@@ -17,7 +17,7 @@ import pytest
 from elastikv.allocator import AllocatorStats
 from elastikv.config import Size, parse_size
 from elastikv.errors import ConfigError, LimitExceeded
-from elastikv.ledger import Ledger, LedgerBudget, LedgerError, NameTaken, UnknownInstance, process_start_time
+from elastikv.ledger import Ledger, LedgerBudget, LedgerError, NameTaken, UnknownInstance, process_start_time, summaries
 
 MiB = 1024**2
 REPO = Path(__file__).resolve().parents[1]
@@ -429,6 +429,11 @@ def test_a_busy_ledger_is_reported_as_busy_naming_the_holder_never_as_corrupt(
         assert time.monotonic() - t0 < 5
         message = str(caught.value)
         assert str(holder.pid) in message and "do not remove it" in message and "rm " not in message, message
+        # Readers (`elastikv status`, the router's pages) do not wait for the frozen writer: WAL snapshots.
+        t0 = time.monotonic()
+        assert [r.name for r in ledger.instances()] == ["waiting"]
+        assert [r.name for d in summaries(ledger.directory) for r in d.instances] == ["waiting"]
+        assert time.monotonic() - t0 < 0.4  # less than one busy wait
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

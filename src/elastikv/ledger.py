@@ -360,6 +360,22 @@ class Ledger:
             else:
                 db.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: a consistent view that never waits for a writer (WAL), not even one frozen in
+        the middle of its transaction, so ``elastikv status`` and the router's pages keep working. Only writers
+        reap: rows of dead processes can be in the view, and readers leave them out (:meth:`_alive`)."""
+        with self._lock:
+            db = self._db
+            try:
+                db.execute("BEGIN")  # deferred: the first SELECT takes a snapshot, not the write lock
+                yield db
+            except sqlite3.DatabaseError as exc:
+                raise self._corrupt(exc) from exc
+            finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+
     def _reap(self, db: sqlite3.Connection) -> None:
         try:
             rows = db.execute("SELECT name, pid, start_time FROM instances").fetchall()
@@ -499,9 +515,10 @@ class Ledger:
         return InstanceRow(*row), warning
 
     def instances(self) -> list[InstanceRow]:
-        with self._transaction() as db:
-            rows = db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY name").fetchall()
-        return [InstanceRow(*r) for r in rows]
+        """The live instances (read without the write lock; see :meth:`_snapshot`)."""
+        with self._snapshot() as db:
+            rows = [InstanceRow(*r) for r in db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY name")]
+        return [r for r in rows if self._alive(r.pid, r.start_time)]
 
     # -- models asleep (a router's note) ----------------------------------------------------------------------
     def mark_asleep(self, name: str, *, engine: str, level: str, last_wake: float | None) -> None:
@@ -517,13 +534,25 @@ class Ledger:
             db.execute("DELETE FROM asleep WHERE name = ? AND owner_pid = ?", (name, self._pid))
 
     def asleep(self) -> list[AsleepRow]:
-        with self._transaction() as db:
-            return [AsleepRow(*r) for r in db.execute(f"SELECT {_ASLEEP_COLUMNS} FROM asleep ORDER BY name")]
+        with self._snapshot() as db:
+            return self._asleep_rows(db)
+
+    def _asleep_rows(self, db: sqlite3.Connection) -> list[AsleepRow]:
+        """Models noted asleep by a live router (none in a ledger made before that table existed)."""
+        try:
+            rows = [AsleepRow(*r) for r in db.execute(f"SELECT {_ASLEEP_COLUMNS} FROM asleep ORDER BY name")]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+        return [r for r in rows if self._alive(r.owner_pid, r.owner_start)]
 
     def summary(self) -> DeviceSummary:
-        with self._transaction() as db:
-            asleep = [AsleepRow(*r) for r in db.execute(f"SELECT {_ASLEEP_COLUMNS} FROM asleep ORDER BY name")]
+        """The device's rows and budget as ``elastikv status`` shows them (read without the write lock)."""
+        with self._snapshot() as db:
+            asleep = self._asleep_rows(db)
             rows = [InstanceRow(*r) for r in db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY name")]
+            rows = [r for r in rows if self._alive(r.pid, r.start_time)]
             held = sum(r.mapped_bytes for r in rows)
             spec = db.execute("SELECT value FROM meta WHERE key = 'budget'").fetchone()[0]
             budget = self._budget_bytes(db, held)
