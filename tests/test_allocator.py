@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -371,14 +372,16 @@ def test_eviction_order_puts_page_emptying_blocks_first(backend: MemoryBackend) 
 
 def test_a_ledger_that_fails_refuses_growth_and_nothing_wedges(backend: MemoryBackend, tmp_path: object) -> None:
     """Issue 20, item 1: the ledger's rows vanish under a running instance (reaped from another pid namespace,
-    deleted by hand). Growth is refused with a typed refusal, state unchanged; a second allocate in another thread
-    returns; trim still gives memory back; close is prompt and every page is unmapped."""
+    deleted by hand) and another process books the whole budget, so the row cannot come back. Growth is refused
+    with a typed refusal, state unchanged; a second allocate in another thread returns; trim still gives memory
+    back. Once the budget has room the instance joins the ledger again (counting what it holds) and grows. Close
+    is prompt and every page is unmapped."""
     import sqlite3
     from pathlib import Path
 
     from elastikv.config import parse_size
     from elastikv.errors import BudgetUnavailable
-    from elastikv.ledger import Ledger
+    from elastikv.ledger import Ledger, process_start_time
 
     ledger = Ledger("host:test-device", device_label="test", total_bytes=1024 * 1024**2,
                     directory=Path(str(tmp_path)) / "ledger", budget=parse_size("512MiB"))  # fmt: skip
@@ -388,10 +391,12 @@ def test_a_ledger_that_fails_refuses_growth_and_nothing_wedges(backend: MemoryBa
     alloc = BlockAllocator(space, budget=budget, reserve_bytes=0, background=False, trim_delay=0.0)
     held = alloc.allocate(1)
     before = alloc.stats()
+    hog = (os.getppid(), process_start_time(os.getppid()), 512 * 1024**2, time.time())
     with sqlite3.connect(ledger.path) as db:
         db.execute("DELETE FROM instances")
+        db.execute("INSERT INTO instances VALUES ('hog', ?, ?, 'test', ?3, ?3, ?3, ?3, 0, 0, ?4, ?4)", hog)
     with pytest.raises(BudgetUnavailable, match="booking"):
-        alloc.allocate(2 * BPP)  # needs a second page: the ledger has no row to book it in
+        alloc.allocate(2 * BPP)  # needs a second page: no row to book it in, none can be made
     after = alloc.stats()
     assert (after.pages_mapped, after.blocks_in_use, after.mapped_bytes) == (
         before.pages_mapped, before.blocks_in_use, before.mapped_bytes)  # fmt: skip
@@ -410,6 +415,11 @@ def test_a_ledger_that_fails_refuses_growth_and_nothing_wedges(backend: MemoryBa
     alloc.free(held)
     alloc.maintain(now=0.0)  # the sync fails (no row), refill and trim still run: the empty page goes
     assert alloc.stats().pages_mapped == 0
+    with sqlite3.connect(ledger.path) as db:
+        db.execute("DELETE FROM instances WHERE name = 'hog'")
+    grown = alloc.allocate(2 * BPP)  # room again: the row is back, counting what is mapped
+    assert [(r.name, r.mapped_bytes) for r in ledger.instances()] == [("victim", alloc.stats().mapped_bytes)]
+    alloc.free(grown)
     t0 = time.monotonic()
     alloc.close()
     assert time.monotonic() - t0 < 5 and space.mapped_pages == 0

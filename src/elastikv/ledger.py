@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from elastikv.config import Size, check_name, format_bytes, parse_size
 from elastikv.errors import ConfigError, ElastikvError, LimitExceeded
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from elastikv.allocator import AllocatorStats
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 DEFAULT_BUDGET = Size(fraction=0.95)
@@ -57,6 +58,11 @@ class LedgerError(ElastikvError, RuntimeError):
 class LedgerBusy(LedgerError):
     """Another process held the ledger's lock for longer than the wait (``BUSY_TIMEOUT``): it is alive and mid
     transaction, or frozen there (SIGSTOP, a debugger). The ledger is fine; never remove it for this."""
+
+
+class RowMissing(LedgerError):
+    """This process's row is gone from the ledger while it runs (deleted by hand, reaped from another pid
+    namespace, the file replaced). Its budget re-joins as soon as what it holds fits (:meth:`Ledger.rejoin`)."""
 
 
 class UnknownInstance(ElastikvError, LookupError):
@@ -424,20 +430,53 @@ class Ledger:
                 f"INSERT INTO instances ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0, ?, ?)",
                 (name, self._pid, self._start, engine, limit, limit, capacity, now, now),
             )
-        return LedgerBudget(self, name, limit, unit=unit, max_lease_units=max_lease_units)
+        return LedgerBudget(
+            self, name, limit, unit=unit, max_lease_units=max_lease_units, engine=engine, capacity=capacity
+        )
 
     def unregister(self, name: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM instances WHERE name = ? AND pid = ?", (name, self._pid))
+
+    def _missing(self, name: str) -> RowMissing:
+        return RowMissing(
+            f"instance {name!r} of pid {self._pid} is not in the ledger {self.path} (was its row deleted, or the "
+            "file removed?); it joins again once what it holds fits the budget"
+        )
+
+    def rejoin(self, name: str, *, engine: str, limit: int, capacity: int, booked: int) -> bool:
+        """Put this process's row back after it vanished (:class:`RowMissing`), counting the ``booked`` bytes it
+        really holds, if they fit the device budget beside the others; False (nothing written) if they do not
+        yet, so that the ledger never sums above the budget. Raises ``NameTaken`` if another process took the
+        name meanwhile."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT pid FROM instances WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] == self._pid:
+                return True
+            if row is not None:
+                raise NameTaken(f"{name!r} was taken by pid {row[0]} while this instance (pid {self._pid}) was out "
+                                "of the ledger; it cannot grow any more: restart it under another name")  # fmt: skip
+            held = db.execute("SELECT COALESCE(SUM(mapped_bytes), 0) FROM instances").fetchone()[0]
+            if held + booked > self._budget_bytes(db, held):
+                return False
+            db.execute(
+                f"INSERT INTO instances ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
+                (name, self._pid, self._start, engine, limit, limit, capacity, booked, now, now),
+            )
+        log.warning("instance %r is back in the ledger %s, holding %s", name, self.path, format_bytes(booked))
+        return True
 
     def book(self, name: str, nbytes: int, *, extra: int = 0, unit: int = 1) -> tuple[int, int]:
         """Book ``nbytes`` for ``name`` if its limit and the device budget allow, plus as many whole ``unit``s
         of ``extra`` as still fit (a lease: never more than the bounds allow, never needed to succeed).
         Returns ``(bytes booked, current limit)``; raises ``LimitExceeded`` naming the bound that refused."""
         with self._transaction() as db:
-            row = db.execute("SELECT mapped_bytes, limit_bytes FROM instances WHERE name = ?", (name,)).fetchone()
+            row = db.execute(
+                "SELECT mapped_bytes, limit_bytes FROM instances WHERE name = ? AND pid = ?", (name, self._pid)
+            ).fetchone()
             if row is None:
-                raise LedgerError(f"instance {name!r} is not in the ledger {self.path} (was the file removed?)")
+                raise self._missing(name)
             mapped, limit = row
             if mapped + nbytes > limit:
                 raise LimitExceeded(
@@ -454,8 +493,8 @@ class Ledger:
             room = min(extra, limit - mapped - nbytes, budget - held - nbytes)
             granted = nbytes + max(0, room) // unit * unit
             db.execute(
-                "UPDATE instances SET mapped_bytes = mapped_bytes + ?, last_activity = ? WHERE name = ?",
-                (granted, time.time(), name),
+                "UPDATE instances SET mapped_bytes = mapped_bytes + ?, last_activity = ? WHERE name = ? AND pid = ?",
+                (granted, time.time(), name, self._pid),
             )
             return granted, int(limit)
 
@@ -471,23 +510,29 @@ class Ledger:
         with self._transaction() as db:
             if active:
                 db.execute(
-                    "UPDATE instances SET in_use_bytes = ?, reserve_bytes = ?, last_activity = ? WHERE name = ?",
-                    (in_use, reserve, time.time(), name),
+                    "UPDATE instances SET in_use_bytes = ?, reserve_bytes = ?, last_activity = ? "
+                    "WHERE name = ? AND pid = ?",
+                    (in_use, reserve, time.time(), name, self._pid),
                 )
             else:
                 db.execute(
-                    "UPDATE instances SET in_use_bytes = ?, reserve_bytes = ? WHERE name = ?", (in_use, reserve, name)
+                    "UPDATE instances SET in_use_bytes = ?, reserve_bytes = ? WHERE name = ? AND pid = ?",
+                    (in_use, reserve, name, self._pid),
                 )
-            row = db.execute("SELECT limit_bytes FROM instances WHERE name = ?", (name,)).fetchone()
+            row = db.execute(
+                "SELECT limit_bytes FROM instances WHERE name = ? AND pid = ?", (name, self._pid)
+            ).fetchone()
         if row is None:
-            raise LedgerError(f"instance {name!r} is not in the ledger {self.path} (was the file removed?)")
+            raise self._missing(name)
         return int(row[0])
 
     def limit_of(self, name: str) -> int:
         with self._transaction() as db:
-            row = db.execute("SELECT limit_bytes FROM instances WHERE name = ?", (name,)).fetchone()
+            row = db.execute(
+                "SELECT limit_bytes FROM instances WHERE name = ? AND pid = ?", (name, self._pid)
+            ).fetchone()
         if row is None:
-            raise LedgerError(f"instance {name!r} is not in the ledger {self.path} (was the file removed?)")
+            raise self._missing(name)
         return int(row[0])
 
     def set_limit(self, name: str, limit: Size | None) -> tuple[InstanceRow, str]:
@@ -580,8 +625,20 @@ class LedgerBudget:
     BURST_GAP = 0.25  # seconds: bookings closer than this are one burst
     QUIET = 0.5  # seconds without a booking before unused lease goes back
 
-    def __init__(self, ledger: Ledger, name: str, limit: int, *, unit: int = 1, max_lease_units: int = 0) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        name: str,
+        limit: int,
+        *,
+        unit: int = 1,
+        max_lease_units: int = 0,
+        engine: str = "",
+        capacity: int = 0,
+    ) -> None:
         self.ledger = ledger
+        self.engine = engine  # engine and capacity: to put the row back if it vanishes (_rejoin)
+        self.capacity = capacity
         self.max_lease_units = max_lease_units
         self.name = name
         self.unit = unit
@@ -611,7 +668,7 @@ class LedgerBudget:
         with self._lock:
             now = time.monotonic()
             if self._booked + nbytes > self._limit:
-                self._limit = self.ledger.limit_of(self.name)  # it may have been raised since we last looked
+                self._limit = self._with_row(lambda: self.ledger.limit_of(self.name))  # raised since we looked?
             if self._booked + nbytes > self._limit:
                 raise LimitExceeded(
                     f"{self.name}: mapping {format_bytes(nbytes)} more would exceed its limit of "
@@ -624,8 +681,8 @@ class LedgerBudget:
             burst = now - self._last_book < self.BURST_GAP
             self._lease_units = min(self.max_lease_units, max(1, 2 * self._lease_units)) if burst else 0
             need = self._booked + nbytes - self._granted
-            granted, self._limit = self.ledger.book(
-                self.name, need, extra=self._lease_units * self.unit, unit=self.unit
+            granted, self._limit = self._with_row(
+                lambda: self.ledger.book(self.name, need, extra=self._lease_units * self.unit, unit=self.unit)
             )
             self.transactions += 1
             self._granted += granted
@@ -666,7 +723,24 @@ class LedgerBudget:
         figures = (in_use, reserve, stats.blocks_in_use)
         active = figures != self._last_figures
         self._last_figures = figures
-        self._limit = self.ledger.publish(self.name, in_use=in_use, reserve=reserve, active=active)
+        with self._lock:
+            self._limit = self._with_row(
+                lambda: self.ledger.publish(self.name, in_use=in_use, reserve=reserve, active=active)
+            )
+
+    def _with_row(self, call: Callable[[], T]) -> T:
+        """``call()``; if our row has vanished, put it back first (when what we hold fits) and call again.
+        Caller holds the lock. Raises ``RowMissing`` while it does not fit: growth is refused, and as memory
+        is given back the next sync tries again."""
+        try:
+            return call()
+        except RowMissing:
+            need = self._booked  # what is really mapped; the lease went with the row
+            if not self.ledger.rejoin(self.name, engine=self.engine, limit=self._limit, capacity=self.capacity,
+                                      booked=need):  # fmt: skip
+                raise
+            self._granted, self._lease_units = need, 0
+            return call()
 
     def close(self) -> None:
         self.ledger.unregister(self.name)
