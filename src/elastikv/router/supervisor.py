@@ -4,11 +4,13 @@ Who owns what: a ``ManagedModel`` owns its child process (and the process group 
 own helpers, such as vLLM's engine core and workers, go with it) and the model's state. Everything here runs on
 the router's one asyncio loop, so a state change with no ``await`` between the check and the assignment is atomic.
 
-States and who moves between them::
+States and who moves between them (``TRANSITIONS`` lists every allowed step; the ``state`` setter is the one
+transition function: it checks the step and wakes whoever waits for the next one)::
 
     STARTING --healthy--> AWAKE --idle or admin--> DRAINING --no request in flight--> SLEEPING --> ASLEEP
     ASLEEP   --a request or admin wake--> WAKING --> AWAKE        (sleep_level "stop": STOPPED, then STARTING)
     any      --the process exits unasked--> RESTARTING --backoff, start, healthy--> AWAKE
+    any      --the router stops--> STOPPED
 
 Invariants:
 1. ``lock`` is held for every transition that talks to the engine (start, sleep, wake, restart), so there is one
@@ -69,6 +71,19 @@ class State(enum.Enum):
     RESTARTING = "restarting"
 
 
+S = State
+TRANSITIONS: dict[State, frozenset[State]] = {  # besides staying put, and STOPPED (the router stops) from any
+    S.STOPPED: frozenset({S.STARTING}),
+    S.STARTING: frozenset({S.AWAKE, S.RESTARTING}),  # healthy, or it failed (a cancelled start: STOPPED)
+    S.AWAKE: frozenset({S.DRAINING, S.RESTARTING}),
+    S.DRAINING: frozenset({S.SLEEPING, S.AWAKE, S.RESTARTING}),  # AWAKE: the drain timed out or was cancelled
+    S.SLEEPING: frozenset({S.ASLEEP, S.AWAKE, S.RESTARTING}),  # AWAKE: the sleep failed, the engine still up
+    S.ASLEEP: frozenset({S.WAKING, S.RESTARTING}),
+    S.WAKING: frozenset({S.AWAKE, S.ASLEEP, S.RESTARTING}),  # ASLEEP: the wake was refused or cancelled
+    S.RESTARTING: frozenset({S.STARTING}),
+}
+
+
 class Unavailable(ElastikvError):
     """The model cannot take requests now (its engine crashed and is restarting, or failed to wake)."""
 
@@ -87,6 +102,7 @@ class Counters:
     sleeps: int = 0
     restarts: int = 0
     crashes: int = 0
+    bad_transitions: int = 0  # state changes outside TRANSITIONS (a bug: logged, and tested to stay 0)
     # From the request that found the model asleep to the engine answering again, since the metrics last read them
     wake_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # until /metrics reads them
     start_seconds: float = 0.0
@@ -100,9 +116,12 @@ class ManagedModel:
         self.client = client
         self.log_path = log_dir / f"{spec.name}.log"
         self.launch: Launch = launch(spec, port)
-        self.state = State.STOPPED
+        self._state = State.STOPPED
+        self._changed = asyncio.Event()  # set (and replaced) at every transition: what waiters wait on
         self.lock = asyncio.Lock()
         self.active = 0
+        self._none_active = asyncio.Event()  # set while no request is in flight: what a drain waits on
+        self._none_active.set()
         self.last_used = time.monotonic()
         self.counters = Counters()
         self.last_exit: str | None = None  # why the last process ended, for status and 503s
@@ -124,6 +143,29 @@ class ManagedModel:
         # Set by the Router: note a sleep (True) or a wake (False) in the ledger, for `elastikv status`. Blocking.
         self.note_asleep: Callable[[ManagedModel, bool], None] | None = None
 
+    # -- state -----------------------------------------------------------------------------------------------
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, new: State) -> None:
+        """The one transition function. A step outside ``TRANSITIONS`` is a bug: logged and counted (the tests
+        check the count), never raised, so that a surprise cannot leave the model between states."""
+        old = self._state
+        if new is not old and new is not State.STOPPED and new not in TRANSITIONS[old]:
+            self.counters.bad_transitions += 1
+            log.error("%s: unexpected state change %s -> %s", self.spec.name, old.value, new.value)
+        self._state = new
+        if new is not old:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def _next_change(self, changed: asyncio.Event, bound: float = 1.0) -> None:
+        """Wait until the state has changed since ``changed`` was taken (at most ``bound`` seconds)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(changed.wait(), bound)
+
     # -- requests --------------------------------------------------------------------------------------------
     async def acquire(self) -> None:
         """Admit one request: wake or start the engine if needed. Raises ``Unavailable``."""
@@ -131,12 +173,14 @@ class ManagedModel:
         while True:
             if self.state is State.AWAKE:
                 self.active += 1  # no await since the check: invariant 2
+                self._none_active.clear()
                 self.last_used = time.monotonic()
                 return
             self.refuse_if_down()
+            changed = self._changed
             await self._bring_up(arrived)
             if not self.awake:
-                await asyncio.sleep(0.01)  # another task is moving it (starting, sleeping): never spin on the loop
+                await self._next_change(changed)  # another task is moving it (starting, sleeping): wait for it
 
     @property
     def awake(self) -> bool:
@@ -144,6 +188,8 @@ class ManagedModel:
 
     def release(self) -> None:
         self.active -= 1
+        if not self.active:
+            self._none_active.set()
         self.last_used = time.monotonic()
 
     def refuse_if_down(self) -> None:
@@ -419,12 +465,13 @@ class ManagedModel:
             if reason.startswith("idle") and (self.active or self.idle_for() < (self.spec.idle_s or 0)):
                 return {"model": self.spec.name, "state": self.state.value, "changed": False}  # used meanwhile
             self.state = State.DRAINING  # new requests now queue on the lock
-            deadline = time.monotonic() + DRAIN_TIMEOUT_S
             try:
-                while self.active:
-                    if time.monotonic() > deadline:
-                        raise Unavailable(f"{self.spec.name}: requests still in flight after {DRAIN_TIMEOUT_S:.0f} s")
-                    await asyncio.sleep(0.02)
+                try:
+                    await asyncio.wait_for(self._none_active.wait(), DRAIN_TIMEOUT_S)
+                except asyncio.TimeoutError:
+                    raise Unavailable(
+                        f"{self.spec.name}: requests still in flight after {DRAIN_TIMEOUT_S:.0f} s"
+                    ) from None
             except BaseException:  # timed out, or the sleep was cancelled: it never stopped being awake
                 self.state = State.AWAKE
                 raise
@@ -571,6 +618,7 @@ class ManagedModel:
             "sleeps": c.sleeps,
             "restarts": c.restarts,
             "crashes": c.crashes,
+            "bad_transitions": c.bad_transitions,
             "last_exit": self.last_exit,
             "log": str(self.log_path),
             "command": describe(self.launch.argv),

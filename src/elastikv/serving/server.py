@@ -108,6 +108,18 @@ def create_app(
             raise HTTPException(400, f"max_tokens must be a positive whole number, got {value!r}")
         return value
 
+    def stream_of(body: dict[str, Any]) -> bool:
+        """``stream`` (a boolean), after checking the sampling fields this engine accepts and ignores (it decodes
+        greedily): each, if given, must at least be what the OpenAI API says it is."""
+        for name in ("temperature", "top_p"):
+            value = body.get(name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+                raise HTTPException(400, f"{name} must be a number >= 0, got {value!r:.40}")
+        value = body.get("stream", False)
+        if not isinstance(value, bool):
+            raise HTTPException(400, f"stream must be true or false, got {value!r:.40}")
+        return value
+
     async def run(prompt: list[int], max_tokens: int, stream: bool, make_chunk: Any, make_final: Any) -> Any:
         problem = engine.check_request(prompt, max_tokens)
         if problem is not None:
@@ -175,7 +187,7 @@ def create_app(
             out["usage"] = usage(prompt, tokens)
             return out
 
-        return await run(prompt, max_tokens, bool(body.get("stream")), chunk, final)
+        return await run(prompt, max_tokens, stream_of(body), chunk, final)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -203,7 +215,7 @@ def create_app(
                                  "finish_reason": finish_reason(tokens, max_tokens), "token_ids": tokens}],
                     "usage": usage(prompt, tokens)}  # fmt: skip
 
-        return await run(prompt, max_tokens, bool(body.get("stream")), chunk, final)
+        return await run(prompt, max_tokens, stream_of(body), chunk, final)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
