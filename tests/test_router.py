@@ -440,7 +440,12 @@ def test_hostile_requests_through_the_router_are_4xx_and_leave_the_engine_at_its
         {"prompt": "hi", "max_tokens": 4, "temperature": "hot"},
         {"prompt": "hi", "max_tokens": 4, "top_p": -1},
     ]
+    admin(served, "sleep", "alpha")
+    wakes = served.status()["alpha"]["wakes"]
     with httpx.Client(timeout=60) as http:
+        r = http.post(url, json={"model": "alpha", "prompt": "hi", "max_tokens": "4"})  # refused by the router:
+        assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"], r.text  # nothing woken
+        assert served.status()["alpha"]["state"] == "asleep" and served.status()["alpha"]["wakes"] == wakes
         for body in bodies:
             for stream in (False, True):
                 r = http.post(url, json={"model": "alpha", "stream": stream, **body})  # (a case's stream wins)

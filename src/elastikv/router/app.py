@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from elastikv.router.router import Router
 from elastikv.router.supervisor import ManagedModel, State, Unavailable
+from elastikv.serving import requests
 
 
 def error(status: int, message: str, *, type_: str, code: str | None = None, param: str | None = None,
@@ -106,6 +107,10 @@ def create_app(router: Router, *, manage_lifetime: bool = True) -> FastAPI:
             served = ", ".join(router.models)
             return error(404, f"The model `{name}` does not exist. Served here: {served}.",
                          type_="invalid_request_error", param="model", code="model_not_found")  # fmt: skip
+        try:  # before the model is woken or started for it
+            requests.check_body(path, body)
+        except requests.BadRequest as exc:
+            return error(400, str(exc), type_="invalid_request_error")
         t0 = time.monotonic()
         try:
             await model.acquire()

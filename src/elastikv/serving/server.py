@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
 from elastikv.errors import ConfigError, EngineDied
+from elastikv.serving import requests
 from elastikv.serving.engine import Asleep, Engine
 
 
@@ -93,32 +94,16 @@ def create_app(
             body = await request.json()
         except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, a lone surrogate, nesting too deep
             raise HTTPException(400, f"the body is not JSON ({type(exc).__name__})") from None
-        if not isinstance(body, dict):
-            raise HTTPException(400, "the body must be a JSON object")
-        return body
+        try:
+            requests.check_body(request.url.path, body)  # the shape every edge checks (the router does too)
+        except requests.BadRequest as exc:
+            raise HTTPException(400, str(exc)) from None
+        return dict(body)
 
     def check_model(body: dict[str, Any]) -> None:
         model = body.get("model")
         if model is not None and model != engine.name:
             raise HTTPException(404, f"model {model!r} is not served here; this engine serves {engine.name!r}")
-
-    def max_tokens_of(body: dict[str, Any]) -> int:
-        value = body.get("max_tokens", body.get("max_completion_tokens", 256))
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise HTTPException(400, f"max_tokens must be a positive whole number, got {value!r}")
-        return value
-
-    def stream_of(body: dict[str, Any]) -> bool:
-        """``stream`` (a boolean), after checking the sampling fields this engine accepts and ignores (it decodes
-        greedily): each, if given, must at least be what the OpenAI API says it is."""
-        for name in ("temperature", "top_p"):
-            value = body.get(name)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-                raise HTTPException(400, f"{name} must be a number >= 0, got {value!r:.40}")
-        value = body.get("stream", False)
-        if not isinstance(value, bool):
-            raise HTTPException(400, f"stream must be true or false, got {value!r:.40}")
-        return value
 
     async def run(prompt: list[int], max_tokens: int, stream: bool, make_chunk: Any, make_final: Any) -> Any:
         problem = engine.check_request(prompt, max_tokens)
@@ -173,7 +158,7 @@ def create_app(
             prompt = engine.encode(prompt_in)
         else:
             raise HTTPException(400, "prompt must be a string or a list of token ids (one prompt per request)")
-        max_tokens = max_tokens_of(body)
+        max_tokens = requests.max_tokens_of(body)
         rid, created = f"cmpl-{uuid.uuid4().hex[:16]}", int(time.time())
 
         def chunk(delta: str, done: bool, tokens: list[int]) -> dict[str, Any]:
@@ -187,20 +172,14 @@ def create_app(
             out["usage"] = usage(prompt, tokens)
             return out
 
-        return await run(prompt, max_tokens, stream_of(body), chunk, final)
+        return await run(prompt, max_tokens, requests.stream_of(body), chunk, final)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         body = await body_of(request)
         check_model(body)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise HTTPException(400, "messages must be a non-empty list of {role, content}")
-        for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise HTTPException(400, f"messages[{i}] must be {{role: string, content: string}}, got {m!r:.80}")
-        prompt = engine.encode_chat(messages)
-        max_tokens = max_tokens_of(body)
+        prompt = engine.encode_chat(requests.messages_of(body))
+        max_tokens = requests.max_tokens_of(body)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
 
         def chunk(delta: str, done: bool, tokens: list[int]) -> dict[str, Any]:
@@ -215,7 +194,7 @@ def create_app(
                                  "finish_reason": finish_reason(tokens, max_tokens), "token_ids": tokens}],
                     "usage": usage(prompt, tokens)}  # fmt: skip
 
-        return await run(prompt, max_tokens, stream_of(body), chunk, final)
+        return await run(prompt, max_tokens, requests.stream_of(body), chunk, final)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
