@@ -680,9 +680,9 @@ class LedgerBudget:
                 return
             burst = now - self._last_book < self.BURST_GAP
             self._lease_units = min(self.max_lease_units, max(1, 2 * self._lease_units)) if burst else 0
-            need = self._booked + nbytes - self._granted
-            granted, self._limit = self._with_row(
-                lambda: self.ledger.book(self.name, need, extra=self._lease_units * self.unit, unit=self.unit)
+            extra = self._lease_units * self.unit
+            granted, self._limit = self._with_row(  # the need is read again after a rejoin (the lease went)
+                lambda: self.ledger.book(self.name, self._booked + nbytes - self._granted, extra=extra, unit=self.unit)
             )
             self.transactions += 1
             self._granted += granted
