@@ -418,7 +418,6 @@ class Ledger:
         check_name(name, "instance name")
         if limit <= 0:
             raise ConfigError(f"the memory limit of {name!r} must be positive, got {limit}")
-        now = time.time()
         with self._transaction() as db:
             row = db.execute("SELECT pid FROM instances WHERE name = ?", (name,)).fetchone()
             if row is not None:
@@ -426,12 +425,19 @@ class Ledger:
                     f"an instance named {name!r} is already running on {self.device_label} (pid {row[0]}); "
                     "pick another name (--name or ELASTIKV_NAME)"
                 )
-            db.execute(
-                f"INSERT INTO instances ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0, ?, ?)",
-                (name, self._pid, self._start, engine, limit, limit, capacity, now, now),
-            )
+            self._insert(db, name, engine=engine, limit=limit, capacity=capacity, mapped=0)
         return LedgerBudget(
             self, name, limit, unit=unit, max_lease_units=max_lease_units, engine=engine, capacity=capacity
+        )
+
+    def _insert(
+        self, db: sqlite3.Connection, name: str, *, engine: str, limit: int, capacity: int, mapped: int
+    ) -> None:
+        """This process's row for ``name`` (its limit is also its start-up limit)."""
+        now = time.time()
+        db.execute(
+            f"INSERT INTO instances ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
+            (name, self._pid, self._start, engine, limit, limit, capacity, mapped, now, now),
         )
 
     def unregister(self, name: str) -> None:
@@ -449,7 +455,6 @@ class Ledger:
         really holds, if they fit the device budget beside the others; False (nothing written) if they do not
         yet, so that the ledger never sums above the budget. Raises ``NameTaken`` if another process took the
         name meanwhile."""
-        now = time.time()
         with self._transaction() as db:
             row = db.execute("SELECT pid FROM instances WHERE name = ?", (name,)).fetchone()
             if row is not None and row[0] == self._pid:
@@ -460,10 +465,7 @@ class Ledger:
             held = db.execute("SELECT COALESCE(SUM(mapped_bytes), 0) FROM instances").fetchone()[0]
             if held + booked > self._budget_bytes(db, held):
                 return False
-            db.execute(
-                f"INSERT INTO instances ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
-                (name, self._pid, self._start, engine, limit, limit, capacity, booked, now, now),
-            )
+            self._insert(db, name, engine=engine, limit=limit, capacity=capacity, mapped=booked)
         log.warning("instance %r is back in the ledger %s, holding %s", name, self.path, format_bytes(booked))
         return True
 
@@ -562,7 +564,11 @@ class Ledger:
     def instances(self) -> list[InstanceRow]:
         """The live instances (read without the write lock; see :meth:`_snapshot`)."""
         with self._snapshot() as db:
-            rows = [InstanceRow(*r) for r in db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY name")]
+            return self._live_rows(db)
+
+    def _live_rows(self, db: sqlite3.Connection) -> list[InstanceRow]:
+        """Instances of live processes (a reader's view keeps dead ones until a writer reaps them)."""
+        rows = [InstanceRow(*r) for r in db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY name")]
         return [r for r in rows if self._alive(r.pid, r.start_time)]
 
     # -- models asleep (a router's note) ----------------------------------------------------------------------
@@ -596,8 +602,7 @@ class Ledger:
         """The device's rows and budget as ``elastikv status`` shows them (read without the write lock)."""
         with self._snapshot() as db:
             asleep = self._asleep_rows(db)
-            rows = [InstanceRow(*r) for r in db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY name")]
-            rows = [r for r in rows if self._alive(r.pid, r.start_time)]
+            rows = self._live_rows(db)
             held = sum(r.mapped_bytes for r in rows)
             spec = db.execute("SELECT value FROM meta WHERE key = 'budget'").fetchone()[0]
             budget = self._budget_bytes(db, held)
