@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--size", default="8b", choices=["1b", "8b"])
     ap.add_argument("--waves", type=int, default=6)
     ap.add_argument("--singles", type=int, default=24)
-    ap.add_argument("--model-cache", default=os.environ.get("ELASTIKV_MODEL_CACHE", ".models"))
+    ap.add_argument("--model-cache", default=os.environ.get("EKV_MODEL_CACHE", ".models"))
     ap.add_argument("--elastic-env", action="append", default=[], metavar="KEY=VALUE",
                     help="more environment for the elastic engine (ELASTIKV_PREFIX_CACHE=0, ...)")  # fmt: skip
     args = ap.parse_args()

@@ -75,6 +75,7 @@ def router_config(
             if on_cpu:  # vLLM's CPU build sizes its cache from this (whole GiB) instead
                 menv["VLLM_CPU_KVCACHE_SPACE"] = str(static_kv_bytes(share) // 1024**3)
         elif mode == "kvcached":
+            margs += ["--gpu-memory-utilization", kvcached_utilization(path, budget)]  # the later flag wins
             menv.update(ENABLE_KVCACHED="true", KVCACHED_AUTOPATCH="1", KVCACHED_IPC_NAME=kvcached_ipc(name))
             if LIBSTDCXX.exists():
                 menv["LD_PRELOAD"] = str(LIBSTDCXX)
@@ -99,6 +100,19 @@ def router_config(
             )
         )
     return RouterConfig(host="127.0.0.1", port=free_port(), admin_token=None, models=tuple(specs), source=None)
+
+
+def kvcached_utilization(model: Path, budget: int) -> str:
+    """The ``--gpu-memory-utilization`` a kvcached server needs to be allowed the whole ``budget``: kvcached 0.1.6
+    sizes its KV capacity as utilization x device memory - weights - the profiled peak (at our 0.1 it came out
+    negative for an 8B model and every server refused to start: "No available memory for the cache blocks")."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "0.1"
+    weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors"))
+    total = torch.cuda.mem_get_info()[1]
+    return f"{min(0.95, (weights + budget + 4 * 1024**3) / total):.3f}"  # 4 GiB: activations, graphs, slack
 
 
 def static_kv_bytes(share: int) -> int:
