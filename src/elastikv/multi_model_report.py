@@ -98,7 +98,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"KV budget {format_bytes(p['kv_budget'])} ({report['static_share_tokens']} tokens per model when split), "
         f"requests of {p['prompt_tokens']} prompt + {p['output_tokens']} output tokens, {p['duration']:g} s of trace "
         f"per rate (peaks {p['peak_width']:g} s wide, base rate {p['base_rate']:g}/s), attention "
-        f"{report.get('attention', 'sdpa')} in both modes. Why: {report['why']}.",
+        f"{report.get('attention', 'sdpa')} in every mode. Why: {report['why']}.",
         "",
         "| peak rate (req/s) | mode | completed | TTFT mean (ms) | p50 | p99 | TPOT mean (ms) | output tok/s | "
         "prompt tok/s | KV peak |",
