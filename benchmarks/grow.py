@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import _results
 from elastikv.allocator import BlockAllocator
+from elastikv.budget import LedgerBudget
 from elastikv.cache_demo import LLAMA_8B
 from elastikv.config import format_bytes, parse_size
-from elastikv.ledger import Ledger, LedgerBudget
+from elastikv.ledger import Ledger
 from elastikv.memory import MemoryBackend, open_backend
 from elastikv.memory import used_bytes as used
 from elastikv.space import KVSpace
@@ -74,7 +75,8 @@ def burst(
     budget = None
     if ledger is not None:
         capacity = space.num_pages * page
-        budget = ledger.register(
+        budget = LedgerBudget.register(
+            ledger,
             f"grow-{time.monotonic_ns()}",
             engine="bench",
             limit=capacity,

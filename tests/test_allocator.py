@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import SMALL, used_bytes
 
 from elastikv.allocator import BlockAllocator
+from elastikv.budget import LedgerBudget
 from elastikv.errors import ConfigError, InvalidBlockError, LimitExceeded, OutOfMemory
 from elastikv.memory import HostBackend, MemoryBackend
 from elastikv.space import KVSpace
@@ -386,8 +387,8 @@ def test_a_ledger_that_fails_refuses_growth_and_nothing_wedges(backend: MemoryBa
     ledger = Ledger("host:test-device", device_label="test", total_bytes=1024 * 1024**2,
                     directory=Path(str(tmp_path)) / "ledger", budget=parse_size("512MiB"))  # fmt: skip
     space = KVSpace(backend, SMALL, num_blocks=8 * BPP)
-    budget = ledger.register("victim", engine="test", limit=256 * 1024**2, capacity=space.num_pages * space.page_bytes,
-                             unit=space.page_bytes)  # fmt: skip
+    budget = LedgerBudget.register(ledger, "victim", engine="test", limit=256 * 1024**2,
+                                   capacity=space.num_pages * space.page_bytes, unit=space.page_bytes)  # fmt: skip
     alloc = BlockAllocator(space, budget=budget, reserve_bytes=0, background=False, trim_delay=0.0)
     held = alloc.allocate(1)
     before = alloc.stats()

@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from tests.conftest import SMALL, device_filled, open_test_backend, used_bytes
 
 from elastikv.allocator import LOST, BlockAllocator
+from elastikv.budget import LedgerBudget
 from elastikv.errors import AllocationRefused, DriverError, LimitExceeded
 from elastikv.ledger import Ledger, LedgerError
 from elastikv.space import KVSpace
@@ -80,8 +81,14 @@ def make_machine(
                     self.backend.device_id, total_bytes=NUM_PAGES * 4 * self.page, directory=self.ledger_dir
                 )
                 capacity = NUM_PAGES * self.page
-                budget = self.ledger.register(
-                    "m", engine="test", limit=capacity, capacity=capacity, unit=self.page, max_lease_units=4
+                budget = LedgerBudget.register(
+                    self.ledger,
+                    "m",
+                    engine="test",
+                    limit=capacity,
+                    capacity=capacity,
+                    unit=self.page,
+                    max_lease_units=4,
                 )
                 if faults:
                     self.down = DownLedger(self.ledger)

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from elastikv.allocator import AllocatorStats
+from elastikv.budget import LedgerBudget
 from elastikv.config import Size, parse_size
 from elastikv.errors import ConfigError, LimitExceeded
-from elastikv.ledger import Ledger, LedgerBudget, LedgerError, NameTaken, UnknownInstance, process_start_time, summaries
+from elastikv.ledger import Ledger, LedgerError, NameTaken, UnknownInstance, process_start_time, summaries
 
 MiB = 1024**2
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +37,8 @@ def make_ledger(tmp_path: Path, budget: str = "64MiB", free: int | None = None) 
 
 def test_admission_checks_the_instance_limit_and_the_device_budget(tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path)
-    a = ledger.register("a", engine="test", limit=40 * MiB, capacity=512 * MiB)
-    b = ledger.register("b", engine="test", limit=40 * MiB, capacity=512 * MiB)
+    a = LedgerBudget.register(ledger, "a", engine="test", limit=40 * MiB, capacity=512 * MiB)
+    b = LedgerBudget.register(ledger, "b", engine="test", limit=40 * MiB, capacity=512 * MiB)
     a.book(32 * MiB)
     with pytest.raises(LimitExceeded, match=r"a: .* exceed its limit of 40 MiB"):
         a.book(16 * MiB)
@@ -62,7 +63,7 @@ def test_budget_respects_memory_used_outside_elastikv(tmp_path: Path) -> None:
         budget=parse_size("95%"),
         free_bytes=lambda: 20 * MiB - mapped[0],  # what the driver reports: less as elastikv maps
     )
-    a = ledger.register("a", engine="test", limit=900 * MiB, capacity=900 * MiB)
+    a = LedgerBudget.register(ledger, "a", engine="test", limit=900 * MiB, capacity=900 * MiB)
     a.book(16 * MiB)
     mapped[0] = 16 * MiB
     with pytest.raises(LimitExceeded, match="device budget"):
@@ -74,7 +75,8 @@ def test_budget_respects_memory_used_outside_elastikv(tmp_path: Path) -> None:
 def test_concurrent_bookings_never_overshoot(tmp_path: Path) -> None:
     """Many threads with their own connections race to book: the sum never passes the budget."""
     ledgers = [make_ledger(tmp_path) for _ in range(4)]
-    budgets = [led.register(f"t{i}", engine="test", limit=64 * MiB, capacity=64 * MiB) for i, led in enumerate(ledgers)]
+    budgets = [LedgerBudget.register(led, f"t{i}", engine="test", limit=64 * MiB, capacity=64 * MiB)
+               for i, led in enumerate(ledgers)]  # fmt: skip
     granted = [0] * 4
 
     def grab(i: int) -> None:
@@ -102,8 +104,10 @@ def _idle_stats() -> AllocatorStats:
 
 def test_bursts_book_leases_within_every_bound_and_give_them_back(tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path)  # device budget 64 MiB
-    a = ledger.register("a", engine="test", limit=40 * MiB, capacity=64 * MiB, unit=MiB, max_lease_units=8)
-    b = ledger.register("b", engine="test", limit=64 * MiB, capacity=64 * MiB, unit=MiB, max_lease_units=8)
+    a = LedgerBudget.register(ledger, "a", engine="test", limit=40 * MiB, capacity=64 * MiB, unit=MiB,
+                              max_lease_units=8)  # fmt: skip
+    b = LedgerBudget.register(ledger, "b", engine="test", limit=64 * MiB, capacity=64 * MiB, unit=MiB,
+                              max_lease_units=8)  # fmt: skip
     for _ in range(30):  # a burst of page-sized bookings
         a.book(MiB)
     assert a.booked == 30 * MiB and a.transactions < 12, a.transactions  # leases: far fewer than 30
@@ -126,20 +130,20 @@ def test_bursts_book_leases_within_every_bound_and_give_them_back(tmp_path: Path
 
 def test_names_are_unique_and_checked(tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path)
-    ledger.register("model-a", engine="test", limit=MiB, capacity=MiB)
+    LedgerBudget.register(ledger, "model-a", engine="test", limit=MiB, capacity=MiB)
     with pytest.raises(NameTaken, match=r"'model-a' is already running on test device .*pick another name"):
-        ledger.register("model-a", engine="test", limit=MiB, capacity=MiB)
+        LedgerBudget.register(ledger, "model-a", engine="test", limit=MiB, capacity=MiB)
     for bad in ("", "has space", "-dash", "x" * 65, "a/b"):
         with pytest.raises(ConfigError, match="not a usable instance name"):
-            ledger.register(bad, engine="test", limit=MiB, capacity=MiB)
+            LedgerBudget.register(ledger, bad, engine="test", limit=MiB, capacity=MiB)
     with pytest.raises(ConfigError, match="must be positive"):
-        ledger.register("zero", engine="test", limit=0, capacity=MiB)
+        LedgerBudget.register(ledger, "zero", engine="test", limit=0, capacity=MiB)
     ledger.close()
 
 
 def test_limits_set_clamped_reset(tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path)
-    budget = ledger.register("m", engine="test", limit=32 * MiB, capacity=256 * MiB)
+    budget = LedgerBudget.register(ledger, "m", engine="test", limit=32 * MiB, capacity=256 * MiB)
     row, warning = ledger.set_limit("m", Size(fraction=0.1))  # 10% of the 1 GiB device
     assert row.limit_bytes == 1024 * MiB // 10 and not warning
     row, warning = ledger.set_limit("m", parse_size("2GiB"))
@@ -157,10 +161,11 @@ def test_limits_set_clamped_reset(tmp_path: Path) -> None:
 def test_a_dead_process_holds_nothing_after_the_next_access(tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path)
     code = (
-        "import sys, time; from elastikv.ledger import Ledger; from elastikv.config import parse_size;"
+        "import sys, time; from elastikv.ledger import Ledger; from elastikv.budget import LedgerBudget;"
+        "from elastikv.config import parse_size;"
         f"led = Ledger('host:test-device', total_bytes={1024 * MiB}, directory={str(tmp_path / 'ledger')!r},"
         " budget=parse_size('64MiB'));"
-        "b = led.register('doomed', engine='test', limit=64*2**20, capacity=64*2**20); b.book(48*2**20);"
+        "b = LedgerBudget.register(led, 'doomed', engine='test', limit=64*2**20, capacity=64*2**20); b.book(48*2**20);"
         "print('booked', flush=True); time.sleep(60)"
     )
     proc = subprocess.Popen(
@@ -171,7 +176,7 @@ def test_a_dead_process_holds_nothing_after_the_next_access(tmp_path: Path) -> N
     )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "booked"
     assert [r.name for r in ledger.instances()] == ["doomed"]
-    mine = ledger.register("survivor", engine="test", limit=64 * MiB, capacity=64 * MiB)
+    mine = LedgerBudget.register(ledger, "survivor", engine="test", limit=64 * MiB, capacity=64 * MiB)
     with pytest.raises(LimitExceeded):
         mine.book(32 * MiB)
     proc.send_signal(signal.SIGKILL)
@@ -189,7 +194,7 @@ def test_a_dead_process_holds_nothing_after_the_next_access(tmp_path: Path) -> N
 
 def test_a_reused_pid_does_not_keep_a_dead_row(tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path)
-    ledger.register("live", engine="test", limit=MiB, capacity=MiB)
+    LedgerBudget.register(ledger, "live", engine="test", limit=MiB, capacity=MiB)
     with sqlite3.connect(ledger.path) as db:  # a row with our pid but another process's start time
         db.execute(
             "INSERT INTO instances VALUES ('old', ?, ?, 'test', 1, 1, 1, 1, 0, 0, 0, 0)",
@@ -201,7 +206,7 @@ def test_a_reused_pid_does_not_keep_a_dead_row(tmp_path: Path) -> None:
 
 def test_unsafe_or_broken_ledgers_are_clear_errors(tmp_path: Path) -> None:
     ledger = make_ledger(tmp_path)
-    ledger.register("x", engine="test", limit=MiB, capacity=MiB)
+    LedgerBudget.register(ledger, "x", engine="test", limit=MiB, capacity=MiB)
     ledger.close()
     path = ledger.path
     os.chmod(path, 0o644)
@@ -415,7 +420,7 @@ def test_a_busy_ledger_is_reported_as_busy_naming_the_holder_never_as_corrupt(
 
     monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT", 0.5)
     ledger = make_ledger(tmp_path)
-    budget = ledger.register("waiting", engine="test", limit=64 * MiB, capacity=64 * MiB)
+    budget = LedgerBudget.register(ledger, "waiting", engine="test", limit=64 * MiB, capacity=64 * MiB)
     code = (
         "import sqlite3, sys, os, signal; db = sqlite3.connect(sys.argv[1], isolation_level=None);"
         "db.execute('BEGIN IMMEDIATE'); print('locked', flush=True); os.kill(os.getpid(), signal.SIGSTOP)"

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers", reason="needs transformers: p
 import torch  # noqa: E402
 from tests.tiny_models import build_tiny_llama  # noqa: E402
 
+from elastikv.budget import LedgerBudget  # noqa: E402
 from elastikv.config import Settings  # noqa: E402
 from elastikv.errors import UnsupportedEngine  # noqa: E402
 
@@ -293,7 +294,7 @@ def _hog(tmp_path: Path) -> tuple[Any, Any, Any]:
         directory=str(tmp_path / "ledger"),
         budget=Settings.from_env({"ELASTIKV_DEVICE_BUDGET": "16MiB"}).device_budget,
     )
-    return host, ledger, ledger.register("hog", engine="test", limit=16 * MIB, capacity=16 * MIB)
+    return host, ledger, LedgerBudget.register(ledger, "hog", engine="test", limit=16 * MIB, capacity=16 * MIB)
 
 
 def test_running_requests_wait_for_memory_another_instance_holds(model: Any, elastic: Any, tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """BlockAllocator: hands out an engine's block ids and keeps exactly the pages they need mapped.
 
 Ownership: the allocator owns every decision about *which* blocks are live and *when* a page is mapped or
-unmapped; the :class:`~elastikv.space.KVSpace` does the mapping; a :class:`Budget` books the bytes (the
-local limit here, the cross-process ledger later). The engine owns the blocks it was given until it frees them.
+unmapped; the :class:`~elastikv.space.KVSpace` does the mapping; a :class:`~elastikv.budget.Budget` books the
+bytes (a local limit, or the cross-process ledger: ``budget.py``). The engine owns the blocks it was given until it frees them.
 
 Invariants (DESIGN.md; the property-based test checks them after every step):
 
@@ -34,8 +34,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
+from elastikv.budget import Budget, LocalBudget
 from elastikv.config import format_bytes
 from elastikv.errors import (
     AllocationRefused,
@@ -53,73 +53,6 @@ log = logging.getLogger(__name__)
 
 UNMAPPED, MAPPING, MAPPED, UNMAPPING, LOST = 0, 1, 2, 3, 4
 _ONES = b"\x01" * 4096
-
-
-class Budget(Protocol):
-    """Where mapped bytes are booked. Implementations are thread-safe and never call the allocator back.
-
-    ``book`` is atomic: it checks the limit (and, for the cross-process ledger, the device budget) and books
-    in one step, so two callers can never both pass a check and then overshoot together. It raises
-    ``LimitExceeded`` saying which bound refused. ``sync`` is called by the allocator's maintainer a few
-    times a second: a shared budget publishes the instance's figures and picks up limits changed elsewhere.
-    """
-
-    @property
-    def limit(self) -> int: ...
-
-    @property
-    def booked(self) -> int: ...
-
-    def book(self, nbytes: int) -> None: ...
-
-    def release(self, nbytes: int) -> None: ...
-
-    def set_limit(self, nbytes: int) -> None: ...
-
-    def sync(self, stats: AllocatorStats) -> None: ...
-
-
-class LocalBudget:
-    """A limit for one allocator in one process."""
-
-    def __init__(self, limit: int) -> None:
-        if limit <= 0:
-            raise ConfigError(f"the memory limit must be positive, got {limit}")
-        self._limit = limit
-        self._booked = 0
-        self._lock = threading.Lock()
-
-    @property
-    def limit(self) -> int:
-        return self._limit
-
-    @property
-    def booked(self) -> int:
-        return self._booked
-
-    def book(self, nbytes: int) -> None:
-        with self._lock:
-            if self._booked + nbytes > self._limit:
-                raise LimitExceeded(
-                    f"mapping {format_bytes(nbytes)} more would exceed the limit of {format_bytes(self._limit)} "
-                    f"({format_bytes(self._booked)} mapped)"
-                )
-            self._booked += nbytes
-
-    def release(self, nbytes: int) -> None:
-        with self._lock:
-            if nbytes > self._booked:
-                raise AssertionError(f"releasing {nbytes} bytes but only {self._booked} are booked")
-            self._booked -= nbytes
-
-    def set_limit(self, nbytes: int) -> None:
-        if nbytes <= 0:
-            raise ConfigError(f"the memory limit must be positive, got {nbytes}")
-        with self._lock:
-            self._limit = nbytes
-
-    def sync(self, stats: AllocatorStats) -> None:
-        return None
 
 
 class MapFailed(AllocationRefused):

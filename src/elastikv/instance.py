@@ -17,9 +17,10 @@ import torch
 
 from elastikv import lifecycle
 from elastikv.allocator import BlockAllocator
+from elastikv.budget import LedgerBudget
 from elastikv.config import LayoutName, Settings, format_bytes
 from elastikv.errors import ConfigError
-from elastikv.ledger import Ledger, LedgerBudget
+from elastikv.ledger import Ledger
 from elastikv.memory import MemoryBackend, open_backend, physical_memory
 from elastikv.space import KVGeometry, KVSpace, Pages
 
@@ -211,7 +212,8 @@ def book(
         budget=settings.device_budget,
     )
     try:
-        budget = ledger.register(
+        budget = LedgerBudget.register(
+            ledger,
             name,
             engine=engine,
             limit=limit,

@@ -35,13 +35,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from elastikv.config import Size, check_name, format_bytes, parse_size
 from elastikv.errors import ConfigError, ElastikvError, LimitExceeded
-
-if TYPE_CHECKING:
-    from elastikv.allocator import AllocatorStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -410,11 +407,9 @@ class Ledger:
         return budget
 
     # -- instances -----------------------------------------------------------------------------------------
-    def register(
-        self, name: str, *, engine: str, limit: int, capacity: int, unit: int = 1, max_lease_units: int = 0
-    ) -> LedgerBudget:
-        """Add a row for this process. ``unit`` is the size the allocator books in (its page); bursts may book
-        up to ``max_lease_units`` of them ahead (see :class:`LedgerBudget`; 0: book exactly)."""
+    def add(self, name: str, *, engine: str, limit: int, capacity: int) -> None:
+        """Add a row for this process, holding nothing yet (``budget.LedgerBudget.register`` adds one and books
+        through it). Raises ``NameTaken`` while another live instance has ``name``."""
         check_name(name, "instance name")
         if limit <= 0:
             raise ConfigError(f"the memory limit of {name!r} must be positive, got {limit}")
@@ -426,9 +421,6 @@ class Ledger:
                     "pick another name (--name or ELASTIKV_NAME)"
                 )
             self._insert(db, name, engine=engine, limit=limit, capacity=capacity, mapped=0)
-        return LedgerBudget(
-            self, name, limit, unit=unit, max_lease_units=max_lease_units, engine=engine, capacity=capacity
-        )
 
     def _insert(
         self, db: sqlite3.Connection, name: str, *, engine: str, limit: int, capacity: int, mapped: int
@@ -612,143 +604,6 @@ class Ledger:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-
-class LedgerBudget:
-    """The allocator's :class:`~elastikv.allocator.Budget` backed by the device's ledger.
-
-    One ledger transaction costs about as much as mapping a page (~70 us on an H100 host), so a burst that
-    booked page by page would pay twice. Bookings that follow each other closely therefore take a *lease*:
-    the ledger books whole pages ahead (1, 2, 4... up to ``max_lease_units``, only as far as the limit and the
-    device budget allow), and the next bookings are served from it locally. Unused lease is handed back when
-    the instance goes quiet (``sync``), at once past the limit, and whenever it grows beyond the lease size.
-    The ledger row therefore counts booked bytes: mapped ones plus at most one lease, briefly. Physical memory
-    never exceeds booked bytes, and booked bytes never exceed the limits: invariant 3 holds.
-    """
-
-    DEFAULT_MAX_LEASE_UNITS = 16
-    BURST_GAP = 0.25  # seconds: bookings closer than this are one burst
-    QUIET = 0.5  # seconds without a booking before unused lease goes back
-
-    def __init__(
-        self,
-        ledger: Ledger,
-        name: str,
-        limit: int,
-        *,
-        unit: int = 1,
-        max_lease_units: int = 0,
-        engine: str = "",
-        capacity: int = 0,
-    ) -> None:
-        self.ledger = ledger
-        self.engine = engine  # engine and capacity: to put the row back if it vanishes (_rejoin)
-        self.capacity = capacity
-        self.max_lease_units = max_lease_units
-        self.name = name
-        self.unit = unit
-        self._limit = limit  # cached: refreshed at every ledger booking and sync
-        self._booked = 0  # what the allocator holds
-        self._granted = 0  # what the ledger has booked for us: _booked plus the unused lease
-        self._lease_units = 0
-        self._last_book = 0.0
-        self._lock = threading.Lock()
-        self._last_sync = 0.0
-        self._last_figures: tuple[int, int, int] | None = None
-        self.transactions = 0  # ledger bookings made (for tests and benchmarks)
-
-    @property
-    def limit(self) -> int:
-        return self._limit
-
-    @property
-    def booked(self) -> int:
-        return self._booked
-
-    @property
-    def granted(self) -> int:
-        return self._granted
-
-    def book(self, nbytes: int) -> None:
-        with self._lock:
-            now = time.monotonic()
-            if self._booked + nbytes > self._limit:
-                self._limit = self._with_row(lambda: self.ledger.limit_of(self.name))  # raised since we looked?
-            if self._booked + nbytes > self._limit:
-                raise LimitExceeded(
-                    f"{self.name}: mapping {format_bytes(nbytes)} more would exceed its limit of "
-                    f"{format_bytes(self._limit)} ({format_bytes(self._booked)} mapped)"
-                )
-            if self._booked + nbytes <= self._granted:  # served from the lease: no transaction
-                self._booked += nbytes
-                self._last_book = now
-                return
-            burst = now - self._last_book < self.BURST_GAP
-            self._lease_units = min(self.max_lease_units, max(1, 2 * self._lease_units)) if burst else 0
-            extra = self._lease_units * self.unit
-            granted, self._limit = self._with_row(  # the need is read again after a rejoin (the lease went)
-                lambda: self.ledger.book(self.name, self._booked + nbytes - self._granted, extra=extra, unit=self.unit)
-            )
-            self.transactions += 1
-            self._granted += granted
-            self._booked += nbytes
-            self._last_book = now
-
-    def release(self, nbytes: int) -> None:
-        with self._lock:
-            self._booked -= nbytes
-            keep = max(0, min(self._lease_units * self.unit, self._limit - self._booked))  # never above the limit
-            self._give_back(self._granted - self._booked - keep)
-
-    def _give_back(self, nbytes: int) -> None:
-        """Return ``nbytes`` of unused lease to the ledger. Caller holds the lock."""
-        if nbytes > 0:
-            self.ledger.release(self.name, nbytes)
-            self._granted -= nbytes
-
-    def set_limit(self, nbytes: int) -> None:
-        row, _ = self.ledger.set_limit(self.name, Size(nbytes=nbytes))
-        with self._lock:
-            self._limit = row.limit_bytes
-            self._give_back(self._granted - max(self._booked, self._limit))  # no lease above a lowered limit
-
-    def sync(self, stats: AllocatorStats) -> None:
-        now = time.monotonic()
-        if now - self._last_sync < SYNC_INTERVAL:
-            return
-        self._last_sync = now
-        with self._lock:
-            quiet = now - self._last_book > self.QUIET
-            if quiet:
-                self._lease_units = 0
-            if quiet or self._granted > self._limit:
-                self._give_back(self._granted - self._booked)
-        reserve = stats.pages_empty * stats.page_bytes
-        in_use = stats.mapped_bytes - reserve
-        figures = (in_use, reserve, stats.blocks_in_use)
-        active = figures != self._last_figures
-        self._last_figures = figures
-        with self._lock:
-            self._limit = self._with_row(
-                lambda: self.ledger.publish(self.name, in_use=in_use, reserve=reserve, active=active)
-            )
-
-    def _with_row(self, call: Callable[[], T]) -> T:
-        """``call()``; if our row has vanished, put it back first (when what we hold fits) and call again.
-        Caller holds the lock. Raises ``RowMissing`` while it does not fit: growth is refused, and as memory
-        is given back the next sync tries again."""
-        try:
-            return call()
-        except RowMissing:
-            need = self._booked  # what is really mapped; the lease went with the row
-            if not self.ledger.rejoin(self.name, engine=self.engine, limit=self._limit, capacity=self.capacity,
-                                      booked=need):  # fmt: skip
-                raise
-            self._granted, self._lease_units = need, 0
-            return call()
-
-    def close(self) -> None:
-        self.ledger.unregister(self.name)
 
 
 def summaries(directory: str | Path | None = None) -> list[DeviceSummary]:
