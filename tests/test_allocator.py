@@ -382,7 +382,8 @@ def test_a_ledger_that_fails_refuses_growth_and_nothing_wedges(backend: MemoryBa
 
     from elastikv.config import parse_size
     from elastikv.errors import BudgetUnavailable
-    from elastikv.ledger import Ledger, process_start_time
+    from elastikv.ledger import Ledger
+    from elastikv.procfs import process_start_time
 
     ledger = Ledger("host:test-device", device_label="test", total_bytes=1024 * 1024**2,
                     directory=Path(str(tmp_path)) / "ledger", budget=parse_size("512MiB"))  # fmt: skip

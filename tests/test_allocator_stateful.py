@@ -16,8 +16,8 @@ from tests.conftest import SMALL, device_filled, open_test_backend, used_bytes
 
 from elastikv.allocator import LOST, BlockAllocator
 from elastikv.budget import LedgerBudget
-from elastikv.errors import AllocationRefused, DriverError, LimitExceeded
-from elastikv.ledger import Ledger, LedgerError
+from elastikv.errors import AllocationRefused, DriverError, LedgerError, LimitExceeded
+from elastikv.ledger import Ledger
 from elastikv.space import KVSpace
 
 NUM_PAGES = 8

@@ -17,8 +17,9 @@ import pytest
 from elastikv.allocator import AllocatorStats
 from elastikv.budget import LedgerBudget
 from elastikv.config import Size, parse_size
-from elastikv.errors import ConfigError, LimitExceeded
-from elastikv.ledger import Ledger, LedgerError, NameTaken, UnknownInstance, process_start_time, summaries
+from elastikv.errors import ConfigError, LedgerError, LimitExceeded, NameTaken, UnknownInstance
+from elastikv.ledger import Ledger, summaries
+from elastikv.procfs import process_start_time
 
 MiB = 1024**2
 REPO = Path(__file__).resolve().parents[1]
@@ -416,7 +417,7 @@ def test_a_busy_ledger_is_reported_as_busy_naming_the_holder_never_as_corrupt(
     transaction). Booking fails as LedgerBusy naming that process, and says not to remove the ledger; an allocator
     over it refuses (BudgetUnavailable) instead of failing; once the holder is gone everything works again."""
     import elastikv.ledger as ledger_module
-    from elastikv.ledger import LedgerBusy
+    from elastikv.errors import LedgerBusy
 
     monkeypatch.setattr(ledger_module, "BUSY_TIMEOUT", 0.5)
     ledger = make_ledger(tmp_path)

@@ -2,7 +2,8 @@
 
 Ownership: the allocator owns every decision about *which* blocks are live and *when* a page is mapped or
 unmapped; the :class:`~elastikv.space.KVSpace` does the mapping; a :class:`~elastikv.budget.Budget` books the
-bytes (a local limit, or the cross-process ledger: ``budget.py``). The engine owns the blocks it was given until it frees them.
+bytes (a local limit, or the cross-process ledger: ``budget.py``). The engine owns the blocks it was given until
+it frees them.
 
 Invariants (DESIGN.md; the property-based test checks them after every step):
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from elastikv.config import Size, format_bytes
-from elastikv.errors import ConfigError, LimitExceeded
-from elastikv.ledger import SYNC_INTERVAL, Ledger, RowMissing
+from elastikv.errors import ConfigError, LimitExceeded, RowMissing
+from elastikv.ledger import SYNC_INTERVAL, Ledger
 
 if TYPE_CHECKING:
     from elastikv.allocator import AllocatorStats

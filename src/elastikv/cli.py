@@ -16,8 +16,9 @@ from rich.text import Text
 
 from elastikv import __version__
 from elastikv.config import ATTENTIONS, BACKENDS, LAYOUTS, Settings, format_bytes, parse_size
-from elastikv.errors import ElastikvError, EngineDied, EngineStartFailed, Interrupted
-from elastikv.ledger import DeviceSummary, Ledger, LedgerError, UnknownInstance, ledger_files, summaries
+from elastikv.errors import ElastikvError, EngineDied, EngineStartFailed, Interrupted, LedgerError, UnknownInstance
+from elastikv.ledger import Ledger, ledger_files, summaries
+from elastikv.ledger_rows import DeviceSummary
 
 
 def _settings(backend: str | None, layout: str | None) -> Settings:

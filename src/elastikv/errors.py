@@ -82,3 +82,26 @@ class Interrupted(ElastikvError):
 class EngineStartFailed(ElastikvError):
     """An engine did not come up when a router started it (it exited, or never answered): the router serves
     none rather than half its config. The message has the end of the engine's log."""
+
+
+class LedgerError(ElastikvError, RuntimeError):
+    """The ledger cannot be used: foreign, corrupt, or its files have unsafe permissions."""
+
+
+class LedgerBusy(LedgerError):
+    """Another process held the ledger's lock for longer than the wait (``BUSY_TIMEOUT``): it is alive and mid
+    transaction, or frozen there (SIGSTOP, a debugger). The ledger is fine; never remove it for this."""
+
+
+class RowMissing(LedgerError):
+    """This process's row is gone from the ledger while it runs (deleted by hand, reaped from another pid
+    namespace, the file replaced). Its budget re-joins as soon as what it holds fits
+    (:meth:`elastikv.ledger.Ledger.rejoin`)."""
+
+
+class UnknownInstance(ElastikvError, LookupError):
+    """No live instance has that name on any device."""
+
+
+class NameTaken(ConfigError):
+    """A live instance on the device already has that name."""

@@ -33,12 +33,29 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from elastikv.config import Size, check_name, format_bytes, parse_size
-from elastikv.errors import ConfigError, ElastikvError, LimitExceeded
+from elastikv.errors import (
+    ConfigError,
+    LedgerBusy,
+    LedgerError,
+    LimitExceeded,
+    NameTaken,
+    RowMissing,
+    UnknownInstance,
+)
+from elastikv.ledger_rows import (
+    _ASLEEP_COLUMNS,
+    _ASLEEP_TABLE,
+    _COLUMNS,
+    _SCHEMA,
+    AsleepRow,
+    DeviceSummary,
+    InstanceRow,
+)
+from elastikv.procfs import holders, process_start_time
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -46,28 +63,6 @@ T = TypeVar("T")
 SCHEMA_VERSION = 1
 DEFAULT_BUDGET = Size(fraction=0.95)
 SYNC_INTERVAL = 0.2  # seconds between an instance's stats publications / limit reads
-
-
-class LedgerError(ElastikvError, RuntimeError):
-    """The ledger cannot be used: foreign, corrupt, or its files have unsafe permissions."""
-
-
-class LedgerBusy(LedgerError):
-    """Another process held the ledger's lock for longer than the wait (``BUSY_TIMEOUT``): it is alive and mid
-    transaction, or frozen there (SIGSTOP, a debugger). The ledger is fine; never remove it for this."""
-
-
-class RowMissing(LedgerError):
-    """This process's row is gone from the ledger while it runs (deleted by hand, reaped from another pid
-    namespace, the file replaced). Its budget re-joins as soon as what it holds fits (:meth:`Ledger.rejoin`)."""
-
-
-class UnknownInstance(ElastikvError, LookupError):
-    """No live instance has that name on any device."""
-
-
-class NameTaken(ConfigError):
-    """A live instance on the device already has that name."""
 
 
 def default_dir() -> Path:
@@ -82,126 +77,6 @@ def _is_busy(exc: Exception) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and any(
         word in str(exc).lower() for word in ("database is locked", "database is busy", "database table is locked")
     )
-
-
-def _holders(path: Path) -> list[int]:
-    """Other processes with the ledger (or its WAL files) open, from /proc (those of this user)."""
-    names = {str(path), f"{path}-wal", f"{path}-shm"}
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if any(os.readlink(fd) in names for fd in (entry / "fd").iterdir()):
-                out.append(int(entry.name))
-        except OSError:
-            continue
-    return sorted(out)
-
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None if there is no such process or it has
-    exited and waits only to be reaped (a zombie: its memory, GPU memory included, is already gone; in a container
-    whose PID 1 never reaps, it would otherwise hold its ledger row forever)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    except PermissionError:  # hidepid: assume alive with the start time we know cannot be checked
-        return -1
-    fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):  # field 3 of stat(5), the state: zombie or dead
-        return None
-    return int(fields[19])  # field 22 of stat(5)
-
-
-@dataclass(frozen=True)
-class InstanceRow:
-    name: str
-    pid: int
-    start_time: int
-    engine: str
-    limit_bytes: int
-    startup_limit_bytes: int
-    capacity_bytes: int
-    mapped_bytes: int
-    in_use_bytes: int
-    reserve_bytes: int
-    last_activity: float
-    registered: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class AsleepRow:
-    """A model a router has put to sleep: it holds no KV memory (its instance row left at sleep), but it is
-    there, and the next request wakes it. Owned by the router process (``owner_pid``); reaped with it."""
-
-    name: str
-    owner_pid: int
-    owner_start: int
-    engine: str
-    level: str  # "1", "2" or "stop"
-    since: float  # when it fell asleep (time.time())
-    last_wake: float | None  # when it last woke, if ever
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class DeviceSummary:
-    device_id: str
-    device_label: str
-    total_bytes: int
-    budget_bytes: int
-    budget: str
-    free_bytes: int | None
-    instances: list[InstanceRow]
-    asleep: list[AsleepRow] = field(default_factory=list)
-
-    @property
-    def mapped_bytes(self) -> int:
-        return sum(r.mapped_bytes for r in self.instances)
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS instances (
-    name TEXT PRIMARY KEY,
-    pid INTEGER NOT NULL,
-    start_time INTEGER NOT NULL,
-    engine TEXT NOT NULL,
-    limit_bytes INTEGER NOT NULL,
-    startup_limit_bytes INTEGER NOT NULL,
-    capacity_bytes INTEGER NOT NULL,
-    mapped_bytes INTEGER NOT NULL DEFAULT 0,
-    in_use_bytes INTEGER NOT NULL DEFAULT 0,
-    reserve_bytes INTEGER NOT NULL DEFAULT 0,
-    last_activity REAL NOT NULL,
-    registered REAL NOT NULL
-);
-"""
-# Added after schema 1 without changing it: an older elastikv ignores the table; this one makes it when missing.
-_ASLEEP_TABLE = """
-CREATE TABLE IF NOT EXISTS asleep (
-    name TEXT PRIMARY KEY,
-    owner_pid INTEGER NOT NULL,
-    owner_start INTEGER NOT NULL,
-    engine TEXT NOT NULL,
-    level TEXT NOT NULL,
-    since REAL NOT NULL,
-    last_wake REAL
-)
-"""
-_ASLEEP_COLUMNS = "name, owner_pid, owner_start, engine, level, since, last_wake"
-_COLUMNS = (
-    "name, pid, start_time, engine, limit_bytes, startup_limit_bytes, capacity_bytes, mapped_bytes, "
-    "in_use_bytes, reserve_bytes, last_activity, registered"
-)
 
 
 def _slug(device_id: str) -> str:
@@ -295,10 +170,10 @@ class Ledger:
     def _corrupt(self, exc: Exception) -> LedgerError:
         """The error for ``exc`` from SQLite: busy (another process holds the lock) or really unreadable."""
         if _is_busy(exc):
-            holders = ", ".join(str(p) for p in _holders(self.path)) or "unknown"
+            who = ", ".join(str(p) for p in holders(self.path)) or "unknown"
             return LedgerBusy(
                 f"the ledger {self.path} stayed locked for {BUSY_TIMEOUT:g} s: another elastikv process holds it "
-                f"(processes with it open: {holders}; a stopped one, state T in `ps`, holds it until resumed). "
+                f"(processes with it open: {who}; a stopped one, state T in `ps`, holds it until resumed). "
                 "The ledger is not damaged: do not remove it while engines run; retry, or resume or end that process"
             )
         return LedgerError(

@@ -23,8 +23,8 @@ import httpx
 
 from elastikv import ports
 from elastikv.config import Settings
-from elastikv.errors import ElastikvError, EngineStartFailed
-from elastikv.ledger import Ledger, LedgerError, ledger_files
+from elastikv.errors import ElastikvError, EngineStartFailed, LedgerError
+from elastikv.ledger import Ledger, ledger_files
 from elastikv.router.config import RouterConfig
 from elastikv.router.supervisor import PORT_FIX, ManagedModel
 
