@@ -17,13 +17,12 @@ Invariants (DESIGN.md; the property-based test checks them after every step):
 5. A page is unmapped only after a fence recorded *after* it became empty has completed, so GPU work that
    read its blocks (enqueued before they were freed) is done.
 
-Hot path: ``allocate`` from mapped pages and ``free`` are pure bookkeeping under one lock, no driver call.
-A background thread (``maintain``) keeps a reserve of free mapped blocks ahead of demand (``reserve.py``)
-and unmaps surplus empty pages in batches, fenced. A request larger than the reserve maps the pages it
-lacks on the caller's thread and never waits for an unmapping, except when the limit leaves no other way.
-
-Placement: best fit into the fullest mapped page (pages are bucketed by free count), so that live blocks
-stay packed and emptied pages can really be given back.
+Hot path: ``allocate`` from mapped pages and ``free`` are pure bookkeeping under one lock, no driver call
+(the free blocks' books: ``free_pool.py``, best fit into the fullest mapped page so that live blocks stay packed
+and emptied pages can really be given back). A background thread (``maintainer.py``, this class's other half)
+keeps a reserve of free mapped blocks ahead of demand (``reserve.py``) and unmaps surplus empty pages in
+batches, fenced. A request larger than the reserve maps the pages it lacks on the caller's thread and never
+waits for an unmapping, except when the limit leaves no other way.
 """
 
 from __future__ import annotations
@@ -43,17 +42,15 @@ from elastikv.errors import (
     BudgetUnavailable,
     ConfigError,
     ElastikvError,
-    InvalidBlockError,
     LimitExceeded,
     OutOfMemory,
 )
+from elastikv.free_pool import LOST, MAPPED, MAPPING, UNMAPPED, UNMAPPING, FreePool
+from elastikv.maintainer import Maintainer
 from elastikv.reserve import ReservePolicy
 from elastikv.space import Pages
 
 log = logging.getLogger(__name__)
-
-UNMAPPED, MAPPING, MAPPED, UNMAPPING, LOST = 0, 1, 2, 3, 4
-_ONES = b"\x01" * 4096
 
 
 class MapFailed(AllocationRefused):
@@ -91,7 +88,7 @@ class AllocatorStats:
     """Wall time spent unmapping pages, waiting for their fence first included."""
 
 
-class BlockAllocator:
+class BlockAllocator(Maintainer):
     """Block ids of one :class:`~elastikv.space.KVSpace` (or any :class:`~elastikv.space.Pages`), backed by
     exactly the pages they need (plus a reserve).
 
@@ -129,17 +126,9 @@ class BlockAllocator:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # callers waiting for pages in flight to land
         self._wake = threading.Event()  # wakes the maintainer before its tick (limit change, close)
-        # Per page: state, free block ids (a stack; None unless mapped), epoch at which it last became empty.
-        self._state = bytearray(space.num_pages)
-        self._free: list[list[int] | None] = [None] * space.num_pages
-        self._freed_epoch = [0] * space.num_pages
+        self._state = bytearray(space.num_pages)  # per page: UNMAPPED, MAPPING, MAPPED, UNMAPPING or LOST
+        self._pool = FreePool(space.num_pages, bpp, self._null)  # free blocks of MAPPED pages (under _lock)
         self._unmapped = list(range(space.num_pages))  # a min-heap: map low pages first
-        # _buckets[k]: mapped pages with exactly k free blocks (k >= 1), oldest first. _min_k: no bucket
-        # below it is non-empty. _buckets[bpp] holds the empty pages: the reserve.
-        self._buckets: list[dict[int, None]] = [{} for _ in range(bpp + 1)]
-        self._min_k = bpp
-        self._allocated = bytearray(space.num_blocks)
-        self._free_total = 0
         self._mapped_pages = 0
         self._mapping = 0  # pages being mapped right now (booked, not yet usable)
         self._unmapping = 0
@@ -177,62 +166,9 @@ class BlockAllocator:
             raise ValueError(f"allocate(n) needs a positive whole number of blocks, got {n!r}")
         with self._lock:
             self._idle = False
-            if n <= self._free_total:
-                return self._take(n)
+            if n <= self._pool.total:
+                return self._pool.take(n)
         return self._allocate_slow(n)
-
-    def _take(self, n: int) -> list[int]:
-        """Take ``n`` free blocks, fullest page first. Caller holds the lock and checked ``_free_total``.
-
-        ``_min_k`` is a lower bound: no bucket below it holds a page. Scanning up from it finds the fullest
-        page with room; every bucket passed on the way was empty.
-        """
-        buckets, free_lists, allocated = self._buckets, self._free, self._allocated
-        k = self._min_k
-        while not buckets[k]:
-            k += 1
-        if n == 1:  # steady state: one block from the fullest page
-            bucket = buckets[k]
-            page = next(reversed(bucket))  # the most recently touched page of that fullness
-            del bucket[page]
-            stack = free_lists[page]
-            assert stack is not None
-            block = stack.pop()
-            allocated[block] = 1
-            if k > 1:
-                buckets[k - 1][page] = None
-                self._min_k = k - 1
-            else:
-                self._min_k = k
-            self._free_total -= 1
-            return [block]
-        out: list[int] = []
-        lowest = len(buckets)
-        need = n
-        while need:
-            while not buckets[k]:
-                k += 1
-            page = next(reversed(buckets[k]))
-            del buckets[k][page]
-            stack = free_lists[page]
-            assert stack is not None
-            m = need if need < k else k
-            out += stack[-m:]
-            del stack[-m:]
-            need -= m
-            if k - m:
-                buckets[k - m][page] = None
-                if k - m < lowest:
-                    lowest = k - m
-        self._min_k = min(k, lowest)
-        lo = min(out)
-        if max(out) - lo == n - 1:  # n distinct ids spanning n values: one contiguous run (fresh pages)
-            allocated[lo : lo + n] = _ONES[:n] if n <= len(_ONES) else b"\x01" * n
-        else:
-            for block in out:
-                allocated[block] = 1
-        self._free_total -= n
-        return out
 
     def free(self, blocks: Iterable[int]) -> None:
         """Give blocks back. All are checked before any is freed: a bad id raises and frees nothing. After
@@ -241,50 +177,7 @@ class BlockAllocator:
         with self._lock:
             if self._closed:  # close() took every page back already: an engine's late free is a no-op
                 return
-            allocated = self._allocated
-            null = self._null
-            try:
-                for b in ids:
-                    if b < null or not allocated[b]:
-                        raise self._bad_free(b, ids)
-            except (IndexError, TypeError):
-                raise self._bad_free(next(b for b in ids if not self._is_live(b)), ids) from None
-            if len(ids) > 1 and len(set(ids)) != len(ids):
-                dup = next(b for b in ids if ids.count(b) > 1)
-                raise InvalidBlockError(f"free() got block {dup} twice in one call; nothing was freed")
-            bpp = self.blocks_per_page
-            buckets, free_lists = self._buckets, self._free
-            min_k = self._min_k
-            for b in ids:
-                allocated[b] = 0
-                page = b // bpp
-                stack = free_lists[page]
-                k = len(stack)  # type: ignore[arg-type]
-                if k:
-                    del buckets[k][page]
-                stack.append(b)  # type: ignore[union-attr]
-                k += 1
-                buckets[k][page] = None
-                if k < min_k:
-                    min_k = k
-                if k == bpp:
-                    self._freed_epoch[page] = self._epoch
-            self._min_k = min_k
-            self._free_total += len(ids)
-
-    def _is_live(self, b: object) -> bool:
-        return type(b) is int and self._null <= b < len(self._allocated) and bool(self._allocated[b])
-
-    def _bad_free(self, b: object, ids: list[int]) -> InvalidBlockError:
-        if type(b) is not int:
-            why = f"{b!r} is not a block id (a whole number)"
-        elif not 0 <= b < len(self._allocated):
-            why = f"block {b} is outside this cache (0..{len(self._allocated) - 1})"
-        elif b < self._null:
-            why = f"block {b} is a null block, which is never allocated"
-        else:
-            why = f"block {b} is not allocated (already freed, or never handed out)"
-        return InvalidBlockError(f"free(): {why}; nothing was freed")
+            self._pool.give(ids, self._epoch)
 
     # ===================================================================================== growth
     def _allocate_slow(self, n: int) -> list[int]:
@@ -299,8 +192,8 @@ class BlockAllocator:
         while True:
             with self._lock:
                 self._check_open()
-                if n <= self._free_total:
-                    return self._take(n)
+                if n <= self._pool.total:
+                    return self._pool.take(n)
                 if n > self.num_blocks:
                     raise self._refusal(
                         OutOfMemory,
@@ -308,7 +201,7 @@ class BlockAllocator:
                         f"({format_bytes(self.num_blocks * self.page_bytes // bpp)})",
                         n,
                     )
-                pages_needed = math.ceil((n - self._free_total) / bpp)
+                pages_needed = math.ceil((n - self._pool.total) / bpp)
                 if pages_needed > len(self._unmapped):
                     if self._mapping or self._unmapping:  # pages in flight elsewhere change the picture
                         self._wait(None, timeout=1.0)
@@ -399,20 +292,9 @@ class BlockAllocator:
         whole = error is None and take == len(pages) * bpp  # the request is exactly these fresh pages
         with self._lock:
             self._seconds["caller_map" if by_caller else "background_map"] += time.perf_counter() - t0
-            out: list[int] = []
             for p in mapped:
                 self._state[p] = MAPPED
-                self._freed_epoch[p] = 0
-                first = p * bpp
-                if whole:  # hand the pages over full: they never enter the free pool (a burst's common case)
-                    self._free[p] = []
-                    self._allocated[first : first + bpp] = _ONES[:bpp] if bpp <= len(_ONES) else b"\x01" * bpp
-                    out.extend(range(first, first + bpp))
-                else:
-                    self._free[p] = list(range(first + bpp - 1, first - 1, -1))  # pops lowest id first
-                    self._buckets[bpp][p] = None
-            if not whole:
-                self._free_total += len(mapped) * bpp  # bucket bpp is never below _min_k: no hint to fix
+            out = self._pool.add_pages(mapped, handed_over=whole)  # whole: they never enter the free pool
             self._mapped_pages += len(mapped)
             self._pages_mapped_total += len(mapped)
             if by_caller:
@@ -430,7 +312,7 @@ class BlockAllocator:
             if whole:
                 return out
             if error is None:
-                return self._take(take) if take and take <= self._free_total else None
+                return self._pool.take(take) if take and take <= self._pool.total else None
         if isinstance(error, AllocationRefused):
             raise error
         raise MapFailed(f"mapping a page failed: {error}") from error
@@ -458,154 +340,7 @@ class BlockAllocator:
                 f"cannot map the {self._null} null block(s) the engine needs yet: {exc}", requested=self._null
             ) from exc
         with self._lock:
-            for b in range(self._null):
-                self._allocated[b] = 1
-            for p in pages:
-                del self._buckets[self.blocks_per_page][p]
-                stack = self._free[p]
-                assert stack is not None
-                stack[:] = [b for b in stack if b >= self._null]
-                if stack:
-                    self._buckets[len(stack)][p] = None
-                    self._min_k = min(self._min_k, len(stack))
-            self._free_total -= self._null
-
-    # ===================================================================================== maintenance
-    def _run(self) -> None:
-        # The maintainer sleeps on its own event, not on _cond: _cond is notified at every page mapped, and
-        # waking the maintainer that often would have it compete for the GIL with the caller it serves.
-        while not self._closed:
-            self._wake.wait(self._tick)
-            self._wake.clear()
-            if self._closed:
-                return
-            try:
-                self.maintain()
-            except Exception:  # never let the maintainer die: the engine keeps working without it
-                log.exception("elastikv maintainer pass failed; retrying")
-                time.sleep(self._tick)
-
-    def maintain(self, now: float | None = None) -> None:
-        """One maintenance pass: update the reserve target, map toward it, unmap surplus empty pages."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            self._policy.observe(now, self._in_use_locked())
-            self._target = 0 if self._idle else self._policy.target_blocks()
-        try:
-            self._budget.sync(self.stats())  # a shared budget publishes our figures and reads live limits
-        except Exception as exc:  # the ledger failed: refill and trim still run (memory still goes back)
-            self._sync_failed(exc)
-        self._refill()
-        self._trim(now)
-
-    def _sync_failed(self, exc: Exception) -> None:
-        """Log a failed budget sync at most every 30 s (the maintainer retries every tick)."""
-        now = time.monotonic()
-        if now - self._last_sync_error >= 30.0:
-            self._last_sync_error = now
-            log.warning("elastikv: publishing to the ledger failed (%s: %s); retrying", type(exc).__name__, exc)
-
-    def _refill(self) -> None:
-        bpp = self.blocks_per_page
-        while True:
-            with self._lock:
-                if self._closed or not self._unmapped or self._callers_mapping:
-                    return  # a caller mapping for itself is served directly: don't contend for the driver
-                if self._free_total + self._mapping * bpp >= self._target:
-                    return
-                if self._budget.booked + self.page_bytes > self._budget.limit:
-                    return
-                page = heapq.heappop(self._unmapped)
-                self._state[page] = MAPPING
-                self._mapping += 1
-            try:
-                self._map_pages([page], by_caller=False)
-            except AllocationRefused:
-                return  # the limit or the device is full: the reserve stays as it is
-
-    def _trim(self, now: float) -> None:
-        """Unmap empty pages beyond the reserve target (after ``trim_delay``), or beyond the limit (at once)."""
-        bpp = self.blocks_per_page
-        with self._lock:
-            empty = self._buckets[bpp]
-            over_bytes = self._budget.booked - self._budget.limit
-            surplus = min(len(empty), max(0, (self._free_total - self._target) // bpp))
-            if surplus and self._surplus_since is None:
-                self._surplus_since = now
-            elif not surplus:
-                self._surplus_since = None
-            if self._surplus_since is not None and now - self._surplus_since < self._trim_delay and not self._idle:
-                surplus = 0
-            count = max(surplus, min(len(empty), math.ceil(over_bytes / self.page_bytes)) if over_bytes > 0 else 0)
-            if not count:
-                return
-            candidates = list(empty)[:count]  # the longest-empty pages
-            epoch = self._epoch
-            self._epoch += 1
-        t0 = time.perf_counter()
-        fence = self.space.fence()
-        fence.wait()
-        with self._lock:
-            self._seconds["unmap"] += time.perf_counter() - t0
-            over_bytes = self._budget.booked - self._budget.limit
-            chosen: list[int] = []
-            for p in candidates:
-                if p not in empty or self._freed_epoch[p] > epoch:
-                    continue  # reused, or emptied again after the fence was recorded
-                keeps_target = self._free_total - bpp >= self._target
-                if not keeps_target and over_bytes <= 0:
-                    break
-                del empty[p]
-                self._free[p] = None
-                self._state[p] = UNMAPPING
-                self._free_total -= bpp
-                self._mapped_pages -= 1
-                over_bytes -= self.page_bytes
-                chosen.append(p)
-            self._unmapping += len(chosen)
-            if chosen:
-                self._surplus_since = None
-        self._unmap_pages(chosen)
-
-    def _unmap_pages(self, pages: list[int]) -> None:
-        """Unmap ``pages`` (already UNMAPPING, fenced), handing their bytes back as they land, a group at a time:
-        a large trim (gigabytes of per-layer pages take a second) frees memory for others from its first page,
-        and ``stats`` shows it falling, not stepping down at the end."""
-        group = max(1, min(8, len(pages) // 8))  # pages per budget release: at most ~9 ledger transactions
-        for start in range(0, len(pages), group):
-            batch = pages[start : start + group]
-            done: list[int] = []
-            t0 = time.perf_counter()
-            for p in batch:
-                try:
-                    self.space.unmap_page(p)
-                    done.append(p)
-                except Exception:
-                    # Memory state unknown: keep the page out of use and its bytes booked (never overcommit).
-                    log.exception("unmapping page %d failed; the page is quarantined", p)
-            if done:
-                self._release(len(done) * self.page_bytes)
-            with self._lock:
-                for p in batch:
-                    if p in done:
-                        self._state[p] = UNMAPPED
-                        heapq.heappush(self._unmapped, p)
-                    else:
-                        self._state[p] = LOST
-                self._unmapping -= len(batch)
-                self._pages_unmapped_total += len(done)
-                self._seconds["unmap"] += time.perf_counter() - t0
-                self._notify()
-
-    def _release(self, nbytes: int) -> None:
-        """Hand ``nbytes`` of unmapped memory back to the budget. A ledger that fails here must not stop the
-        page's state from being restored: the bytes stay booked there (an overcount, never an overcommit) until
-        the next sync publishes what is really mapped."""
-        try:
-            self._budget.release(nbytes)
-        except Exception:
-            log.exception("elastikv: handing %s back to the budget failed; the ledger overcounts until its next sync",
-                          format_bytes(nbytes))  # fmt: skip
+            self._pool.pin_null_blocks(pages)
 
     # ===================================================================================== limits & facts
     def _clamp_limit(self, nbytes: int) -> int:
@@ -652,10 +387,10 @@ class BlockAllocator:
     def _available_locked(self) -> int:
         headroom_pages = max(0, self._budget.limit - self._budget.booked) // self.page_bytes
         mappable = min(len(self._unmapped), headroom_pages)
-        return self._free_total + (self._mapping + mappable) * self.blocks_per_page
+        return self._pool.total + (self._mapping + mappable) * self.blocks_per_page
 
     def _in_use_locked(self) -> int:
-        return self._mapped_pages * self.blocks_per_page - self._free_total - self._null
+        return self._mapped_pages * self.blocks_per_page - self._pool.total - self._null
 
     def eviction_order(self, candidates: Iterable[int]) -> list[int]:
         """Order blocks an engine could evict (held, e.g. by a prefix cache, but unused) so that memory comes
@@ -674,20 +409,17 @@ class BlockAllocator:
     def live_in_page(self, page: int) -> int:
         """Blocks of ``page`` handed out and not freed (null blocks included): what keeps it mapped."""
         with self._lock:
-            free = self._free[page]
-            if free is None:
-                return 0
-            return self.blocks_per_page - len(free)
+            return self._pool.live_in_page(page)
 
     def stats(self) -> AllocatorStats:
         with self._lock:
             return AllocatorStats(
                 num_blocks=self.num_blocks,
                 blocks_in_use=self._in_use_locked(),
-                blocks_free_mapped=self._free_total,
+                blocks_free_mapped=self._pool.total,
                 blocks_available=self._available_locked(),
                 pages_mapped=self._mapped_pages + self._unmapping,  # memory is held until the unmap lands
-                pages_empty=len(self._buckets[self.blocks_per_page]),
+                pages_empty=len(self._pool.empty),
                 page_bytes=self.page_bytes,
                 mapped_bytes=self._budget.booked,
                 limit_bytes=self._budget.limit,
@@ -721,9 +453,7 @@ class BlockAllocator:
             pages = [p for p in range(self.space.num_pages) if self._state[p] == MAPPED]
             for p in pages:
                 self._state[p] = UNMAPPING
-                self._free[p] = None
-            self._buckets = [{} for _ in self._buckets]
-            self._free_total = 0
+            self._pool.clear()
             self._mapped_pages = 0
             self._unmapping += len(pages)
         self.space.fence().wait()
