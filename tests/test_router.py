@@ -70,7 +70,7 @@ def _shm() -> set[str]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    from elastikv.models import make_model
+    from elastikv.bench.models import make_model
 
     tmp = tmp_path_factory.mktemp("router")
     for seed, name in enumerate(MODELS):
@@ -499,7 +499,7 @@ def test_a_bad_config_is_refused_with_its_line(tmp_path: Path) -> None:
 
 def test_a_hung_engine_is_killed_and_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An engine that stops answering (SIGSTOP: alive, but hung) fails its health checks and is replaced."""
-    from elastikv.models import make_model
+    from elastikv.bench.models import make_model
     from elastikv.router import supervisor
     from elastikv.router.config import parse_config
     from elastikv.router.router import Router
@@ -539,7 +539,7 @@ def test_a_hung_engine_is_killed_and_restarted(tmp_path: Path, monkeypatch: pyte
 def test_an_engine_that_cannot_start_stops_the_router_with_its_log(tmp_path: Path) -> None:
     """A `command` engine that exits at once: `elastikv serve` does not serve half its config; it stops the engines
     it started and exits with the failed engine's exit code and the end of its log, within seconds."""
-    from elastikv.models import make_model
+    from elastikv.bench.models import make_model
     from elastikv.ports import free_port
 
     make_model(tmp_path / "ok", size="tiny")
@@ -563,10 +563,10 @@ def test_a_cancelled_wake_or_sleep_or_a_start_that_cannot_spawn_never_freezes_th
     """Issue 20, item 3: a request cancelled while it wakes its model, a sleep cancelled while it drains, and a
     start that raises OSError (the engine's program is gone) each leave a stable state: the next request is
     answered (or refused with a reason) within a bound, never left waiting on a model stuck mid-transition."""
-    from elastikv.models import make_model
+    from elastikv.bench.models import make_model
     from elastikv.router.config import parse_config
     from elastikv.router.router import Router
-    from elastikv.router.supervisor import State, Unavailable
+    from elastikv.router.states import State, Unavailable
 
     make_model(tmp_path / "m", size="tiny")
     text = (f"env: {{ELASTIKV_BACKEND: host, ELASTIKV_HOST_MEMORY: 512MiB, ELASTIKV_RESERVE: 8MiB, "
@@ -632,10 +632,10 @@ def test_an_engine_killed_while_it_goes_to_sleep_or_sleeps_is_restarted(tmp_path
     """Issue 20, item 10: SIGKILL of the engine while the router puts it to sleep, and again while it sleeps. The
     model never stays down: the sleep says what happened (a 503 with the reason, not a bare 500), the router
     restarts the engine, and the next request is answered."""
-    from elastikv.models import make_model
+    from elastikv.bench.models import make_model
     from elastikv.router.config import parse_config
     from elastikv.router.router import Router
-    from elastikv.router.supervisor import State, Unavailable
+    from elastikv.router.states import State, Unavailable
 
     make_model(tmp_path / "m", size="tiny")
     text = (f"env: {{ELASTIKV_BACKEND: host, ELASTIKV_HOST_MEMORY: 512MiB, ELASTIKV_RESERVE: 8MiB, "

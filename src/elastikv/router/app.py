@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from elastikv.router.router import Router
-from elastikv.router.supervisor import ManagedModel, State, Unavailable
+from elastikv.router.states import State, Unavailable
+from elastikv.router.supervisor import ManagedModel
 from elastikv.serving import requests
 
 

@@ -1,7 +1,8 @@
 """One model's engine process as the router sees it: start, health, sleep, wake, crash and restart.
 
-Who owns what: a ``ManagedModel`` owns its child process (and the process group the child leads, so an engine's
-own helpers, such as vLLM's engine core and workers, go with it) and the model's state. Everything here runs on
+Who owns what: a ``ManagedModel`` owns the model's state and its engine's current start (an ``EngineProcess``,
+``engine_process.py``: the child and the process group it leads, so an engine's own helpers, such as vLLM's
+engine core and workers, go with it). States and counters: ``states.py``. Everything here runs on
 the router's one asyncio loop, so a state change with no ``await`` between the check and the assignment is atomic.
 
 States and who moves between them (``TRANSITIONS`` lists every allowed step; the ``state`` setter is the one
@@ -27,85 +28,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
-import os
-import secrets
-import signal
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from elastikv import ports
-from elastikv.children import die_with_parent
-from elastikv.errors import ElastikvError
 from elastikv.router.config import ModelSpec
+from elastikv.router.engine_process import EngineProcess, log_tail
 from elastikv.router.launch import Launch, describe, launch
+from elastikv.router.states import TRANSITIONS, Counters, EngineExited, State, Unavailable
 
 log = logging.getLogger("elastikv.router")
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # an engine up this long has its backoff reset
-STOP_GRACE_S = 15.0  # SIGTERM, then this long, then SIGKILL
 DRAIN_TIMEOUT_S = 120.0  # an admin sleep waits this long for requests in flight
 HEALTH_EVERY_S = 5.0  # an engine that is up is asked for its health this often
 HEALTH_TIMEOUT_S = 10.0
 HEALTH_FAILURES = 3  # checks failed in a row before the engine is killed and restarted
 PORT_FIX = "stop that process, or give the model another port: in the router's config"
-
-
-class State(enum.Enum):
-    STARTING = "starting"
-    AWAKE = "awake"
-    DRAINING = "draining"
-    SLEEPING = "sleeping"
-    ASLEEP = "asleep"
-    WAKING = "waking"
-    STOPPED = "stopped"
-    RESTARTING = "restarting"
-
-
-S = State
-TRANSITIONS: dict[State, frozenset[State]] = {  # besides staying put, and STOPPED (the router stops) from any
-    S.STOPPED: frozenset({S.STARTING}),
-    S.STARTING: frozenset({S.AWAKE, S.RESTARTING}),  # healthy, or it failed (a cancelled start: STOPPED)
-    S.AWAKE: frozenset({S.DRAINING, S.RESTARTING}),
-    S.DRAINING: frozenset({S.SLEEPING, S.AWAKE, S.RESTARTING}),  # AWAKE: the drain timed out or was cancelled
-    S.SLEEPING: frozenset({S.ASLEEP, S.AWAKE, S.RESTARTING}),  # AWAKE: the sleep failed, the engine still up
-    S.ASLEEP: frozenset({S.WAKING, S.RESTARTING}),
-    S.WAKING: frozenset({S.AWAKE, S.ASLEEP, S.RESTARTING}),  # ASLEEP: the wake was refused or cancelled
-    S.RESTARTING: frozenset({S.STARTING}),
-}
-
-
-class Unavailable(ElastikvError):
-    """The model cannot take requests now (its engine crashed and is restarting, or failed to wake)."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class EngineExited(ElastikvError):
-    """The engine process ended while the router was starting or waking it."""
-
-
-@dataclass
-class Counters:
-    wakes: int = 0
-    sleeps: int = 0
-    restarts: int = 0
-    crashes: int = 0
-    bad_transitions: int = 0  # state changes outside TRANSITIONS (a bug: logged, and tested to stay 0)
-    # From the request that found the model asleep to the engine answering again, since the metrics last read them
-    wake_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=4096))  # until /metrics reads them
-    start_seconds: float = 0.0
 
 
 class ManagedModel:
@@ -125,7 +71,7 @@ class ManagedModel:
         self.last_used = time.monotonic()
         self.counters = Counters()
         self.last_exit: str | None = None  # why the last process ended, for status and 503s
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: EngineProcess | None = None  # the current start's process (None before the first)
         self._started_at = 0.0
         self._backoff = BACKOFF_FIRST_S
         self._restart_at = 0.0
@@ -137,8 +83,6 @@ class ManagedModel:
         self._killed_because: str | None = None  # set when the router itself kills a hung engine
         self._closing = False
         self.sleep_level_now = ""  # the level of the last sleep ("1", "2", "stop")
-        self._start_token = ""  # this start's ELASTIKV_START_TOKEN: the engine reports it on /health
-        self._control_token = ""  # this start's ELASTIKV_CONTROL_TOKEN
         self.last_wake: float | None = None  # time.time() of the last completed wake
         # Set by the Router: note a sleep (True) or a wake (False) in the ledger, for `elastikv status`. Blocking.
         self.note_asleep: Callable[[ManagedModel, bool], None] | None = None
@@ -258,35 +202,13 @@ class ManagedModel:
             ports.check_free("127.0.0.1", self.port, what=f"model {self.spec.name!r}", fix=PORT_FIX)
         except ports.PortInUse as exc:
             raise EngineExited(str(exc)) from None
-        self._start_token = secrets.token_hex(8)
-        self._control_token = secrets.token_hex(16)  # the engine's /sleep and /wake_up need it; never shown
-        log_file = self.log_path.open("ab")
-        try:
-            log_file.write(f"\n=== elastikv serve: starting {describe(self.launch.argv)}\n".encode())
-            log_file.flush()
-            proc = await asyncio.create_subprocess_exec(
-                *self.launch.argv,
-                env={
-                    **self.launch.env,
-                    "ELASTIKV_START_TOKEN": self._start_token,
-                    "ELASTIKV_CONTROL_TOKEN": self._control_token,
-                },
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
-                # Its own process group, which dies with the router (elastikv.children): Ctrl-C reaches the router,
-                # which stops it in order, and a router that dies any other way takes it along.
-                start_new_session=True,
-                preexec_fn=die_with_parent(),
-            )
-        finally:
-            log_file.close()
+        proc = await EngineProcess.spawn(self.launch, self.log_path)
         self._proc = proc
         asyncio.get_running_loop().create_task(self._watch(proc))
         try:
-            await self._wait_healthy(proc)
+            await proc.wait_healthy(self.spec, self.port, self.client, self.log_path)
         except BaseException:
-            await self._terminate(proc)
+            await proc.terminate(self.spec.name)
             raise
         self._started_at = time.monotonic()
         self.counters.start_seconds = self._started_at - t0
@@ -294,54 +216,11 @@ class ManagedModel:
         self.last_used = time.monotonic()
         log.info("%s: ready in %.1f s (pid %d, port %d)", self.spec.name, self._started_at - t0, proc.pid, self.port)
 
-    async def _wait_healthy(self, proc: asyncio.subprocess.Process) -> None:
-        deadline = time.monotonic() + self.spec.start_timeout_s
-        while True:
-            if proc.returncode is not None:
-                raise EngineExited(
-                    f"{self.spec.name}: the engine exited with code {proc.returncode} while starting; "
-                    f"the end of its log ({self.log_path}):\n{self.log_tail()}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                r = await self.client.get(self.url + self.spec.health_path, timeout=2.0)
-                if r.status_code == 200:
-                    self._check_answering_as_ours(r, proc)
-                    return
-            if time.monotonic() > deadline:
-                raise EngineExited(
-                    f"{self.spec.name}: not healthy after {self.spec.start_timeout_s:.0f} s (start_timeout); "
-                    f"the end of its log ({self.log_path}):\n{self.log_tail()}"
-                )
-            await asyncio.sleep(0.1)
-
-    def _check_answering_as_ours(self, health: httpx.Response, proc: asyncio.subprocess.Process) -> None:
-        """The port answered: make sure it is the engine this start launched, not another server that holds the
-        port. The embedded engine says so itself (this start's token on /health); for the others, the process
-        listening on the port must be in the engine's process group."""
-        if self.spec.engine == "elastikv":
-            with contextlib.suppress(ValueError):
-                body = health.json()
-                if isinstance(body, dict) and body.get("start_token") == self._start_token:
-                    return
-            who = ports.holder(self.port)
-        else:
-            pid = ports.listener_pid(self.port)
-            if pid is None:
-                return  # cannot tell (another user's process, or no psutil): the port was free before the start
-            with contextlib.suppress(ProcessLookupError):
-                if os.getpgid(pid) == proc.pid:
-                    return
-            who = ports.holder(self.port)
-        raise EngineExited(
-            f"{self.spec.name}: port {self.port} answers, but not as the engine the router started: it is held by "
-            f"{who}; stop that process or give the model another port"
-        )
-
-    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
-        code = await proc.wait()
+    async def _watch(self, proc: EngineProcess) -> None:
+        await proc.wait()
         if proc is not self._proc or self._closing or self.state in (State.SLEEPING, State.STOPPED):
             return  # a process we ended on purpose
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        how = proc.exit_text()
         if self._killed_because:
             how, self._killed_because = f"{self._killed_because}, so the router killed it", None
         self.last_exit = how
@@ -386,29 +265,14 @@ class ManagedModel:
             if task is not None and not task.done():
                 task.cancel()
         if self._proc is not None:
-            await self._terminate(self._proc)
+            await self._proc.terminate(self.spec.name)
         self.state = State.STOPPED
 
     def kill_now(self) -> None:
         """SIGKILL the engine's process group without waiting (the router is being told to stop, twice)."""
         self._closing = True
-        if self._proc is not None and self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-
-    async def _terminate(self, proc: asyncio.subprocess.Process) -> None:
-        """SIGTERM the engine's process group, SIGKILL it after the grace period."""
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-            except asyncio.TimeoutError:
-                log.warning("%s: no exit %.0f s after SIGTERM; killing it", self.spec.name, STOP_GRACE_S)
-        # The leader may be gone while its helpers linger: the group goes in any case.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        if self._proc is not None:
+            self._proc.kill()
 
     # -- health --------------------------------------------------------------------------------------------
     def maybe_check_health(self) -> None:
@@ -432,11 +296,10 @@ class ManagedModel:
             return
         self._health_failures += 1
         log.warning("%s: the engine %s (%d of %d)", self.spec.name, problem, self._health_failures, HEALTH_FAILURES)
-        if self._health_failures >= HEALTH_FAILURES and proc is not None and proc.returncode is None:
+        if self._health_failures >= HEALTH_FAILURES and proc is not None and proc.alive:
             self._health_failures = 0
             self._killed_because = problem
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # its exit is a crash: the watcher restarts it
+            proc.kill()  # its exit is a crash: the watcher restarts it
 
     # -- sleep and wake --------------------------------------------------------------------------------------
     def idle_for(self) -> float:
@@ -481,7 +344,7 @@ class ManagedModel:
                 if level == "stop" or self.launch.sleep is None:
                     level = "stop"
                     if self._proc is not None:
-                        await self._terminate(self._proc)
+                        await self._proc.terminate(self.spec.name)
                     self.state = State.STOPPED
                 else:
                     method, path = self.launch.sleep
@@ -549,8 +412,7 @@ class ManagedModel:
             self._killed_because = f"failed to wake ({exc})"
             self.state = State.RESTARTING  # requests are refused from now on (invariant 3); the watcher restarts it
             assert self._proc is not None
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._proc.pid, signal.SIGKILL)  # the watcher sees a crash and restarts it
+            self._proc.kill()  # the watcher sees a crash and restarts it
             raise Unavailable(f"{self.spec.name}: the engine failed to wake ({exc}); restarting it", 2.0) from exc
         seconds = time.monotonic() - t0
         self.state = State.AWAKE
@@ -574,20 +436,18 @@ class ManagedModel:
             log.warning("%s: could not note the %s in the ledger: %s", self.spec.name, what, exc)
 
     async def _call(self, method: str, path: str) -> None:
+        token = self._proc.control_token if self._proc is not None else ""
         r = await self.client.request(method, self.url + path, json={}, timeout=self.spec.start_timeout_s,
-                                      headers={"Authorization": f"Bearer {self._control_token}"})  # fmt: skip
+                                      headers={"Authorization": f"Bearer {token}"})  # fmt: skip
         if r.status_code >= 400:
             raise Unavailable(f"{self.spec.name}: {method} {path} answered {r.status_code}: {r.text[:500]}")
 
     def _exit_text(self) -> str:
         """How the engine's process ended, as far as it has been reaped: for messages."""
-        code = self._proc.returncode if self._proc is not None else None
-        if code is None:
-            return "exited"
-        return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        return self._proc.exit_text() if self._proc is not None else "exited"
 
     def _alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
+        return self._proc is not None and self._proc.alive
 
     # -- reporting -------------------------------------------------------------------------------------------
     @property
@@ -595,11 +455,7 @@ class ManagedModel:
         return self._proc.pid if self._alive() and self._proc is not None else None
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def status(self) -> dict[str, Any]:
         c = self.counters
