@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._results import environment, save
 
+from elastikv.bench.models import make_model
 from elastikv.config import Settings
-from elastikv.models import make_model
 
 
 def device_free() -> int:

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import _results
 from elastikv.allocator import BlockAllocator
+from elastikv.bench.cache_demo import LLAMA_8B
 from elastikv.budget import LedgerBudget
-from elastikv.cache_demo import LLAMA_8B
 from elastikv.config import format_bytes, parse_size
 from elastikv.ledger import Ledger
 from elastikv.memory import MemoryBackend, open_backend

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._results import environment, save
 
+from elastikv.bench.models import make_model_once
 from elastikv.config import Settings
-from elastikv.models import kv_bytes_per_token, make_model_once
+from elastikv.serving.kv_size import kv_bytes_per_token
 
 
 async def one_request(engine: Any, prompt: list[int], output_tokens: int) -> tuple[float, float]:

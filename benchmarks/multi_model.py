@@ -6,7 +6,7 @@ benchmarks/results/:
     python benchmarks/multi_model.py --short    # two rates, one 10-minute command
     python benchmarks/multi_model.py --model /models/a --model /models/b --kv-budget 30GiB
 
-What it measures and why the workload is long prompts with short outputs: src/elastikv/multi_model.py.
+What it measures and why the workload is long prompts with short outputs: src/elastikv/bench/multi_model.py.
 """
 
 from __future__ import annotations

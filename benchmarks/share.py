@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import _results
 from elastikv import children
-from elastikv.cache_demo import LLAMA_8B
+from elastikv.bench.cache_demo import LLAMA_8B
 from elastikv.config import format_bytes, parse_size
 from elastikv.errors import AllocationRefused
 

@@ -103,7 +103,7 @@ def main() -> None:
     import torch
     import vllm
 
-    from elastikv.models import make_model_once
+    from elastikv.bench.models import make_model_once
 
     device = torch.cuda.get_device_name(0)
     model = Path(args.model_cache) / f"llama-{args.size}"

@@ -17,9 +17,10 @@ import pytest
 pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
 pytest.importorskip("matplotlib", reason="needs matplotlib: pip install -e '.[serve]'")
 
+from elastikv.bench.merge import merge_and_save, merge_reports
+from elastikv.bench.plan import BenchPlan, plan_from_options
+from elastikv.bench.workload import intermittent, peak_rate, save_trace
 from elastikv.errors import ConfigError
-from elastikv.multi_model import BenchPlan, merge_and_save, merge_reports, plan_from_options
-from elastikv.workload import intermittent, peak_rate, save_trace
 
 pytestmark = pytest.mark.slow
 
@@ -109,9 +110,9 @@ def test_bad_options_are_refused_with_what_to_write() -> None:
     with pytest.raises(ConfigError, match="2 --model paths for 3 models"):
         BenchPlan(model_paths=("a", "b"))
     with pytest.raises(ConfigError, match=r"has no config\.json"):
-        from elastikv.multi_model import _models
+        from elastikv.bench.modes import model_dirs
 
-        _models(BenchPlan(models=("a",), model_paths=("/nonexistent",)), Path("/tmp"), None, None)  # type: ignore[arg-type]
+        model_dirs(BenchPlan(models=("a",), model_paths=("/nonexistent",)), Path("/tmp"), None, None)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="the embedded engine runs static, elastic"):
         plan_from_options(modes="static,kvcached,elastic")
     with pytest.raises(ConfigError, match="static and elastic are always among them"):
@@ -128,7 +129,7 @@ def test_chat_lengths_follow_sharegpt_as_the_vllm_paper_measured_it() -> None:
     import random
     import statistics
 
-    from elastikv.workload import CHAT_MEAN_OUTPUT, CHAT_MEAN_PROMPT, CHAT_SIGMA, chat_lengths
+    from elastikv.bench.workload import CHAT_MEAN_OUTPUT, CHAT_MEAN_PROMPT, CHAT_SIGMA, chat_lengths
 
     draw, rng = chat_lengths(), random.Random(0)
     pairs = [draw(rng) for _ in range(20000)]
@@ -143,7 +144,7 @@ def test_chat_lengths_follow_sharegpt_as_the_vllm_paper_measured_it() -> None:
 
 
 def test_every_vllm_mode_runs_the_same_flags_and_only_the_kv_owner_differs(tmp_path: Path) -> None:
-    from elastikv.bench_vllm import VLLM_MODES, router_config
+    from elastikv.bench.vllm import VLLM_MODES, router_config
 
     paths = {"m1": tmp_path / "m", "m2": tmp_path / "m"}
 
@@ -179,7 +180,7 @@ def test_what_a_kvcached_server_holds_is_read_from_its_segment() -> None:
     import os
     import struct
 
-    from elastikv.bench_vllm import kvcached_held, kvcached_ipc
+    from elastikv.bench.vllm import kvcached_held, kvcached_ipc
 
     name = f"ekv-test-{os.getpid()}"
     path = Path("/dev/shm") / kvcached_ipc(name)
@@ -192,12 +193,12 @@ def test_what_a_kvcached_server_holds_is_read_from_its_segment() -> None:
 
 def test_the_report_names_kvcached_beside_static_when_it_ran(tmp_path: Path) -> None:
     """A report with a kvcached mode renders every mode and both ratios (the renderer reads only the report)."""
-    from elastikv.multi_model import _comparisons
+    from elastikv.bench.plan import comparisons
 
-    assert _comparisons(("static", "kvcached", "elastic", "elastic-v2")) == [
+    assert comparisons(("static", "kvcached", "elastic", "elastic-v2")) == [
         ("kvcached", "static"), ("elastic", "static"), ("elastic-v2", "static"), ("elastic", "kvcached"),
         ("elastic-v2", "kvcached")]  # fmt: skip
-    assert _comparisons(("static", "elastic")) == [("elastic", "static")]
+    assert comparisons(("static", "elastic")) == [("elastic", "static")]
 
 
 @pytest.mark.slow
@@ -226,7 +227,9 @@ def test_the_benchmark_serves_each_mode_with_vllm(tmp_path: Path) -> None:
 def test_a_mode_that_fails_is_a_result_and_the_other_modes_still_run(tmp_path: Path) -> None:
     """The elastic engines refuse to start (a read window of -5 tokens): the run goes on, static is measured, and
     the report says elastic failed and why, every one of its requests counted as failed."""
-    from elastikv.multi_model import CPU, markdown, run_bench
+    from elastikv.bench.multi_model import run_bench
+    from elastikv.bench.plan import CPU
+    from elastikv.bench.report import markdown
 
     plan = BenchPlan(**{**CPU, "models": ("model-a",), "rates": (4.0,), "duration": 3.0, "peak_width": 1.0,
                         "elastic_read_tokens": -5})  # fmt: skip

@@ -37,7 +37,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from elastikv.models import make_model
+    from elastikv.bench.models import make_model
 
     return make_model(tmp_path_factory.mktemp("model") / "m", size="tiny")
 

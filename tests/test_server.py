@@ -33,8 +33,8 @@ def _free_port() -> int:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
     import uvicorn
 
+    from elastikv.bench.models import make_model
     from elastikv.config import Settings
-    from elastikv.models import make_model
     from elastikv.serving.engine import Engine
     from elastikv.serving.server import create_app
 
@@ -194,7 +194,7 @@ def test_elastikv_engine_command_serves_and_shows_in_status(tmp_path: Path) -> N
 
     import httpx
 
-    from elastikv.models import make_model
+    from elastikv.bench.models import make_model
 
     path = make_model(tmp_path / "tiny", size="tiny")
     port = _free_port()
@@ -245,8 +245,8 @@ def test_a_flood_over_the_limit_all_completes_through_the_server(tmp_path: Path)
     import httpx
     import uvicorn
 
+    from elastikv.bench.models import make_model
     from elastikv.config import Settings
-    from elastikv.models import make_model
     from elastikv.serving.engine import Engine
     from elastikv.serving.server import create_app
 

@@ -43,7 +43,7 @@ def _gpu_env(tmp: Path, *, elastic: bool, runner: str) -> dict[str, str]:
 
 def _model(tmp_path_factory: pytest.TempPathFactory, size: str) -> Path:
     """A random bf16 Llama of ``size``, made once (kept under EKV_MODEL_CACHE between commands)."""
-    from elastikv.models import make_model_once
+    from elastikv.bench.models import make_model_once
 
     path = Path(os.environ.get("EKV_MODEL_CACHE", tmp_path_factory.mktemp("models"))) / f"llama-{size}"
     make_model_once(path, size=size)

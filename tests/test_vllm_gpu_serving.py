@@ -43,7 +43,7 @@ SERVE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "4096", "--block-size", 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from elastikv.models import make_model_once
+    from elastikv.bench.models import make_model_once
 
     path = Path(os.environ.get("EKV_MODEL_CACHE", tmp_path_factory.mktemp("models"))) / "llama-1b"
     make_model_once(path, size="1b")

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from elastikv.errors import ConfigError
-from elastikv.workload import (
+from elastikv.bench.workload import (
     Arrival,
     Outcome,
     intermittent,
@@ -20,6 +19,7 @@ from elastikv.workload import (
     save_trace,
     summary,
 )
+from elastikv.errors import ConfigError
 
 MODELS = ("a", "b", "c")
 

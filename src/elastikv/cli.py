@@ -41,7 +41,7 @@ def main() -> None:
 def demo(out: str, duration: float, budget: str, seed: int) -> None:
     """Three models on one device under bursty traffic: elastic sharing against a static split of the same
     memory, side by side. Prints time to first token per model and mode; writes a PNG of memory over time."""
-    from elastikv.demo import DemoPlan, run_demo
+    from elastikv.bench.demo import DemoPlan, run_demo
 
     size = parse_size(budget, what="--budget", allow_percent=False, allow_zero=False).resolve(0)
     run_demo(out, DemoPlan(duration=duration, seed=seed, budget=size))
@@ -108,7 +108,9 @@ def bench_multi_model(
     Markdown and a PNG."""
     from pathlib import Path
 
-    from elastikv.multi_model import merge_and_save, plan_from_options, run_and_save
+    from elastikv.bench.merge import merge_and_save
+    from elastikv.bench.multi_model import run_and_save
+    from elastikv.bench.plan import plan_from_options
 
     if merge:
         merge_and_save([Path(m) for m in merge], Path(out))
@@ -128,7 +130,7 @@ def bench_multi_model(
 @click.option("--steps", default=24, show_default=True, help="Steps of the simulated workload.")
 def cache_demo(backend: str | None, layout: str | None, steps: int) -> None:
     """Grow and shrink one elastic KV cache under a burst of requests, printing what it mapped."""
-    from elastikv.cache_demo import run_demo
+    from elastikv.bench.cache_demo import run_demo
 
     settings = _settings(backend, layout)
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
@@ -415,7 +417,7 @@ def serve(config: str, host: str | None, port: int | None, log_dir: str | None) 
 @click.option("--seed", default=0, show_default=True, help="Weights come from this seed.")
 def make_model_cmd(directory: str, arch: str, size: str, seed: int) -> None:
     """Write a random-weight model and a locally trained tokenizer to DIRECTORY (no model hub needed)."""
-    from elastikv.models import make_model
+    from elastikv.bench.models import make_model
 
     path = make_model(directory, arch=arch, size=size, seed=seed)
     click.echo(f"wrote a random-weight {size} {arch} with its tokenizer to {path}")

@@ -26,7 +26,7 @@ PROMPTS = ["The quick brown fox", "Return the list of all the values in the mapp
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from elastikv.models import make_model
+    from elastikv.bench.models import make_model
 
     return make_model(tmp_path_factory.mktemp("model") / "tiny", size="tiny")  # with a tokenizer: text prompts
 

@@ -29,8 +29,8 @@ import torch
 
 from elastikv.config import Settings
 from elastikv.errors import ConfigError, ElastikvError, EngineDied
-from elastikv.models import kv_bytes_per_token
 from elastikv.serving import attention as attention_impl
+from elastikv.serving.kv_size import kv_bytes_per_token
 
 log = logging.getLogger("elastikv")
 

@@ -1,17 +1,23 @@
-"""The multi-model benchmark's report, rendered: a terminal table, a Markdown summary and a PNG (TTFT against
-rate per mode; KV memory per model over time). Reads only the JSON-ready report ``multi_model.py`` makes, so a
-merged or old report renders the same way (reports from before the vLLM modes have no ``plan.modes``: static and
-elastic)."""
+"""The multi-model benchmark's report, rendered and written: a terminal table, a Markdown summary, a PNG (TTFT
+against rate per mode; KV memory per model over time), and the results files (JSON, Markdown, PNG). Reads only
+the JSON-ready report ``bench/multi_model.py`` makes, so a merged or old report renders the same way (reports from
+before the vLLM modes have no ``plan.modes``: static and elastic)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from elastikv.bench.stats import best_peak
 from elastikv.config import format_bytes
 
 GiB = 1024**3
@@ -31,22 +37,12 @@ def _ratio_keys(run: dict[str, Any]) -> list[tuple[str, tuple[str, str]]]:
     ]
 
 
-def _best_peak(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run where static's p99 TTFT is the most times elastic's."""
-    return max(
-        runs, key=lambda r: _ratio(r["modes"]["static"]["all"]["ttft_p99"], r["modes"]["elastic"]["all"]["ttft_p99"])
-    )
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
-
-
 def _ms(seconds: float) -> str:
     return "-" if math.isnan(seconds) else f"{seconds * 1000:.0f}"
 
 
-def _print(console: Console, report: dict[str, Any]) -> None:
+def print_report(console: Console, report: dict[str, Any]) -> None:
+    """The report as a terminal table of every rate and mode, then its ratios and headline figures."""
     table = Table(title=f"multi-model benchmark on {report['device']}: TTFT and TPOT (ms), per rate and mode",
                   title_justify="left")  # fmt: skip
     for col in ("rate", "mode", "done", "TTFT mean", "p50", "p99", "TPOT mean", "out tok/s", "prompt tok/s", "KV peak"):
@@ -165,7 +161,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(path: Path, report: dict[str, Any]) -> None:
+def plot(path: Path, report: dict[str, Any]) -> None:
+    """The report's PNG: TTFT against rate per mode; elastic's KV memory per model at the best peak."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,7 +189,7 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     top.legend(fontsize=8)
     top.set_title("TTFT against load: static split vs elastic sharing", loc="left")
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    shown = _best_peak(runs)
+    shown = best_peak(runs)
     samples = shown["modes"]["elastic"]["memory"]
     t = [s[0] for s in samples]
     stacks = [[s[1].get(name, 0) / GiB for s in samples] for name in models]
@@ -213,3 +210,23 @@ def _plot(path: Path, report: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def results_stem(out: Path, device: str, name: str = "multi-model") -> Path:
+    """``out/<name>-<device>-<time>``: the results files' path less their suffix (``out`` is made)."""
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
+    return out / f"{name}-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def save(stem: Path, report: dict[str, Any]) -> None:
+    """Write the report's JSON and Markdown beside its PNG (made already), and copy all three under
+    ``$OUT/results`` when the device tool runs it."""
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    if os.environ.get("OUT"):
+        dest = Path(os.environ["OUT"], "results")
+        dest.mkdir(parents=True, exist_ok=True)
+        for suffix in (".json", ".md", ".png"):
+            shutil.copy(stem.with_suffix(suffix), dest)
+    Console().print(f"wrote {stem}.json, .md and .png")

@@ -20,10 +20,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from elastikv.bench.workload import Arrival, Outcome, replay
 from elastikv.config import format_bytes
 from elastikv.errors import Interrupted
 from elastikv.router.config import ModelSpec, RouterConfig
-from elastikv.workload import Arrival, Outcome, replay
 
 
 @dataclass

@@ -75,13 +75,6 @@ def _corpus() -> list[str]:
     return texts
 
 
-def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int) -> int:
-    """K and V of one token in every layer (full attention), from a model's ``config.json`` values."""
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    return int(2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes)
-
-
 @functools.cache  # training takes seconds; models made in one process (the demo's three) share the result
 def train_tokenizer(vocab_size: int) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -31,11 +31,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from elastikv.bench.replay import embedded_config, held_kv, replay_through_router
+from elastikv.bench.workload import Arrival, Outcome, intermittent, save_trace, summary
 from elastikv.config import format_bytes
-from elastikv.models import kv_bytes_per_token
-from elastikv.routed import embedded_config, held_kv, replay_through_router
 from elastikv.router.config import RouterConfig
-from elastikv.workload import Arrival, Outcome, intermittent, save_trace, summary
+from elastikv.serving.kv_size import kv_bytes_per_token
 
 MODES = ("static", "elastic")
 MiB = 1024**2
@@ -105,7 +105,7 @@ def _device() -> tuple[str, str]:
 
 
 def _make_models(work: Path, names: tuple[str, ...]) -> dict[str, Path]:
-    from elastikv.models import make_model
+    from elastikv.bench.models import make_model
 
     return {name: make_model(work / name, size="tiny", seed=i) for i, name in enumerate(names)}
 
