@@ -415,5 +415,17 @@ def latest_instance() -> Instance | None:
     return _caches[-1].elastic if _caches else None
 
 
+def caches() -> tuple[Any, ...]:
+    """Every elastic cache built in this process and not yet closed, newest last."""
+    return tuple(_caches)
+
+
+def close_caches() -> None:
+    """Close every elastic cache of this process (unmap every page, leave the ledger): its engine has stopped."""
+    for cache in _caches:
+        cache.elastic.close()
+    _caches.clear()
+
+
 def patched() -> bool:
     return _enabled

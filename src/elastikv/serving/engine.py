@@ -168,9 +168,7 @@ class Engine:
             self._manager.stop(block=True)
             self._manager.destroy()
             self._manager = None
-        for cache in self._adapter._caches:  # the manager's cache: unmap every page, leave the ledger
-            cache.elastic.close()
-        self._adapter._caches.clear()
+        self._adapter.close_caches()  # the manager's cache: unmap every page, leave the ledger
         if self.static_kv is not None:
             import gc
 
@@ -187,7 +185,7 @@ class Engine:
     @property
     def kv_waits(self) -> int:
         """Batches that waited for KV memory, in the current cache (0 while asleep)."""
-        caches = self._adapter._caches
+        caches = self._adapter.caches()
         return int(caches[-1].waits) if caches else 0
 
     @property
@@ -371,6 +369,6 @@ class Engine:
         engine keeps the high-water mark of its busiest moment: GiBs per engine on the H100 benchmark."""
         if self.device.type != "cuda":
             return
-        for cache in self._adapter._caches:
+        for cache in self._adapter.caches():
             attention_impl.drop_workspace(cache)  # sized for the busiest batch
         torch.cuda.empty_cache()
