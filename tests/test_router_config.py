@@ -650,3 +650,24 @@ def test_parse_duration_round_trips(n: int) -> None:
     assert parse_duration(f"{n}s", "t") == n
     assert parse_duration(f"{n}ms", "t") == n / 1000
     assert parse_duration(n, "t") == n
+
+
+def test_toml_lines_around_values_that_span_lines(models: Path) -> None:
+    # tomllib keeps no positions: the finder parses beginnings of the file, and one that cuts a multi-line value
+    # does not parse. An item of a multi-line array is put on its key's line; keys after such a value keep theirs.
+    head = '[[models]]\nname = "a"\nmodel = "./models/a"\n'
+    error_at(write(models, head + 'args = [\n  "x",\n  true,\n]\n', "router.toml"), 4, r"models\[0\]\.args\[1\]: True")
+    text = head + 'health = """\n/x\n"""\n\n[[models]]\nname = "b"\nmodel = "./models/b"\nidle = "5x"\n'
+    error_at(write(models, text, "router.toml"), 11, r"models\[1\]\.idle: '5x' is not a duration")
+
+
+def test_yaml_scalar_that_does_not_fit_its_tag(models: Path) -> None:
+    error_at(
+        write(models, M + "    idle: !!int abc\n"), 4, r"invalid YAML: 'abc' is not a valid tag:yaml\.org,2002:int"
+    )
+
+
+def test_yaml_merged_keys_are_checked_like_written_ones(models: Path) -> None:
+    text = "models:\n  - &a {name: a, model: ./models/a}\n  - <<: *a\n    name: b\n    port: 0\n"
+    error_at(write(models, text), 5, r"models\[1\]\.port: 0 is not a port")
+    error_at(write(models, "models:\n  - <<: {name: a, model: ./models/a}\n    idel: 1m\n"), 3, r"unknown key 'idel'")
