@@ -437,6 +437,25 @@ def run_engine(command: tuple[str, ...]) -> None:
     autopatch.run(command)
 
 
+@main.command(name="check-contract")
+@click.argument("engine", type=click.Choice(["vllm", "sglang"]))
+@click.argument("directory", required=False, type=click.Path(exists=True, file_okay=False))
+def check_contract(engine: str, directory: str | None) -> None:
+    """Check an engine's source against what elastikv's adapter for it patches or calls, without importing it:
+    the installed ENGINE, or the release unpacked under DIRECTORY (a wheel's Python files; scripts/vllm-contract
+    does this for any vLLM release). Prints each missing name.
+
+    \b
+    Exit codes: 0 every target present; 1 some missing; 2 bad arguments.
+    """
+    from pathlib import Path
+
+    from elastikv.engines.adapters import targets_of
+    from elastikv.engines.contract import check
+
+    sys.exit(check(engine, Path(directory) if directory is not None else None, targets_of))
+
+
 def run() -> None:
     try:
         main(standalone_mode=False)

@@ -1,33 +1,25 @@
 """An adapter's contract with its engine's source: the names it patches or calls, checked by parsing the source.
 
-Each adapter lists its ``TARGETS``; :func:`source_problems` parses the engine's installed (or unpacked) source
-files with ``ast`` and reports every target that is not bound at the top of its module, not defined on its
-class, or lacks a parameter the adapter passes. Nothing of the engine is imported, so a release can be checked
-on a machine where it cannot run: ``python -m elastikv.engines.contract vllm|sglang DIR`` over its unpacked
-wheel. CI runs the same check on the installed engines, so a release that moves a target fails CI, not users.
+Each adapter lists its targets (:class:`~elastikv.engines.patching.Target`); :func:`source_problems` parses the
+engine's installed (or unpacked) source files with ``ast`` and reports every target that is not bound at the top
+of its module, not defined on its class, or lacks a parameter the adapter passes. Nothing of the engine is
+imported, so a release can be checked on a machine where it cannot run: ``elastikv check-contract vllm|sglang
+DIR`` over its unpacked wheel (``python -m elastikv.engines.contract ...`` is the same command). CI runs the same
+check on the installed engines, so a release that moves a target fails CI, not users.
+
+This module knows no adapter: the adapters' tables reach it as arguments (:mod:`~elastikv.engines.adapters` has
+them by engine name), and the adapters import only :mod:`~elastikv.engines.patching`, so no import runs back.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib
 import importlib.util
-import inspect
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
-
-@dataclass(frozen=True)
-class Target:
-    """One name an adapter relies on: ``qualname`` in ``module``, with at least these parameters."""
-
-    module: str
-    qualname: str
-    params: tuple[str, ...] = ()
-    optional: bool = False  # absent in some builds (checked only where the module exists)
+from elastikv.engines.patching import Target
 
 
 def module_source(module: str, root: Path | None = None) -> ast.Module | None:
@@ -102,42 +94,6 @@ def source_problems(targets: Iterable[Target], root: Path | None = None) -> list
     return problems
 
 
-def resolve(target: Target) -> Any | None:
-    """The object ``target`` names, imported (the engine's own process), or None if it is optional and absent."""
-    try:
-        obj: Any = importlib.import_module(target.module)
-    except ImportError:
-        if target.optional:
-            return None
-        raise
-    for part in target.qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def runtime_problems(targets: Iterable[Target]) -> list[str]:
-    """The run-time twin of :func:`source_problems`: every target absent from the imported engine or lacking a
-    parameter the adapter passes, as readable lines. Adapters call it before patching anything."""
-    problems: list[str] = []
-    for t in targets:
-        where = f"{t.module}.{t.qualname}"
-        try:
-            obj = resolve(t)
-        except (ImportError, AttributeError) as exc:
-            problems.append(f"{where}: missing ({exc})")
-            continue
-        if obj is None or not t.params:
-            continue
-        try:
-            names = set(inspect.signature(obj).parameters)
-        except (TypeError, ValueError):
-            continue
-        lacking = [p for p in t.params if p not in names]
-        if lacking:
-            problems.append(f"{where}: no parameter {', '.join(lacking)}")
-    return problems
-
-
 def installed_root(package: str) -> Path | None:
     """The directory holding ``package`` as installed, found without importing it (SGLang's ``__init__`` needs
     its whole dependency set; its files can be read without any)."""
@@ -163,26 +119,24 @@ def vllm_version_in(root: Path) -> tuple[int, ...] | None:
     return None
 
 
-def _targets(engine: str, root: Path | None) -> tuple[Target, ...]:
+def check(engine: str, root: Path | None, targets_of: Callable[[str, tuple[int, ...] | None], Iterable[Target]]) -> int:
+    """Print every target of ``engine``'s adapter that its source (unpacked under ``root``, else the installed
+    one) lacks, or that every one is present; return 1 if any is lacking, else 0. ``targets_of(engine, release)``
+    gives the adapter's targets (:func:`elastikv.engines.adapters.targets_of`): this module knows no adapter."""
+    root = root if root is not None else installed_root(engine)
+    release = None
     if engine == "vllm":
-        from elastikv.engines import vllm
-
-        found = vllm_version_in(root) if root is not None else None
-        if found is None:
+        release = vllm_version_in(root) if root is not None else None
+        if release is None:
             raise SystemExit(f"no vllm/_version.py under {root}: which vLLM release is this?")
-        return vllm.targets_for(found)
-    if engine == "sglang":
-        from elastikv.engines.sglang import TARGETS as SGLANG_TARGETS
-
-        return SGLANG_TARGETS
-    raise SystemExit(f"unknown engine {engine!r}: vllm or sglang")
+    found = source_problems(targets_of(engine, release), root)
+    print("\n".join(found) if found else f"every {engine} target is present")
+    return 1 if found else 0
 
 
-if __name__ == "__main__":  # python -m elastikv.engines.contract ENGINE [DIR]
+if __name__ == "__main__":  # python -m elastikv.engines.contract ENGINE [DIR]: the same as `elastikv check-contract`
+    from elastikv.engines.adapters import targets_of
+
     if len(sys.argv) not in (2, 3):
         raise SystemExit("usage: python -m elastikv.engines.contract vllm|sglang [DIR-with-the-unpacked-source]")
-    engine = sys.argv[1]
-    root = Path(sys.argv[2]) if len(sys.argv) == 3 else installed_root(engine)
-    found = source_problems(_targets(engine, root), root)
-    print("\n".join(found) if found else f"every {sys.argv[1]} target is present")
-    sys.exit(1 if found else 0)
+    sys.exit(check(sys.argv[1], Path(sys.argv[2]) if len(sys.argv) == 3 else None, targets_of))

@@ -18,17 +18,12 @@ source against the same tables without installing it.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import logging
 import os
-import threading
-from collections.abc import Callable
 from types import ModuleType
-from typing import Any
 
 from elastikv.engines import vllm_kv_extensible, vllm_kv_split, vllm_kv_unified, vllm_scheduler, vllm_worker
-from elastikv.engines.contract import Target, runtime_problems
+from elastikv.engines.patching import Patches, Target, refuse_problems, runtime_problems
 from elastikv.engines.vllm_worker import endpoint
 from elastikv.errors import UnsupportedEngine
 
@@ -87,46 +82,24 @@ def missing_targets() -> list[str]:
 
 
 # ============================================================================================ apply
-_originals: dict[str, Any] = {}  # "module.qualname" -> what was there before the patch
-_lock = threading.Lock()
-
-
-def _patch(module: str, qualname: str, make: Callable[[Any], Any]) -> None:
-    key = f"{module}.{qualname}"
-    owner: Any = importlib.import_module(module)
-    *path, attr = qualname.split(".")
-    for part in path:
-        owner = getattr(owner, part)
-    current = getattr(owner, attr)
-    if key in _originals:
-        return
-    _originals[key] = current
-    wrapped = make(current)
-    if inspect.isfunction(wrapped) and getattr(wrapped, "__wrapped__", None) is None:
-        wrapped.__wrapped__ = current  # type: ignore[attr-defined]  # inspect.unwrap finds the original
-    setattr(owner, attr, wrapped)
+_patches = Patches()  # what each patch replaced in this process
 
 
 def apply() -> None:
     """Patch this process's vLLM. Idempotent (vLLM loads plugins in every process, maybe more than once);
     refuses, with the reason, an unsupported version or a vLLM whose patch targets moved."""
-    with _lock:
-        if _originals:
+    with _patches.lock:
+        if _patches.installed:
             return
         text, tup = version()
         check_version(text, tup)
-        problems = missing_targets()
-        if problems:
-            raise UnsupportedEngine(
-                f"vLLM {text} lacks what elastikv patches:\n  " + "\n  ".join(problems) + "\nelastikv supports "
-                f"vLLM {supported_text()}; run without ELASTIKV=1 or report this."
-            )
+        refuse_problems("vLLM", text, missing_targets(), supported_text())
         kv = generation(tup)
-        vllm_worker.install(_patch)
-        kv.install(_patch)
-        vllm_scheduler.install(_patch)
+        vllm_worker.install(_patches.patch)
+        kv.install(_patches.patch)
+        vllm_scheduler.install(_patches.patch)
         log.info("elastikv: vLLM %s patched in process %d (elastic KV cache, %s)", text, os.getpid(), kv.__name__)
 
 
 def patched() -> bool:
-    return bool(_originals)
+    return _patches.installed

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from elastikv.engines import vllm_kv_unified, vllm_worker
-from elastikv.engines.contract import Target
+from elastikv.engines.patching import Target
 from elastikv.errors import UnsupportedEngine
 
 log = logging.getLogger("elastikv")

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from elastikv.engines import vllm_worker
-from elastikv.engines.contract import Target
+from elastikv.engines.patching import Target
 from elastikv.errors import UnsupportedEngine
 from elastikv.memory import MemoryBackend
 from elastikv.space import KVGeometry, KVSpace

@@ -27,7 +27,7 @@ from typing import Any
 from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
 from elastikv.engines import vllm_worker
-from elastikv.engines.contract import Target
+from elastikv.engines.patching import Target
 from elastikv.engines.peer import PeerPages
 from elastikv.errors import AllocationRefused, ElastikvError, UnsupportedEngine
 from elastikv.instance import Booked, DeviceFacts, book

@@ -28,7 +28,7 @@ import torch
 
 from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
-from elastikv.engines.contract import Target
+from elastikv.engines.patching import Target
 from elastikv.engines.peer import PageServer
 from elastikv.errors import ConfigError, UnsupportedEngine
 from elastikv.instance import backend_for
