@@ -195,6 +195,36 @@ def test_the_limit_bounds_available_size_and_admission_secures_pages(sgl: Any) -
     pool._elastikv.close()
 
 
+def test_idle_check_counts_withheld_tokens_against_the_free_count_it_read(sgl: Any) -> None:
+    """SGLang's idle check reads ``available_size()`` once into its pool stats; if the free count moves before our
+    hook adds the withheld tokens (the maintainer maps a page, another instance takes memory), a fresh reading
+    would make SGLang's conservation sum miss by a page and stop the scheduler as a "pool memory leak". The hook
+    must measure against the reading SGLang used. Injected: the limit changes between the two readings."""
+    from elastikv.engines.sglang.hooks import wrap_check_full_pool
+
+    pool, alloc = _build(sgl)
+    page_bytes = alloc._alloc.page_bytes
+    alloc._alloc.set_limit(3 * page_bytes)
+    out = _extend(alloc, [100])
+    held = len(alloc._out) * PS
+    seen = alloc.available_size()  # what SGLang's pool stats hold
+    alloc._alloc.set_limit(2 * page_bytes)  # ...and the free count moves before the hook runs
+    assert alloc.available_size() != seen
+    sums: list[int] = []
+
+    def original(checker: Any, ps: Any, uncached: int = 0) -> tuple[bool, str]:
+        sums.append(ps.full_available_size + held + uncached)  # SGLang's identity: free + in use + uncached
+        return False, ""
+
+    checker = types.SimpleNamespace(token_to_kv_pool_allocator=alloc)
+    wrap_check_full_pool(original)(checker, types.SimpleNamespace(full_available_size=seen))
+    assert sums == [SIZE]  # conserved with the reading SGLang made, not off by the page that moved
+    assert seen + held + alloc.withheld_tokens() != SIZE  # what a fresh reading would have reported
+    alloc.free(out)
+    alloc.clear()
+    pool._elastikv.close()
+
+
 def test_bad_frees_and_unsupported_pools_are_refused(sgl: Any) -> None:
     from elastikv.errors import ElastikvError, UnsupportedEngine
 

@@ -197,9 +197,15 @@ class ElasticTokenAllocatorMixin(_Paged):  # type: ignore[misc]
         pages = len(self._secured) + self._alloc.available()
         return int(min(pages, self.num_pages - len(self._out)) * self.page_size)
 
-    def withheld_tokens(self) -> int:
-        """Tokens of SGLang's capacity that are neither free for it nor held by it: the limit's doing."""
-        return int((self.num_pages - len(self._out)) * self.page_size) - self.available_size()
+    def withheld_tokens(self, available: int | None = None) -> int:
+        """Tokens of SGLang's capacity that are neither free for it nor held by it: the limit's doing.
+
+        ``available`` is the free count the caller already read (SGLang's idle check reads ``available_size()``
+        once into its pool stats): pass it, because a page the maintainer maps or unmaps in between changes a
+        second reading, and the check would then see that page as leaked and stop the scheduler."""
+        if available is None:
+            available = self.available_size()
+        return int((self.num_pages - len(self._out)) * self.page_size) - available
 
     def merge_and_sort_free(self) -> None:
         pass  # never staged: need_sort is refused

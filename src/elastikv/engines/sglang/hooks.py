@@ -85,7 +85,10 @@ def wrap_check_full_pool(original: Callable[..., Any]) -> Callable[..., Any]:
     def _check_full_pool(self: Any, ps: Any, uncached: int = 0) -> Any:
         alloc = getattr(self, "token_to_kv_pool_allocator", None)
         if isinstance(alloc, ElasticTokenAllocatorMixin):
-            uncached += alloc.withheld_tokens()  # not leaked: withheld by the limit
+            # Not leaked: withheld by the limit. Measured against the free count SGLang's check itself read, not a
+            # fresh one (the background maintainer may have mapped or unmapped a page since).
+            seen = getattr(ps, "full_available_size", None)
+            uncached += alloc.withheld_tokens(None if seen is None else int(seen))
         return original(self, ps, uncached=uncached)
 
     return _check_full_pool
