@@ -1,4 +1,4 @@
-"""Pages mapped in other processes' spaces (engines/peer.py): a scheduler-side allocator over worker spaces.
+"""Pages mapped in other processes' spaces (peer_pages.py): a scheduler-side allocator over worker spaces.
 
 The workers here are PageServers over real spaces in this process, reached over their real Unix sockets
 (the vLLM tests run the same code across processes).
@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from elastikv.allocator import BlockAllocator
-from elastikv.engines.peer import PageServer, PeerLost, PeerPages
 from elastikv.errors import DriverError, OutOfMemory
 from elastikv.memory import HostBackend, MemoryBackend
+from elastikv.peer_pages import PageServer, PeerLost, PeerPages
 from elastikv.space import KVGeometry, KVSpace
 
 GEOMETRY = KVGeometry(num_layers=2, block_shape=(64 * 1024,), dtype=torch.uint8, buffers_per_layer=1)

@@ -43,7 +43,7 @@ _MAX_CHUNK = 2 * 1024**3  # a default chunk larger than this means the geometry 
 class Pages(Protocol):
     """What the allocator needs of a space: its page geometry, and whole pages mapped, unmapped and fenced.
 
-    :class:`KVSpace` is one (the pages are in this process). ``engines/peer.py``'s ``PeerPages`` is another: an
+    :class:`KVSpace` is one (the pages are in this process). ``peer_pages.py``'s ``PeerPages`` is another: an
     engine scheduler's view of pages that live in worker processes, mapped over a socket.
     """
 

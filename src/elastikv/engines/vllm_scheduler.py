@@ -28,9 +28,9 @@ from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
 from elastikv.engines import vllm_worker
 from elastikv.engines.patching import Target
-from elastikv.engines.peer import PeerPages
 from elastikv.errors import AllocationRefused, ElastikvError, UnsupportedEngine
 from elastikv.instance import Booked, DeviceFacts, book
+from elastikv.peer_pages import PeerPages
 
 log = logging.getLogger("elastikv")
 

@@ -4,7 +4,7 @@ One worker per tensor-parallel rank. ``determine_available_memory`` reports the 
 total memory, in whole pages), never a free-memory snapshot; vLLM sizes its block count from it. The real KV
 allocation (the one made inside ``Worker.initialize_from_config``; profiling allocations pass through to vLLM)
 is built by the generation module for this vLLM (``vllm_kv_*.py``) over a scratch-backed
-:class:`~elastikv.space.KVSpace`, which :func:`serve_pages` then serves to the engine core (``engines/peer.py``).
+:class:`~elastikv.space.KVSpace`, which :func:`serve_pages` then serves to the engine core (``peer_pages.py``).
 
 Unmapping and GPU work (async scheduling, CUDA graphs, FlashAttention on any stream): the engine core frees
 blocks when vLLM's scheduler does, and vLLM frees a block only once no step that reads it can still be
@@ -29,10 +29,10 @@ import torch
 from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
 from elastikv.engines.patching import Target
-from elastikv.engines.peer import PageServer
 from elastikv.errors import ConfigError, UnsupportedEngine
 from elastikv.instance import backend_for
 from elastikv.memory import MemoryBackend
+from elastikv.peer_pages import PageServer
 from elastikv.space import KVGeometry, KVSpace, default_chunk_bytes
 
 log = logging.getLogger("elastikv")
