@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def kv_bytes() -> int:
     """Bytes the elastic KV cache of this process really holds (0 without elastikv or in another process)."""
-    from elastikv.engines import vllm_worker
+    from elastikv.engines.vllm import worker as vllm_worker
 
     cache = vllm_worker.this_worker()
     if cache is None:

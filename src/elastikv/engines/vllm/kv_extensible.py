@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from elastikv.engines import vllm_kv_unified, vllm_worker
 from elastikv.engines.patching import Target
+from elastikv.engines.vllm import kv_unified
+from elastikv.engines.vllm import worker as vllm_worker
 from elastikv.errors import UnsupportedEngine
 
 log = logging.getLogger("elastikv")
@@ -71,7 +72,7 @@ def _make_allocate_kv_cache(original: Callable[..., dict[str, torch.Tensor]]) ->
             return original(kv_cache_config, device, layout, kernel_block_sizes, allocate=allocate)
         if allocate is not None:
             raise UnsupportedEngine("vLLM asked for its extensible KV cache although elastikv turned it off")
-        space = vllm_worker.take_space(device, lambda backend: vllm_kv_unified._space_for(kv_cache_config, backend))
+        space = vllm_worker.take_space(device, lambda backend: kv_unified._space_for(kv_cache_config, backend))
 
         def elastic_buffer(size: int) -> torch.Tensor:
             raw = space.raw.view(torch.int8)

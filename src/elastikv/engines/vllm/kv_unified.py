@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from elastikv.engines import vllm_worker
 from elastikv.engines.patching import Target
+from elastikv.engines.vllm import worker as vllm_worker
 from elastikv.errors import UnsupportedEngine
 from elastikv.memory import MemoryBackend
 from elastikv.space import KVGeometry, KVSpace

@@ -3,12 +3,12 @@
 Applied at start-up by vLLM's own plugin mechanism (``engines/autopatch.py``) in every vLLM process when
 ``ELASTIKV=1``. The adapter is three parts, each in its own module:
 
-- ``vllm_worker.py``: the workers' side common to every release: the virtual capacity vLLM sizes its blocks from,
+- ``worker.py``: the workers' side common to every release: the virtual capacity vLLM sizes its blocks from,
   which allocation is the real one, the page server (and the ordering of unmaps against GPU work);
-- ``vllm_kv_split.py`` (0.26), ``vllm_kv_unified.py`` (0.32, 0.33), ``vllm_kv_extensible.py`` (0.34): one module
+- ``kv_split.py`` (0.26), ``kv_unified.py`` (0.32, 0.33), ``kv_extensible.py`` (0.34): one module
   per generation of vLLM's KV-allocation internals, each building the real allocation over a
   :class:`~elastikv.space.KVSpace`;
-- ``vllm_scheduler.py``: the engine core's side, shared by every release: the ledger row, the allocator over the
+- ``scheduler.py``: the engine core's side, shared by every release: the ledger row, the allocator over the
   workers' pages, ``ElasticBlockPool`` and exact admission.
 
 Every name the adapter patches or calls for a release is listed in its targets (:func:`targets_for`);
@@ -22,16 +22,16 @@ import logging
 import os
 from types import ModuleType
 
-from elastikv.engines import vllm_kv_extensible, vllm_kv_split, vllm_kv_unified, vllm_scheduler, vllm_worker
 from elastikv.engines.patching import Patches, Target, refuse_problems, runtime_problems
-from elastikv.engines.vllm_worker import endpoint
+from elastikv.engines.vllm import kv_extensible, kv_split, kv_unified, scheduler, worker
+from elastikv.engines.vllm.worker import endpoint
 from elastikv.errors import UnsupportedEngine
 
 __all__ = ["SUPPORTED", "apply", "check_version", "endpoint", "patched", "targets_for", "version"]
 
 log = logging.getLogger("elastikv")
 
-GENERATIONS: tuple[ModuleType, ...] = (vllm_kv_split, vllm_kv_unified, vllm_kv_extensible)
+GENERATIONS: tuple[ModuleType, ...] = (kv_split, kv_unified, kv_extensible)
 SUPPORTED: tuple[tuple[int, int], ...] = tuple(sorted(v for g in GENERATIONS for v in g.VERSIONS))
 
 
@@ -46,10 +46,10 @@ def generation(tup: tuple[int, ...]) -> ModuleType:
 def targets_for(tup: tuple[int, ...], *, cpu: bool = True) -> tuple[Target, ...]:
     """Everything the adapter patches or calls in vLLM ``major.minor`` (``cpu``: its CPU worker too)."""
     return (
-        *vllm_worker.TARGETS,
-        *(vllm_worker.CPU_TARGETS if cpu else ()),
+        *worker.TARGETS,
+        *(worker.CPU_TARGETS if cpu else ()),
         *generation(tup).TARGETS,
-        *vllm_scheduler.TARGETS,
+        *scheduler.TARGETS,
     )
 
 
@@ -78,7 +78,7 @@ def check_version(text: str, tup: tuple[int, ...]) -> None:
 def missing_targets() -> list[str]:
     """Every target of the installed vLLM that is absent or lacks a parameter the adapter passes."""
     _, tup = version()
-    return runtime_problems(targets_for(tup, cpu=vllm_worker.on_cpu()))
+    return runtime_problems(targets_for(tup, cpu=worker.on_cpu()))
 
 
 # ============================================================================================ apply
@@ -95,9 +95,9 @@ def apply() -> None:
         check_version(text, tup)
         refuse_problems("vLLM", text, missing_targets(), supported_text())
         kv = generation(tup)
-        vllm_worker.install(_patches.patch)
+        worker.install(_patches.patch)
         kv.install(_patches.patch)
-        vllm_scheduler.install(_patches.patch)
+        scheduler.install(_patches.patch)
         log.info("elastikv: vLLM %s patched in process %d (elastic KV cache, %s)", text, os.getpid(), kv.__name__)
 
 

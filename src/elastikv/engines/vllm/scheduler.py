@@ -26,8 +26,8 @@ from typing import Any
 
 from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
-from elastikv.engines import vllm_worker
 from elastikv.engines.patching import Target
+from elastikv.engines.vllm import worker as vllm_worker
 from elastikv.errors import AllocationRefused, ElastikvError, UnsupportedEngine
 from elastikv.instance import Booked, DeviceFacts, book
 from elastikv.peer_pages import PeerPages

@@ -3,7 +3,7 @@
 One worker per tensor-parallel rank. ``determine_available_memory`` reports the *virtual capacity* (the device's
 total memory, in whole pages), never a free-memory snapshot; vLLM sizes its block count from it. The real KV
 allocation (the one made inside ``Worker.initialize_from_config``; profiling allocations pass through to vLLM)
-is built by the generation module for this vLLM (``vllm_kv_*.py``) over a scratch-backed
+is built by the generation module for this vLLM (``kv_*.py``) over a scratch-backed
 :class:`~elastikv.space.KVSpace`, which :func:`serve_pages` then serves to the engine core (``peer_pages.py``).
 
 Unmapping and GPU work (async scheduling, CUDA graphs, FlashAttention on any stream): the engine core frees
