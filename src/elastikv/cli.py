@@ -9,16 +9,14 @@ import time
 from dataclasses import asdict
 
 import click
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from elastikv import __version__
 from elastikv.config import ATTENTIONS, BACKENDS, LAYOUTS, Settings, format_bytes, parse_size
 from elastikv.errors import ElastikvError, EngineDied, EngineStartFailed, Interrupted, LedgerError, UnknownInstance
 from elastikv.ledger import Ledger, ledger_files, summaries
-from elastikv.ledger_rows import DeviceSummary
+from elastikv.status_view import status_tables
 
 
 def _settings(backend: str | None, layout: str | None) -> Settings:
@@ -158,66 +156,20 @@ def info(backend: str | None) -> None:
 EXIT_OK, EXIT_USAGE, EXIT_UNKNOWN_INSTANCE, EXIT_LEDGER, EXIT_ENGINE = 0, 2, 3, 4, 5
 
 
-def _short(n: int) -> str:
-    """Bytes in a few characters, for tables: 1.1G, 256M, 0."""
-    for unit, size in (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)):
-        if n >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(n)
-
-
-def _ago(t: float) -> str:
-    dt = max(0.0, time.time() - t)
-    return f"{dt:.0f}s ago" if dt < 120 else f"{dt / 60:.0f}m ago" if dt < 7200 else f"{dt / 3600:.0f}h ago"
-
-
-def _status_tables(summaries: list[DeviceSummary]) -> Group | Text:
-    if not summaries:
-        return Text("no elastikv instance is running (no ledger found)")
-    parts: list[Table | Text] = []
-    for d in summaries:
-        table = Table(
-            title=f"{d.device_label}: {format_bytes(d.mapped_bytes)} held of a {format_bytes(d.budget_bytes)} "
-            f"budget ({d.budget} of {format_bytes(d.total_bytes)})",
-            title_justify="left",
-        )
-        for col in ("name", "engine", "state", "pid", "mapped", "in use", "reserve", "limit", "share", "active"):
-            table.add_column(col, justify="left" if col in ("name", "engine", "state") else "right", no_wrap=True)
-        for r in d.instances:
-            table.add_row(
-                r.name,
-                r.engine,
-                "awake",
-                str(r.pid),
-                _short(r.mapped_bytes),
-                _short(r.in_use_bytes),
-                _short(r.reserve_bytes),
-                _short(r.limit_bytes),
-                f"{r.mapped_bytes / d.total_bytes:.1%}",
-                _ago(r.last_activity),
-            )
-        for a in d.asleep:  # put to sleep by a router: nothing mapped, woken by its next request
-            woke = "never woke" if a.last_wake is None else f"woke {_ago(a.last_wake)}"
-            level = "stopped" if a.level == "stop" else f"asleep (level {a.level})"
-            table.add_row(a.name, a.engine, level, "", "none", "", "", "", "0%", f"for {_ago(a.since)[:-4]}, {woke}")
-        if not d.instances and not d.asleep:
-            table.add_row("(none)", "", "", "", "", "", "", "", "", "")
-        parts.append(table)
-    return Group(*parts)
-
-
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
 def status(as_json: bool, watch: bool) -> None:
-    """Instances on each device: mapped, in use, reserve, limit, share of the device, last activity; and the
-    models a router has put to sleep (they hold nothing until their next request wakes them)."""
+    """Instances on each device: KV mapped, in use, reserve, limit, the weights and other memory each engine
+    books beside its KV, share of the device, last activity; and the models a router has put to sleep (they
+    hold nothing until their next request wakes them)."""
     ledger_dir = Settings.from_env().ledger_dir
     if as_json:
         data = [
             {
                 **{k: v for k, v in asdict(d).items() if k != "instances"},
                 "mapped_bytes": d.mapped_bytes,
+                "held_bytes": d.held_bytes,
                 "instances": [r.as_dict() for r in d.instances],
             }
             for d in summaries(ledger_dir)
@@ -226,13 +178,13 @@ def status(as_json: bool, watch: bool) -> None:
         return
     console = Console()
     if not watch:
-        console.print(_status_tables(summaries(ledger_dir)))
+        console.print(status_tables(summaries(ledger_dir)))
         return
-    with Live(_status_tables(summaries(ledger_dir)), console=console, refresh_per_second=2) as live:
+    with Live(status_tables(summaries(ledger_dir)), console=console, refresh_per_second=2) as live:
         try:
             while True:
                 time.sleep(1.0)
-                live.update(_status_tables(summaries(ledger_dir)))
+                live.update(status_tables(summaries(ledger_dir)))
         except KeyboardInterrupt:
             pass
 

@@ -139,6 +139,10 @@ class Settings:
     admin_token: str | None = None  # the router's admin token, where its config file does not give one
     start_token: str | None = None  # set by the router for each engine start; the engine shows it on /health
     control_token: str | None = None  # set by the router for each start: the engine's /sleep and /wake_up need it
+    # Whether an engine books its weights and other working memory in the ledger beside its KV: auto (on a GPU;
+    # on the host backend weights are not device memory), on (also on the host backend, as if they were: tests
+    # of a fleet on a CPU), off.
+    book_weights: str = "auto"
 
     @property
     def min_chunk_bytes(self) -> int | None:
@@ -231,4 +235,5 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "ELASTIKV_ADMIN_TOKEN": ("admin_token", lambda raw, var: raw),
     "ELASTIKV_START_TOKEN": ("start_token", lambda raw, var: raw),
     "ELASTIKV_CONTROL_TOKEN": ("control_token", lambda raw, var: raw),
+    "ELASTIKV_BOOK_WEIGHTS": ("book_weights", lambda raw, var: check_choice(raw, ("auto", "on", "off"), var)),
 }

@@ -180,9 +180,69 @@ def _open(
     return inst
 
 
+@dataclass
+class Holding:
+    """What one engine process holds on a device besides its KV cache (weights; ``other``: activations, CUDA
+    graphs, the allocator's cache), booked in the device's ledger under the engine's name against the same budget
+    as KV. The engine books it *before* it puts weights on the device (a refusal means: do not load them) and
+    drops it once they are off (asleep). Owned by this process; gone with it."""
+
+    name: str
+    ledger: Ledger
+    backend: MemoryBackend
+    weights: int = 0
+    other: int = 0
+
+    def book(self, *, weights: int, other: int = 0) -> None:
+        """Book (or re-book) the holding; ``LimitExceeded`` if the device budget cannot take it (the previous
+        booking is gone then too: the caller must not hold the memory)."""
+        self.ledger.hold(self.name, weights=weights, other=other)
+        self.weights, self.other = weights, other
+
+    def drop(self) -> None:
+        self.ledger.drop_holding(self.name)
+        self.weights = self.other = 0
+
+    def close(self) -> None:
+        lifecycle.forget(self.close)
+        try:
+            self.drop()
+        finally:
+            self.ledger.close()
+            self.backend.close()
+
+
+def open_holding(device: torch.device, settings: Settings, *, name: str) -> Holding | None:
+    """The ledger booking for an engine's non-KV memory on ``device``, or None where the settings say not to
+    book it (``ELASTIKV_BOOK_WEIGHTS``: auto books on a GPU only)."""
+    if settings.book_weights == "off" or (settings.book_weights == "auto" and device.type != "cuda"):
+        return None
+    backend = backend_for(device, settings, holder="this engine")
+    try:
+        ledger = ledger_for(DeviceFacts.of(backend), settings)
+    except BaseException:
+        backend.close()
+        raise
+    holding = Holding(name, ledger, backend)
+    lifecycle.on_exit(holding.close)
+    return holding
+
+
 def _figures(inst: Booked) -> str:
     a = inst.allocator
     return f"virtual capacity={format_bytes(a.capacity_bytes)} limit={format_bytes(a.limit)}"
+
+
+def ledger_for(device: DeviceFacts, settings: Settings) -> Ledger:
+    """The device's ledger, opened (made if new) with the settings' directory and budget."""
+    return Ledger(
+        device.device_id,
+        device_label=device.label,
+        total_bytes=device.total_bytes,
+        free_bytes=device.free_bytes,
+        directory=settings.ledger_dir,
+        budget=settings.device_budget,
+    )
 
 
 def book(
@@ -203,14 +263,7 @@ def book(
             )
         limit = capacity
     name = name or settings.name or f"{engine}-{os.getpid()}"
-    ledger = Ledger(
-        device.device_id,
-        device_label=device.label,
-        total_bytes=total,
-        free_bytes=device.free_bytes,
-        directory=settings.ledger_dir,
-        budget=settings.device_budget,
-    )
+    ledger = ledger_for(device, settings)
     try:
         budget = LedgerBudget.register(
             ledger,

@@ -16,6 +16,10 @@ Models asleep: a router that puts a model to sleep notes it in the ``asleep`` ta
 left with its KV cache), so ``elastikv status`` can list models that hold nothing but are there; the note is the
 router's row (its pid and start time) and is reaped like an instance when the router is gone.
 
+Whole models: an engine also books what it holds besides KV (its weights; ``other``: activations, CUDA graphs,
+the allocator's cache) in the ``holdings`` table, against the same budget, and drops it when it sleeps. So the
+budget covers what engines really hold, and a router can tell whether a model it must wake fits.
+
 Admission (invariant 3): ``book`` checks the instance's limit and the device budget and books, in one
 transaction. The device budget is the configured size or fraction (95% of the device by default), bounded
 by what elastikv instances hold plus what the driver reports free, so memory taken by processes that do not
@@ -27,9 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,14 +48,17 @@ from elastikv.errors import (
     RowMissing,
     UnknownInstance,
 )
+from elastikv.ledger_models import ModelNotes
 from elastikv.ledger_rows import (
-    _ASLEEP_COLUMNS,
     _ASLEEP_TABLE,
     _COLUMNS,
+    _HOLDINGS_TABLE,
     _SCHEMA,
-    AsleepRow,
     DeviceSummary,
     InstanceRow,
+    _check_private,
+    _slug,
+    default_dir,
 )
 from elastikv.procfs import holders, process_start_time
 
@@ -65,11 +70,6 @@ DEFAULT_BUDGET = Size(fraction=0.95)
 SYNC_INTERVAL = 0.2  # seconds between an instance's stats publications / limit reads
 
 
-def default_dir() -> Path:
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
-    return base / f"elastikv-{os.getuid()}"
-
-
 BUSY_TIMEOUT = 10.0  # seconds a transaction waits for another process's lock before LedgerBusy
 
 
@@ -79,25 +79,7 @@ def _is_busy(exc: Exception) -> bool:
     )
 
 
-def _slug(device_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", device_id)
-
-
-def _check_private(path: Path, want_mode: int, what: str) -> None:
-    st = path.stat()
-    if st.st_uid != os.getuid():
-        raise LedgerError(
-            f"the ledger {what} {path} belongs to uid {st.st_uid}, not you ({os.getuid()}); "
-            "set ELASTIKV_LEDGER_DIR to a directory of your own"
-        )
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise LedgerError(
-            f"the ledger {what} {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run: chmod {want_mode:o} {path}"
-        )
-
-
-class Ledger:
+class Ledger(ModelNotes):
     """The ledger of one device. Thread-safe; one connection per process and device."""
 
     def __init__(
@@ -229,6 +211,7 @@ class Ledger:
                 raise self._corrupt(exc) from exc
             try:
                 db.execute(_ASLEEP_TABLE)
+                db.execute(_HOLDINGS_TABLE)
                 if reap:
                     self._reap(db)
                 yield db
@@ -266,6 +249,9 @@ class Ledger:
         for name, pid, start in db.execute("SELECT name, owner_pid, owner_start FROM asleep").fetchall():
             if not self._alive(pid, start):
                 db.execute("DELETE FROM asleep WHERE name = ? AND owner_pid = ?", (name, pid))
+        for name, pid, start in db.execute("SELECT name, pid, start_time FROM holdings").fetchall():
+            if not self._alive(pid, start):
+                db.execute("DELETE FROM holdings WHERE name = ? AND pid = ?", (name, pid))
 
     def _alive(self, pid: int, start: int) -> bool:
         if pid == self._pid and start == self._start:
@@ -274,6 +260,18 @@ class Ledger:
         return not (now is None or (now != -1 and now != start))
 
     # -- budget --------------------------------------------------------------------------------------------
+    @staticmethod
+    def _held(db: sqlite3.Connection) -> int:
+        """Bytes booked against the budget: KV mapped by every instance plus every engine's holdings."""
+        kv = db.execute("SELECT COALESCE(SUM(mapped_bytes), 0) FROM instances").fetchone()[0]
+        try:
+            other = db.execute("SELECT COALESCE(SUM(weights_bytes + other_bytes), 0) FROM holdings").fetchone()[0]
+        except sqlite3.OperationalError as exc:  # a reader's view of a ledger made before the table existed
+            if "no such table" not in str(exc):
+                raise
+            other = 0
+        return int(kv) + int(other)
+
     def _budget_bytes(self, db: sqlite3.Connection, held: int) -> int:
         spec = parse_size(db.execute("SELECT value FROM meta WHERE key = 'budget'").fetchone()[0], what="device budget")
         budget = spec.resolve(self.total_bytes)
@@ -329,7 +327,7 @@ class Ledger:
             if row is not None:
                 raise NameTaken(f"{name!r} was taken by pid {row[0]} while this instance (pid {self._pid}) was out "
                                 "of the ledger; it cannot grow any more: restart it under another name")  # fmt: skip
-            held = db.execute("SELECT COALESCE(SUM(mapped_bytes), 0) FROM instances").fetchone()[0]
+            held = self._held(db)
             if held + booked > self._budget_bytes(db, held):
                 return False
             self._insert(db, name, engine=engine, limit=limit, capacity=capacity, mapped=booked)
@@ -352,12 +350,12 @@ class Ledger:
                     f"{name}: mapping {format_bytes(nbytes)} more would exceed its limit of {format_bytes(limit)} "
                     f"({format_bytes(mapped)} mapped)"
                 )
-            held = db.execute("SELECT COALESCE(SUM(mapped_bytes), 0) FROM instances").fetchone()[0]
+            held = self._held(db)
             budget = self._budget_bytes(db, held)
             if held + nbytes > budget:
                 raise LimitExceeded(
                     f"{name}: the device budget of {self.device_label} is full ({format_bytes(held)} of "
-                    f"{format_bytes(budget)} held by elastikv instances; {format_bytes(nbytes)} more asked)"
+                    f"{format_bytes(budget)} held by elastikv engines; {format_bytes(nbytes)} more asked)"
                 )
             room = min(extra, limit - mapped - nbytes, budget - held - nbytes)
             granted = nbytes + max(0, room) // unit * unit
@@ -438,43 +436,19 @@ class Ledger:
         rows = [InstanceRow(*r) for r in db.execute(f"SELECT {_COLUMNS} FROM instances ORDER BY name")]
         return [r for r in rows if self._alive(r.pid, r.start_time)]
 
-    # -- models asleep (a router's note) ----------------------------------------------------------------------
-    def mark_asleep(self, name: str, *, engine: str, level: str, last_wake: float | None) -> None:
-        """Note that this process (a router) has put model ``name`` to sleep; ``elastikv status`` shows it."""
-        with self._transaction() as db:
-            db.execute(
-                f"INSERT OR REPLACE INTO asleep ({_ASLEEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (name, self._pid, self._start, engine, level, time.time(), last_wake),
-            )
-
-    def mark_awake(self, name: str) -> None:
-        with self._transaction() as db:
-            db.execute("DELETE FROM asleep WHERE name = ? AND owner_pid = ?", (name, self._pid))
-
-    def asleep(self) -> list[AsleepRow]:
-        with self._snapshot() as db:
-            return self._asleep_rows(db)
-
-    def _asleep_rows(self, db: sqlite3.Connection) -> list[AsleepRow]:
-        """Models noted asleep by a live router (none in a ledger made before that table existed)."""
-        try:
-            rows = [AsleepRow(*r) for r in db.execute(f"SELECT {_ASLEEP_COLUMNS} FROM asleep ORDER BY name")]
-        except sqlite3.OperationalError as exc:
-            if "no such table" in str(exc):
-                return []
-            raise
-        return [r for r in rows if self._alive(r.owner_pid, r.owner_start)]
-
     def summary(self) -> DeviceSummary:
         """The device's rows and budget as ``elastikv status`` shows them (read without the write lock)."""
         with self._snapshot() as db:
             asleep = self._asleep_rows(db)
             rows = self._live_rows(db)
-            held = sum(r.mapped_bytes for r in rows)
+            holdings = self._holding_rows(db)
+            held = sum(r.mapped_bytes for r in rows) + sum(h.held_bytes for h in holdings)
             spec = db.execute("SELECT value FROM meta WHERE key = 'budget'").fetchone()[0]
             budget = self._budget_bytes(db, held)
         free = self._free_bytes() if self._free_bytes is not None else None
-        return DeviceSummary(self.device_id, self.device_label, self.total_bytes, budget, spec, free, rows, asleep)
+        return DeviceSummary(
+            self.device_id, self.device_label, self.total_bytes, budget, spec, free, rows, asleep, holdings
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -1,11 +1,40 @@
-"""What the ledger file holds: its tables (schema 1, plus the ``asleep`` table added after it) and the rows
-read from them, as plain frozen dataclasses (``elastikv status`` and the router read these; only ``ledger.py``
-writes the file)."""
+"""The ledger file: where it lives (private, on tmpfs), its tables (schema 1, plus the ``asleep`` and
+``holdings`` tables added after it) and the rows read from them, as plain frozen dataclasses (``elastikv status``
+and the router read these; only ``ledger.py`` writes the file)."""
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from elastikv.errors import LedgerError
+
+
+def default_dir() -> Path:
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(os.environ.get("TMPDIR", "/tmp"))
+    return base / f"elastikv-{os.getuid()}"
+
+
+def _slug(device_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", device_id)
+
+
+def _check_private(path: Path, want_mode: int, what: str) -> None:
+    st = path.stat()
+    if st.st_uid != os.getuid():
+        raise LedgerError(
+            f"the ledger {what} {path} belongs to uid {st.st_uid}, not you ({os.getuid()}); "
+            "set ELASTIKV_LEDGER_DIR to a directory of your own"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        raise LedgerError(
+            f"the ledger {what} {path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"run: chmod {want_mode:o} {path}"
+        )
 
 
 @dataclass(frozen=True)
@@ -45,6 +74,27 @@ class AsleepRow:
 
 
 @dataclass(frozen=True)
+class HoldingRow:
+    """Device memory an engine process holds besides its KV cache (its weights; activations, CUDA graphs and the
+    allocator's cache as ``other``), booked against the same device budget. Owned by that process (``pid``,
+    ``start_time``); it books and drops it (gone when it sleeps), and it is reaped with the process."""
+
+    name: str
+    pid: int
+    start_time: int
+    weights_bytes: int
+    other_bytes: int
+    since: float
+
+    @property
+    def held_bytes(self) -> int:
+        return self.weights_bytes + self.other_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class DeviceSummary:
     device_id: str
     device_label: str
@@ -54,10 +104,19 @@ class DeviceSummary:
     free_bytes: int | None
     instances: list[InstanceRow]
     asleep: list[AsleepRow] = field(default_factory=list)
+    holdings: list[HoldingRow] = field(default_factory=list)
 
     @property
     def mapped_bytes(self) -> int:
         return sum(r.mapped_bytes for r in self.instances)
+
+    @property
+    def held_bytes(self) -> int:
+        """Everything booked against the budget: KV mapped plus weights and other memory."""
+        return self.mapped_bytes + sum(h.held_bytes for h in self.holdings)
+
+    def holding_of(self, name: str) -> HoldingRow | None:
+        return next((h for h in self.holdings if h.name == name), None)
 
 
 _SCHEMA = """
@@ -89,6 +148,18 @@ CREATE TABLE IF NOT EXISTS asleep (
     last_wake REAL
 )
 """
+# Added like ``asleep``: what engines hold besides KV (weights, other). One row per name and process.
+_HOLDINGS_TABLE = """
+CREATE TABLE IF NOT EXISTS holdings (
+    name TEXT PRIMARY KEY,
+    pid INTEGER NOT NULL,
+    start_time INTEGER NOT NULL,
+    weights_bytes INTEGER NOT NULL,
+    other_bytes INTEGER NOT NULL,
+    since REAL NOT NULL
+)
+"""
+_HOLDINGS_COLUMNS = "name, pid, start_time, weights_bytes, other_bytes, since"
 _ASLEEP_COLUMNS = "name, owner_pid, owner_start, engine, level, since, last_wake"
 _COLUMNS = (
     "name, pid, start_time, engine, limit_bytes, startup_limit_bytes, capacity_bytes, mapped_bytes, "

@@ -96,6 +96,8 @@ class ModelSpec:
     port: int | None
     health_path: str
     start_timeout_s: float
+    pin: bool = False  # never put to sleep to make room for another model
+    priority: int = 0  # when room is needed, idle models of lower priority sleep first (then least recently used)
 
 
 @dataclass(frozen=True)

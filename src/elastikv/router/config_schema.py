@@ -189,6 +189,18 @@ def _admin_token(value: object, info: ValidationInfo) -> str | None:
     return token
 
 
+def _pin(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise Invalid(f"{describe(value)} is not true or false; write pin: true to never put this model to sleep for room")
+
+
+def _priority(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise Invalid(f"{describe(value)} is not a whole number; higher priorities are put to sleep for room last")
+
+
 def _health(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise Invalid(f"{describe(value)} is not a path; write one such as /health")
@@ -273,6 +285,8 @@ class ModelEntry(BaseModel):
         default_factory=lambda data: START_TIMEOUT_S[data.get("engine", "elastikv")]
     )
     health_path: Annotated[str, PlainValidator(_health), Field(alias="health")] = "/health"
+    pin: Annotated[bool, PlainValidator(_pin)] = False  # never put to sleep to make room for another model
+    priority: Annotated[int, PlainValidator(_priority)] = 0  # lower: put to sleep for room first
 
     @model_validator(mode="before")
     @classmethod
