@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "elastikv"
 FLOORS: dict[str, int] = {
     "errors": 0, "config": 0, "procfs": 0, "ports": 0, "children": 0, "lifecycle": 0,
     "memory": 1,
-    "space": 2, "peer_pages": 2, "reserve": 2, "free_pool": 2,
+    "page_plan": 2, "space": 2, "peer_pages": 2, "reserve": 2, "free_pool": 2,
     "ledger_rows": 3, "ledger_models": 3, "ledger": 3, "budget": 3, "maintainer": 3, "allocator": 3,
     "instance": 4,
     "engines": 5,

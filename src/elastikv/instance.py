@@ -22,6 +22,7 @@ from elastikv.config import LayoutName, Settings, format_bytes
 from elastikv.errors import ConfigError
 from elastikv.ledger import Ledger
 from elastikv.memory import MemoryBackend, open_backend, physical_memory
+from elastikv.page_plan import PagePlan
 from elastikv.space import KVGeometry, KVSpace, Pages
 
 log = logging.getLogger("elastikv")
@@ -123,16 +124,21 @@ def open_instance(
     layout: LayoutName | None = None,
     num_blocks: int | None = None,
     null_blocks: int = 0,
+    plan: PagePlan | None = None,
     streams: Sequence[int] | None = None,
 ) -> Instance:
-    """Open an elastic KV cache for ``geometry`` (see the module docstring). ``streams``: the raw CUDA stream
-    handles whose queued work must finish before a page is unmapped (default: KVSpace's)."""
+    """Open an elastic KV cache for ``geometry`` (see the module docstring). ``plan``: the page plan an engine
+    sized its cache with (then ``layout``, ``num_blocks``, ``null_blocks`` and ``ELASTIKV_CHUNK`` are the plan's;
+    the plan must have been made with the same settings). ``streams``: the raw CUDA stream handles whose queued
+    work must finish before a page is unmapped (default: KVSpace's)."""
     settings = settings or Settings.from_env()
     owns_backend = backend is None
     if backend is None:
         backend = open_backend(settings.backend, device=settings.device, host_memory=host_memory(settings))
     try:
-        return _open(geometry, backend, owns_backend, engine, name, settings, layout, num_blocks, null_blocks, streams)
+        return _open(
+            geometry, backend, owns_backend, engine, name, settings, layout, num_blocks, null_blocks, plan, streams
+        )
     except BaseException:
         if owns_backend:
             backend.close()
@@ -149,15 +155,17 @@ def _open(
     layout: LayoutName | None,
     num_blocks: int | None,
     null_blocks: int,
+    plan: PagePlan | None,
     streams: Sequence[int] | None,
 ) -> Instance:
-    space = KVSpace(
+    space = KVSpace(  # with a plan, KVSpace refuses sizing arguments that contradict it
         backend,
         geometry,
-        layout=layout or settings.layout,
+        layout=layout or (None if plan else settings.layout),
         num_blocks=num_blocks,
-        min_chunk_bytes=settings.min_chunk_bytes,
+        min_chunk_bytes=None if plan else settings.min_chunk_bytes,
         null_blocks=null_blocks,
+        plan=plan,
         streams=streams,
     )
     try:

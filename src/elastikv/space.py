@@ -24,20 +24,18 @@ allocator gave them.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from elastikv.config import LAYOUTS, LayoutName, check_choice, format_bytes
+from elastikv.config import LayoutName, format_bytes
 from elastikv.errors import ConfigError, DriverError
-from elastikv.memory import Chunk, Fence, MemoryBackend, round_up
+from elastikv.memory import Chunk, Fence, MemoryBackend
+from elastikv.page_plan import KVGeometry as KVGeometry  # re-exported: engines and tests import it from here
+from elastikv.page_plan import PagePlan
 
 log = logging.getLogger(__name__)
-
-_MAX_CHUNK = 2 * 1024**3  # a default chunk larger than this means the geometry fits the granularity badly
 
 
 class Pages(Protocol):
@@ -60,108 +58,19 @@ class Pages(Protocol):
     def fence(self) -> Fence: ...
 
 
-def default_chunk_bytes(unit: int, granularity: int, *, target_blocks: int | None = None, what: str = "block") -> int:
-    """The chunk a space makes by default for ``unit``-byte blocks: about ``target_blocks`` of them (default:
-    as many as fill one granule), rounded up to a multiple of both the unit and the granularity.
-
-    Engines that size their cache themselves (vLLM) use it to pick a block count of whole pages.
-    """
-    if target_blocks is None:
-        target_blocks = max(1, granularity // unit)
-    chunk = round_up(target_blocks * unit, math.lcm(unit, granularity))
-    if chunk > _MAX_CHUNK:
-        raise ConfigError(
-            f"the {what} is {unit} bytes, which fits the {format_bytes(granularity)} granularity badly "
-            f"(a page would need {format_bytes(chunk)}); pass chunk_bytes, a multiple of both"
-        )
-    return chunk
-
-
-@dataclass(frozen=True)
-class KVGeometry:
-    """Shape of one engine's KV cache, independent of how many blocks it has.
-
-    ``block_shape`` is one block of one buffer of one layer, e.g. ``(block_size, kv_heads, head_dim)``;
-    ``buffers_per_layer`` is 2 for K and V, 1 for MLA's joint latent.
-    """
-
-    num_layers: int
-    block_shape: tuple[int, ...]
-    dtype: torch.dtype
-    buffers_per_layer: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "buffers_per_layer"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"KVGeometry.{name} must be a positive whole number, got {value!r}")
-        shape = tuple(self.block_shape)
-        if not shape or any(not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in shape):
-            raise ConfigError(f"KVGeometry.block_shape must be positive whole numbers, got {self.block_shape!r}")
-        object.__setattr__(self, "block_shape", shape)
-        if not isinstance(self.dtype, torch.dtype):
-            raise ConfigError(f"KVGeometry.dtype must be a torch.dtype such as torch.bfloat16, got {self.dtype!r}")
-
-    @classmethod
-    def for_attention(
-        cls,
-        *,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        block_size: int,
-        dtype: torch.dtype,
-        buffers_per_layer: int = 2,
-    ) -> KVGeometry:
-        return cls(num_layers, (block_size, num_kv_heads, head_dim), dtype, buffers_per_layer)
-
-    @property
-    def num_buffers(self) -> int:
-        return self.num_layers * self.buffers_per_layer
-
-    @property
-    def block_elems(self) -> int:
-        return math.prod(self.block_shape)
-
-    @property
-    def block_bytes(self) -> int:
-        """Bytes of one block in one buffer of one layer."""
-        return self.block_elems * self.dtype.itemsize
-
-    @property
-    def group_bytes(self) -> int:
-        """Bytes of one block across every layer and buffer: what one block id really costs."""
-        return self.num_buffers * self.block_bytes
-
-
-def chunk_bytes_for(
-    geometry: KVGeometry, layout: LayoutName, granularity: int, min_chunk_bytes: int | None = None
-) -> int:
-    """The chunk a :class:`KVSpace` of ``geometry`` and ``layout`` makes when not given ``chunk_bytes``: one
-    block (per-layer) or block group (interleaved) per granule, at least one; raised to ``min_chunk_bytes``
-    (``ELASTIKV_CHUNK``) rounded up to whole default chunks. Engines that size their pool in pages call it too."""
-    unit = geometry.block_bytes if layout == "per-layer" else geometry.group_bytes
-    what = "block" if layout == "per-layer" else "block group (one block in every layer and buffer)"
-    chunk = default_chunk_bytes(unit, granularity, target_blocks=max(1, granularity // geometry.block_bytes), what=what)
-    if min_chunk_bytes is not None and min_chunk_bytes > chunk:
-        # Fewer, larger chunks: the driver's cost is per mapping, not per byte (DESIGN: flat 2-128 MiB).
-        chunk = round_up(min_chunk_bytes, chunk)  # the default is a multiple of the block and granule
-        if chunk > _MAX_CHUNK:
-            raise ConfigError(f"ELASTIKV_CHUNK: {format_bytes(chunk)} chunks are too large; use at most 2GiB")
-    return chunk
-
-
 class KVSpace:
     """An engine's KV buffers over reserved virtual memory; pages are mapped and unmapped on request.
 
-    ``num_blocks`` defaults to the *virtual capacity*: as many blocks as the device's total memory could
-    hold, never a snapshot of free memory. It is rounded up to whole pages. ``chunk_bytes`` overrides the
-    chunk size (it must be a multiple of the granularity and hold whole blocks); ``min_chunk_bytes`` only
-    raises the default, rounded up to whole blocks and granules (``ELASTIKV_CHUNK``). The first ``null_blocks``
-    blocks form an always-mapped region the allocator never hands out (engines that pad block tables with a
-    null block point them there). ``streams`` are the raw CUDA stream handles whose work must finish before
-    a page is unmapped, for an engine that knows them all; by default every stream of the device (the fence
-    synchronizes the device), which needs no knowledge of the engine.
+    The page arithmetic is a :class:`~elastikv.page_plan.PagePlan`, given as ``plan`` (an engine that sized its
+    cache with one, so both agree by construction) or made here from the arguments below, which ``plan`` excludes.
+    ``num_blocks`` defaults to the *virtual capacity*: as many blocks as the device's total memory could hold,
+    never a snapshot of free memory. It is rounded up to whole pages. ``chunk_bytes`` overrides the chunk size
+    (it must be a multiple of the granularity and hold whole blocks); ``min_chunk_bytes`` only raises the
+    default, rounded up to whole blocks and granules (``ELASTIKV_CHUNK``). The first ``null_blocks`` blocks form
+    an always-mapped region the allocator never hands out (engines that pad block tables with a null block point
+    them there). ``layout`` defaults to ``interleaved`` (or the plan's). ``streams`` are the raw CUDA stream
+    handles whose work must finish before a page is unmapped, for an engine that knows them all; by default
+    every stream of the device (the fence synchronizes the device), which needs no knowledge of the engine.
 
     ``scratch_backed=True`` backs every page that has no memory of its own with one shared scratch chunk
     (mapped at every such slot), so that a stray access to a block that is not allocated (an engine reading
@@ -175,58 +84,41 @@ class KVSpace:
         backend: MemoryBackend,
         geometry: KVGeometry,
         *,
-        layout: LayoutName = "interleaved",
+        layout: LayoutName | None = None,
         num_blocks: int | None = None,
         chunk_bytes: int | None = None,
         min_chunk_bytes: int | None = None,
         null_blocks: int = 0,
+        plan: PagePlan | None = None,
         streams: Sequence[int] | None = None,
         scratch_backed: bool = False,
     ) -> None:
-        check_choice(layout, LAYOUTS, "layout")
+        if plan is None:
+            if num_blocks is None:
+                num_blocks = backend.mem_info()[1] // geometry.group_bytes
+            plan = PagePlan.for_blocks(
+                geometry,
+                layout or "interleaved",
+                backend.granularity,
+                num_blocks=num_blocks,
+                null_blocks=null_blocks,
+                chunk_bytes=chunk_bytes,
+                min_chunk_bytes=min_chunk_bytes,
+            )
+        else:
+            sized = num_blocks is not None or chunk_bytes is not None or min_chunk_bytes is not None or null_blocks != 0
+            _check_plan(plan, backend, geometry, layout, sized)
         self.backend = backend
         self.geometry = geometry
-        self.layout: LayoutName = layout
-        gran = backend.granularity
-        g = geometry
-
-        # Chunk size and blocks per page.
-        unit = g.block_bytes if layout == "per-layer" else g.group_bytes
-        what = "block" if layout == "per-layer" else "block group (one block in every layer and buffer)"
-        if chunk_bytes is None:
-            chunk = chunk_bytes_for(g, layout, gran, min_chunk_bytes)
-        else:
-            chunk = chunk_bytes
-            if not isinstance(chunk, int) or chunk <= 0 or chunk % gran:
-                raise ConfigError(
-                    f"chunk_bytes={chunk_bytes!r} must be a positive multiple of the {format_bytes(gran)} granularity"
-                )
-            if chunk < unit:
-                raise ConfigError(
-                    f"a {what} of {format_bytes(unit)} is bigger than the {format_bytes(chunk)} chunk; "
-                    f"use chunk_bytes of at least {round_up(unit, gran)}"
-                )
-            if chunk % unit:
-                raise ConfigError(
-                    f"{format_bytes(unit)} blocks do not divide the {format_bytes(chunk)} chunk; "
-                    f"use a chunk_bytes that is a multiple of {unit} and of {gran}"
-                )
-        self.chunk_bytes = chunk
-        self.blocks_per_page = chunk // unit
-        self.chunks_per_page = g.num_buffers if layout == "per-layer" else 1
-        self.page_bytes = chunk * self.chunks_per_page
-
-        # Capacity, in whole pages.
-        if num_blocks is None:
-            _, total = backend.mem_info()
-            num_blocks = total // g.group_bytes
-        if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks <= 0:
-            raise ConfigError(f"num_blocks must be a positive whole number, got {num_blocks!r}")
-        self.num_pages = -(-num_blocks // self.blocks_per_page)
-        self.num_blocks = self.num_pages * self.blocks_per_page
-        if not isinstance(null_blocks, int) or not 0 <= null_blocks < self.num_blocks:
-            raise ConfigError(f"null_blocks must be between 0 and {self.num_blocks - 1}, got {null_blocks!r}")
-        self.null_blocks = null_blocks
+        self.plan = plan
+        self.layout: LayoutName = plan.layout
+        self.chunk_bytes = chunk = plan.chunk_bytes
+        self.blocks_per_page = plan.blocks_per_page
+        self.chunks_per_page = plan.chunks_per_page
+        self.page_bytes = plan.page_bytes
+        self.num_pages = plan.num_pages
+        self.num_blocks = plan.num_blocks
+        self.null_blocks = plan.null_blocks
 
         # Address space.
         self._range_bytes = self.num_pages * chunk  # one buffer's range (per-layer) or the whole (interleaved)
@@ -430,4 +322,20 @@ class KVSpace:
             f"{self.num_blocks} blocks of {format_bytes(g.group_bytes)} "
             f"({format_bytes(self.num_blocks * g.group_bytes)} virtual), "
             f"pages of {self.blocks_per_page} blocks = {format_bytes(self.page_bytes)} on {self.backend.device_label}"
+        )
+
+
+def _check_plan(plan: PagePlan, backend: MemoryBackend, geometry: KVGeometry, layout: str | None, sized: bool) -> None:
+    """A space given a plan takes every number from it: refuse one made for another geometry, layout or
+    granularity, or sizing arguments that would contradict it."""
+    if sized:
+        raise ConfigError("KVSpace: pass a plan or num_blocks, chunk_bytes, min_chunk_bytes, null_blocks; not both")
+    if plan.geometry != geometry:
+        raise ConfigError(f"KVSpace: the plan is for {plan.geometry}, not {geometry}")
+    if layout is not None and layout != plan.layout:
+        raise ConfigError(f"KVSpace: the plan is for the {plan.layout} layout, not {layout}")
+    if plan.granularity != backend.granularity:
+        raise ConfigError(
+            f"KVSpace: the plan is for a {format_bytes(plan.granularity)} granularity; "
+            f"{backend.device_label} maps {format_bytes(backend.granularity)}"
         )

@@ -25,7 +25,8 @@ from elastikv.config import format_bytes
 from elastikv.engines.sglang import process
 from elastikv.errors import UnsupportedEngine
 from elastikv.instance import Instance, open_instance
-from elastikv.space import KVGeometry, chunk_bytes_for
+from elastikv.page_plan import PagePlan
+from elastikv.space import KVGeometry
 
 log = logging.getLogger("elastikv")
 
@@ -67,30 +68,26 @@ def open_pool_space(pool: Any, geometry: KVGeometry) -> slice:
     """Open the elastic space behind one SGLang KV pool; return the rows of each buffer SGLang sees.
 
     SGLang wants exactly size + page_size rows (its padded page 0, then pages 1..P), but a space has whole pages
-    of blocks. So SGLang's page p is block p + offset, where offset pads the front: blocks 0..offset (SGLang's
-    page 0 and the padding, within the space's first page) are the always-mapped null blocks, and the
-    allocator's blocks are exactly SGLang's pages 1..P."""
+    of blocks. So the plan pads the front (:meth:`PagePlan.for_front_padded`): SGLang's page p is block
+    p + offset, blocks 0..offset (the padding and SGLang's page 0, within the space's first page) are the
+    always-mapped null blocks, and the allocator's blocks are exactly SGLang's pages 1..P."""
     ps = int(pool.page_size)
     proc = process.for_device(pool.device)
-    pages = int(pool.size) // ps
-    chunk = chunk_bytes_for(geometry, "per-layer", proc.backend.granularity, proc.settings.min_chunk_bytes)
-    per_page = chunk // geometry.block_bytes
-    total = -(-(pages + 1) // per_page) * per_page
-    offset = total - (pages + 1)
-    inst = open_instance(
+    plan = PagePlan.for_front_padded(
         geometry,
-        engine="sglang",
-        backend=proc.backend,
-        layout="per-layer",
-        num_blocks=total,
-        null_blocks=offset + 1,
-        settings=proc.settings,
-        streams=proc.streams(),
+        "per-layer",
+        proc.backend.granularity,
+        engine_blocks=int(pool.size) // ps + 1,
+        engine_null_blocks=1,
+        min_chunk_bytes=proc.settings.min_chunk_bytes,
+    )
+    inst = open_instance(
+        geometry, engine="sglang", backend=proc.backend, plan=plan, settings=proc.settings, streams=proc.streams()
     )
     proc.instances.append(inst)
-    pool._elastikv_offset = offset
+    pool._elastikv_offset = plan.front_padding
     pool._elastikv = inst
-    return slice(offset * ps, total * ps)
+    return slice(plan.front_padding * ps, plan.num_blocks * ps)
 
 
 def wrap_create_buffers_normal(original: Callable[..., None]) -> Callable[..., None]:

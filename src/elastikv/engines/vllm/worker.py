@@ -29,11 +29,12 @@ import torch
 from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
 from elastikv.engines.patching import Target
-from elastikv.errors import ConfigError, UnsupportedEngine
+from elastikv.errors import UnsupportedEngine
 from elastikv.instance import backend_for
 from elastikv.memory import MemoryBackend
+from elastikv.page_plan import PagePlan
 from elastikv.peer_pages import PageServer
-from elastikv.space import KVGeometry, KVSpace, default_chunk_bytes
+from elastikv.space import KVGeometry, KVSpace
 
 log = logging.getLogger("elastikv")
 
@@ -122,16 +123,20 @@ def _capacity(worker: Any) -> int:
                 a = int(getter())
                 align = math.lcm(align, a)
         unit = -(-page * layers // align) * align
-        quantum = default_chunk_bytes(unit, gran, target_blocks=max(1, gran // page))
-        bytes_per_block = unit
+        # Pages of as many blocks as a layer's page fits in a granule (as the per-layer plan has). The space
+        # kv_unified.py opens sees one flattened block and makes pages of fewer blocks, which divide these.
+        plan = PagePlan.for_capacity(
+            KVGeometry(1, (unit,), torch.uint8, buffers_per_layer=1),
+            "interleaved",
+            gran,
+            capacity_bytes=total,
+            target_blocks=max(1, gran // page),
+        )
     else:  # one contiguous range per layer: a page is one chunk in each
-        chunk = default_chunk_bytes(page, gran)
-        quantum = chunk * layers
-        bytes_per_block = page * layers
-    capacity = total // quantum * quantum
-    if capacity < quantum:
-        raise ConfigError(f"the device ({format_bytes(total)}) cannot hold one page of {format_bytes(quantum)}")
-    log.debug("capacity %s (%d blocks of %s)", format_bytes(capacity), capacity // bytes_per_block, bytes_per_block)
+        geometry = KVGeometry(layers, (page,), torch.uint8, buffers_per_layer=1)
+        plan = PagePlan.for_capacity(geometry, "per-layer", gran, capacity_bytes=total)
+    capacity, block = plan.capacity_bytes, plan.geometry.group_bytes
+    log.debug("capacity %s (%d blocks of %s)", format_bytes(capacity), plan.num_blocks, block)
     return capacity
 
 
@@ -189,14 +194,13 @@ def take_space(device: torch.device, make: Callable[[MemoryBackend], KVSpace]) -
 def open_space(backend: MemoryBackend, geometry: KVGeometry, layout: str, num_blocks: int) -> KVSpace:
     """The scratch-backed space for vLLM's plan: exactly ``num_blocks`` blocks (vLLM's block 0, its null block,
     mapped for good), which must fill whole pages."""
-    space = KVSpace(backend, geometry, layout=layout, num_blocks=num_blocks, null_blocks=1, scratch_backed=True)  # type: ignore[arg-type]
-    if space.num_blocks != num_blocks:
-        space.close()
+    plan = PagePlan.for_blocks(geometry, layout, backend.granularity, num_blocks=num_blocks, null_blocks=1)  # type: ignore[arg-type]
+    if plan.num_blocks != num_blocks:
         raise UnsupportedEngine(
-            f"vLLM planned {num_blocks} blocks, not a whole number of {space.blocks_per_page}-block pages; elastikv "
+            f"vLLM planned {num_blocks} blocks, not a whole number of {plan.blocks_per_page}-block pages; elastikv "
             "sizes the cache itself: do not pass --num-gpu-blocks-override with ELASTIKV=1"
         )
-    return space
+    return KVSpace(backend, geometry, plan=plan, scratch_backed=True)
 
 
 def serve_pages(worker: Any) -> None:
