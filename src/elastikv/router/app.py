@@ -58,6 +58,8 @@ class Metrics:
                                ("restarts", "Restarts after a crash so far"), ("crashes", "Engine exits not asked for"))
         }  # fmt: skip
         self.kv_mapped = Gauge("elastikv_kv_mapped_bytes", "KV memory mapped (from the ledger)", ["model"], registry=r)
+        self.evictions = Gauge("elastikv_router_evictions", "Times a model was put to sleep to make room for another",
+                               ["model", "reason"], registry=r)  # fmt: skip
 
     def render(self) -> str:
         mapped = self.router.ledger_rows()
@@ -71,6 +73,8 @@ class Metrics:
             while c.wake_seconds:
                 self.wake_seconds.labels(name).observe(c.wake_seconds.popleft())
             self.kv_mapped.labels(name).set(mapped.get(name, 0))
+        for (name, reason), n in self.router.room.evictions.items():
+            self.evictions.labels(name, reason).set(n)
         return generate_latest(self.registry).decode()
 
 

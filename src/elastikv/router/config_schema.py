@@ -201,6 +201,13 @@ def _priority(value: object) -> int:
     raise Invalid(f"{describe(value)} is not a whole number; higher priorities are put to sleep for room last")
 
 
+def _start(value: object) -> str:
+    if value in ("awake", "lazy"):
+        return str(value)
+    raise Invalid(f"{describe(value)} is not a way to start; write awake (at the router's start) or lazy (at the "
+                  "model's first request)")  # fmt: skip
+
+
 def _health(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise Invalid(f"{describe(value)} is not a path; write one such as /health")
@@ -287,6 +294,7 @@ class ModelEntry(BaseModel):
     health_path: Annotated[str, PlainValidator(_health), Field(alias="health")] = "/health"
     pin: Annotated[bool, PlainValidator(_pin)] = False  # never put to sleep to make room for another model
     priority: Annotated[int, PlainValidator(_priority)] = 0  # lower: put to sleep for room first
+    start: Annotated[str, PlainValidator(_start)] = "awake"  # lazy: started by its first request
 
     @model_validator(mode="before")
     @classmethod

@@ -25,7 +25,9 @@ from elastikv import ports
 from elastikv.config import Settings
 from elastikv.errors import ElastikvError, EngineStartFailed, LedgerError
 from elastikv.ledger import Ledger, ledger_files
+from elastikv.ledger_rows import DeviceSummary
 from elastikv.router.config import RouterConfig
+from elastikv.router.room import Room
 from elastikv.router.supervisor import PORT_FIX, ManagedModel
 
 log = logging.getLogger("elastikv.router")
@@ -49,9 +51,11 @@ class Router:
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=2.0),
         )
         self.models: dict[str, ManagedModel] = {}
+        self.room = Room(self.models, self.device_summary)
         for spec in config.models:
             model = ManagedModel(spec, spec.port or free_port(), self.client, self.log_dir)
             model.note_asleep = self._note_asleep
+            model.room_for_wake = self.room.for_wake
             self.models[spec.name] = model
         self._watch_task: asyncio.Task[None] | None = None
         self._ledger_of: dict[str, Path] = {}  # the ledger file each model's instance row was last seen in
@@ -62,9 +66,10 @@ class Router:
         for m in self.models.values():
             if m.spec.port is not None:
                 ports.check_free("127.0.0.1", m.port, what=f"model {m.spec.name!r}", fix=PORT_FIX)
-        log.info("starting %d engine(s); their logs are in %s", len(self.models), self.log_dir)
-        results = await asyncio.gather(*(m.start() for m in self.models.values()), return_exceptions=True)
-        failed = [(m, r) for m, r in zip(self.models.values(), results, strict=True) if isinstance(r, BaseException)]
+        first = [m for m in self.models.values() if m.spec.start == "awake"]  # "lazy": at its first request
+        log.info("starting %d engine(s); their logs are in %s", len(first), self.log_dir)
+        results = await asyncio.gather(*(m.start() for m in first), return_exceptions=True)
+        failed = [(m, r) for m, r in zip(first, results, strict=True) if isinstance(r, BaseException)]
         if failed:
             await asyncio.gather(*(m.close() for m in self.models.values()), return_exceptions=True)
             for _m, exc in failed:
@@ -132,6 +137,32 @@ class Router:
                 finally:
                     ledger.close()
         return mapped
+
+    def device_summary(self, model: ManagedModel) -> DeviceSummary | None:
+        """The ledger summary of the device ``model`` books on (blocking). Where it never booked: the one ledger
+        the router's engines use, if there is exactly one; else None."""
+        path = self._ledger_of.get(model.spec.name)
+        if path is None:
+            self.ledger_rows()
+            path = self._ledger_of.get(model.spec.name)
+        if path is None:
+            files = [f for d in self.ledger_dirs() for f in ledger_files(d)]
+            if len(files) != 1:
+                return None
+            path = files[0]
+        try:
+            ledger = Ledger.open_existing(path)
+        except LedgerError:
+            return None
+        try:
+            summary = ledger.summary()
+        finally:
+            ledger.close()
+        for row in summary.instances:
+            self._ledger_of.setdefault(row.name, path)
+        for h in summary.holdings:
+            self._ledger_of.setdefault(h.name, path)
+        return summary
 
     def _note_asleep(self, model: ManagedModel, asleep: bool) -> None:
         """Note in the ledger that ``model`` sleeps (or woke), for ``elastikv status``. Blocking (SQLite): called

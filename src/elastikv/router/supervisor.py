@@ -86,6 +86,8 @@ class ManagedModel:
         self.last_wake: float | None = None  # time.time() of the last completed wake
         # Set by the Router: note a sleep (True) or a wake (False) in the ledger, for `elastikv status`. Blocking.
         self.note_asleep: Callable[[ManagedModel, bool], None] | None = None
+        # Set by the Router: hold room on the device for this model's wake or start (room.py).
+        self.room_for_wake: Callable[[ManagedModel], contextlib.AbstractAsyncContextManager[None]] | None = None
 
     # -- state -----------------------------------------------------------------------------------------------
     @property
@@ -155,10 +157,12 @@ class ManagedModel:
             self.refuse_if_down()
             if self.state not in (State.ASLEEP, State.STOPPED):
                 return
-            if self.state is State.ASLEEP:
-                await self._wake()
-            else:
-                await self._start_for_wake()
+            room = self.room_for_wake(self) if self.room_for_wake is not None else contextlib.nullcontext()
+            async with room:  # other models put to sleep first where this one would not fit (room.py)
+                if self.state is State.ASLEEP:
+                    await self._wake()
+                else:
+                    await self._start_for_wake()
             self.counters.wakes += 1
             self.counters.wake_seconds.append(time.monotonic() - arrived)
             self.last_wake = time.time()
@@ -469,6 +473,7 @@ class ManagedModel:
             "idle_s": round(self.idle_for(), 1),
             "sleep_after_s": self.spec.idle_s,
             "sleep_level": self.spec.sleep_level,
+            "pin": self.spec.pin,
             "wakes": c.wakes,
             "last_wake": self.last_wake,
             "sleeps": c.sleeps,

@@ -1,0 +1,131 @@
+"""Room on the device before a model wakes: more models than the GPU holds, behind one router.
+
+Engines book what they hold besides KV (weights, other working memory) in the device's ledger
+(``ledger_models.py``), so the router can tell whether a model it must wake fits: its *footprint* (what it held
+besides KV when last seen awake) against the budget less what every engine holds now. When it does not fit, the
+router puts idle models to sleep first, one at a time, until it does:
+
+- never a pinned model (``pin: true``), never one with a request in flight, never the one waking;
+- lowest ``priority`` first, then the least recently used;
+- if no model can be put to sleep now (all busy or pinned), wait for one (bounded by the waking model's
+  ``start_timeout``), then refuse the request with ``Unavailable`` naming what holds the memory: never a wake that
+  the ledger would refuse half way, never a driver out-of-memory.
+
+Who owns what: the ``Room`` owns one lock, held from the check through the wake (or start) that follows, so two
+models waking at once never both count the same free bytes; it owns the footprints it learned. It never changes a
+model's state itself: it asks the model to ``sleep()`` like an admin would, so every invariant of
+``supervisor.py`` holds. Idle KV that awake models keep is given back by their own allocators (idle trim), not
+here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from elastikv.config import format_bytes
+from elastikv.ledger_rows import DeviceSummary
+from elastikv.router.states import State, Unavailable
+
+if TYPE_CHECKING:
+    from elastikv.router.supervisor import ManagedModel
+
+log = logging.getLogger("elastikv.router")
+
+POLL_S = 0.25  # how often a model that must wait for room looks again
+
+
+class Room:
+    """Makes room on the device for a model about to wake. ``summary_of(model)`` reads the ledger of the device
+    the model books on (blocking: run in a thread), or None where it has never booked (nothing to check)."""
+
+    def __init__(
+        self, models: dict[str, ManagedModel], summary_of: Callable[[ManagedModel], DeviceSummary | None]
+    ) -> None:
+        self.models = models
+        self.summary_of = summary_of
+        self.lock = asyncio.Lock()
+        self.footprint: dict[str, int] = {}  # bytes a model held besides KV when last seen awake
+        self.evictions: Counter[tuple[str, str]] = Counter()  # (model put to sleep, reason) -> count
+
+    def estimate(self, model: ManagedModel) -> int:
+        """A model never seen awake: its weights as its files hold them (safetensors), else 0 (unknown)."""
+        path = Path(model.spec.model) if model.spec.model else None
+        if path is None or not path.is_dir():
+            return 0
+        return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+    def learn(self, summary: DeviceSummary) -> None:
+        """Note each of our models' holdings (weights + other) as its footprint for the next wake."""
+        for h in summary.holdings:
+            if h.name in self.models and h.held_bytes > 0:
+                self.footprint[h.name] = h.held_bytes
+
+    @contextlib.asynccontextmanager
+    async def for_wake(self, model: ManagedModel) -> AsyncIterator[None]:
+        """Hold the room for ``model`` from the check through its wake (the body)."""
+        async with self.lock:
+            await self._make_room(model)
+            yield
+
+    async def _summary(self, model: ManagedModel) -> DeviceSummary | None:
+        summary = await asyncio.get_running_loop().run_in_executor(None, self.summary_of, model)
+        if summary is not None:
+            self.learn(summary)
+        return summary
+
+    async def _make_room(self, model: ManagedModel) -> None:
+        deadline = time.monotonic() + model.spec.start_timeout_s
+        while True:
+            summary = await self._summary(model)
+            need = self.footprint.get(model.spec.name) or self.estimate(model)
+            if summary is None or need == 0:
+                return  # no ledger yet, or nothing booked besides KV: nothing to check (KV grows elastically)
+            free = summary.budget_bytes - summary.held_bytes
+            if free >= need:
+                return
+            victim = self.pick(exclude=model)
+            if victim is None:
+                if time.monotonic() >= deadline:
+                    raise Unavailable(self._no_room(model, need, free, summary), retry_after_s=5.0)
+                await asyncio.sleep(POLL_S)
+                continue
+            reason = f"room for {model.spec.name}"
+            log.info("%s: put to sleep to make room for %s (needs %s, %s free of a %s budget)", victim.spec.name,
+                     model.spec.name, format_bytes(need), format_bytes(max(0, free)),
+                     format_bytes(summary.budget_bytes))  # fmt: skip
+            self.evictions[(victim.spec.name, "room")] += 1
+            try:
+                await victim.sleep(reason=reason)
+            except Unavailable as exc:  # it could not sleep (busy, failed): try another, or wait
+                log.warning("%s: could not be put to sleep for room: %s", victim.spec.name, exc)
+                await asyncio.sleep(POLL_S)
+
+    def pick(self, *, exclude: ManagedModel) -> ManagedModel | None:
+        """The model to put to sleep next: awake, idle, not pinned; lowest priority, then least recently used."""
+        idle = [
+            m
+            for m in self.models.values()
+            if m is not exclude and not m.spec.pin and m.state is State.AWAKE and m.active == 0
+        ]
+        return min(idle, key=lambda m: (m.spec.priority, m.last_used), default=None)
+
+    def _no_room(self, model: ManagedModel, need: int, free: int, summary: DeviceSummary) -> str:
+        holders = sorted(((h.held_bytes, h.name) for h in summary.holdings), reverse=True)
+        held = ", ".join(f"{name} {format_bytes(n)}" + (" (pinned)" if self._pinned(name) else "")
+                         for n, name in holders) or "nothing booked"  # fmt: skip
+        return (
+            f"no room on {summary.device_label} for {model.spec.name}: it needs {format_bytes(need)}, "
+            f"{format_bytes(max(0, free))} of the {format_bytes(summary.budget_bytes)} budget is free, and every "
+            f"awake model is busy or pinned ({held}); retry, or raise the budget (ELASTIKV_DEVICE_BUDGET)"
+        )
+
+    def _pinned(self, name: str) -> bool:
+        m = self.models.get(name)
+        return m is not None and m.spec.pin

@@ -1,0 +1,196 @@
+"""More models than the device holds, behind one router (issue 22's fleet, on the CPU): real engine processes on
+the host backend that book their weights in the ledger (``ELASTIKV_BOOK_WEIGHTS=on``), a device budget that
+holds two of the four at once, and a trace that visits them in turn and comes back. The router must make room
+before each wake or start (``router/room.py``): put the least recently used idle model to sleep, never the pinned
+one, and answer every request; the ledger never holds more than the budget.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from elastikv import children
+
+transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="needs httpx: pip install -e '.[serve]'")
+yaml = pytest.importorskip("yaml", reason="needs PyYAML: pip install -e '.[serve]'")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not transformers.__version__.startswith("5.17."),
+        reason=f"the engine supports transformers 5.17; this is {transformers.__version__}",
+    ),
+]
+
+TOKEN = "fleet-admin-token"
+MODELS = ("pinned", "b", "c", "d")
+MIB = 1024**2
+
+
+def _weights(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def test_a_fleet_larger_than_the_budget_answers_every_request_and_never_evicts_the_pinned_model(
+    tmp_path: Path,
+) -> None:
+    from elastikv.bench.models import make_model
+    from elastikv.ledger import summaries
+    from elastikv.ports import free_port
+
+    for seed, name in enumerate(MODELS):
+        make_model(tmp_path / name, size="tiny", seed=seed)
+    weights = _weights(tmp_path / "b")
+    # Two models' weights and a little KV each: a third does not fit until one of the others sleeps.
+    budget = 2 * weights + 24 * MIB
+    port = free_port()
+    ledger_dir = tmp_path / "ledger"
+    config = {
+        "listen": f"127.0.0.1:{port}",
+        "admin_token": TOKEN,
+        "env": {
+            "ELASTIKV_BACKEND": "host",
+            "ELASTIKV_HOST_MEMORY": "512MiB",
+            "ELASTIKV_RESERVE": "0",
+            "ELASTIKV_DEVICE_BUDGET": str(budget),
+            "ELASTIKV_BOOK_WEIGHTS": "on",
+            "ELASTIKV_LEDGER_DIR": str(ledger_dir),
+        },
+        "models": [
+            {
+                "name": name,
+                "model": f"./{name}",
+                "idle": "never",  # only making room puts a model to sleep here
+                "sleep_level": 1,
+                "args": ["--dtype", "float32"],
+                **({"pin": True} if name == "pinned" else {}),
+                **({"start": "lazy"} if name in ("c", "d") else {}),
+            }
+            for name in MODELS
+        ],
+    }
+    (tmp_path / "router.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIKV")}
+    log = tmp_path / "router.log"
+    proc = children.popen(
+        [
+            sys.executable,
+            "-m",
+            "elastikv.cli",
+            "serve",
+            str(tmp_path / "router.yaml"),
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    held: list[tuple[int, int]] = []  # (held, budget) sampled from the ledger while the trace runs
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            for d in summaries(ledger_dir):
+                held.append((d.held_bytes, d.budget_bytes))
+            time.sleep(0.05)
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        # Visit every model in turn, come back to earlier ones, and keep the pinned one in use throughout.
+        trace = ["pinned", "b", "c", "pinned", "d", "b", "pinned", "c", "d", "b", "pinned", "c"]
+        for model in trace:
+            r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "Once upon", "max_tokens": 4},
+                           timeout=120)  # fmt: skip
+            assert r.status_code == 200, (model, r.text, log.read_text()[-3000:])
+            assert r.json()["choices"][0]["text"] is not None
+        stop.set()
+        sampler.join()
+        status = httpx.get(f"{url}/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
+        rows = {row["model"]: row for row in status["models"]}
+        assert rows["pinned"]["state"] == "awake" and rows["pinned"]["sleeps"] == 0, rows["pinned"]
+        assert sum(rows[m]["sleeps"] for m in ("b", "c", "d")) >= 3, rows  # room was made, more than once
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        evicted = [line for line in metrics.splitlines() if line.startswith("elastikv_router_evictions{")]
+        assert evicted and all('model="pinned"' not in line for line in evicted), evicted
+        assert held, "the ledger was never sampled"
+        over = [(h, b) for h, b in held if h > b]
+        assert not over, f"the ledger held more than the budget: {over[:5]}"
+        assert max(h for h, _ in held) > weights  # weights really were booked
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_room_puts_the_lowest_priority_then_least_recently_used_idle_model_to_sleep_never_a_pinned_or_busy_one(
+    tmp_path: Path,
+) -> None:
+    """The choice alone, on the router's real ``ManagedModel`` objects (no engines started: only their state
+    and counters are read)."""
+    import asyncio
+    import dataclasses
+
+    from elastikv.router.config import ModelSpec
+    from elastikv.router.room import Room
+    from elastikv.router.states import State
+    from elastikv.router.supervisor import ManagedModel
+
+    def spec(name: str, **kw: object) -> ModelSpec:
+        base = ModelSpec(name=name, engine="elastikv", model=str(tmp_path), command=None, args=(), env={},
+                         limit=None, idle_s=None, sleep_level=1, port=None, health_path="/health",
+                         start_timeout_s=5.0)  # fmt: skip
+        return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        async with httpx.AsyncClient() as client:
+            specs = [spec("old"), spec("older-but-pinned", pin=True), spec("busy"), spec("important", priority=5),
+                     spec("new"), spec("waking")]  # fmt: skip
+            models = {s.name: ManagedModel(s, 40000 + i, client, tmp_path) for i, s in enumerate(specs)}
+            for i, m in enumerate(models.values()):
+                m.state = State.STARTING
+                m.state = State.AWAKE
+                m.last_used = 100.0 + i  # "old" least recently used, "new" most
+            models["older-but-pinned"].last_used = 0.0
+            models["important"].last_used = 1.0
+            models["busy"].active = 1
+            room = Room(models, lambda m: None)
+            waking = models["waking"]
+            assert room.pick(exclude=waking) is models["old"]
+            models["old"].state = State.DRAINING  # already on its way to sleep
+            assert room.pick(exclude=waking) is models["new"]
+            models["new"].spec = spec("new", priority=9)
+            assert room.pick(exclude=waking) is models["important"]  # priority 5 < 9, though used more recently
+            models["important"].spec = spec("important", pin=True)
+            models["new"].spec = spec("new", pin=True)
+            assert room.pick(exclude=waking) is None  # all pinned, busy or leaving: nothing to put to sleep
+            # A model whose weights are in its files gets that estimate before it was ever seen awake.
+            (tmp_path / "model.safetensors").write_bytes(b"\0" * 4096)
+            assert room.estimate(waking) == 4096
+
+    asyncio.run(run())
