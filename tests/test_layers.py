@@ -120,3 +120,16 @@ def test_no_import_circle() -> None:
 def test_every_source_file_reads_in_one_sitting() -> None:
     long = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_engines_serving_and_router_reach_memory_only_through_instance() -> None:
+    """The design's rule: ``memory/`` (the driver and the host arena) is used by the core below the adapters
+    (space, allocator, instance); engines, the embedded engine and the router get backends through
+    ``instance.py``, so a change of backend touches one floor."""
+    outside = [
+        f"{m} imports {d}"
+        for m, deps in _graph().items()
+        for d in deps
+        if d.split(".")[0] == "memory" and m.split(".")[0] in ("engines", "serving", "router")
+    ]
+    assert not outside, "reach into memory/ past instance.py:\n" + "\n".join(sorted(outside))

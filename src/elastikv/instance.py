@@ -27,6 +27,11 @@ from elastikv.space import KVGeometry, KVSpace, Pages
 
 log = logging.getLogger("elastikv")
 
+# Engine adapters reach memory only through this module (the design's rule: space and allocator below it are the
+# only users of ``memory/``); the backend type is re-exported for their signatures.
+__all__ = ["Booked", "DeviceFacts", "Holding", "Instance", "MemoryBackend", "backend_for", "book", "host_memory",
+           "ledger_for", "open_holding", "open_instance"]  # fmt: skip
+
 
 def backend_for(device: torch.device, settings: Settings, *, holder: str) -> MemoryBackend:
     """Open the backend that holds KV memory on ``device`` (CUDA device N, or the host), checking that

@@ -16,8 +16,7 @@ import torch
 
 from elastikv import lifecycle
 from elastikv.config import Settings
-from elastikv.instance import Instance, backend_for
-from elastikv.memory import MemoryBackend
+from elastikv.instance import Instance, MemoryBackend, backend_for
 
 
 @dataclass

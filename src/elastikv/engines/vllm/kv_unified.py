@@ -19,7 +19,7 @@ import torch
 from elastikv.engines.patching import Target
 from elastikv.engines.vllm import worker as vllm_worker
 from elastikv.errors import UnsupportedEngine
-from elastikv.memory import MemoryBackend
+from elastikv.instance import MemoryBackend
 from elastikv.space import KVGeometry, KVSpace
 
 log = logging.getLogger("elastikv")

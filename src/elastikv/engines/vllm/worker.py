@@ -30,8 +30,7 @@ from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
 from elastikv.engines.patching import Target
 from elastikv.errors import UnsupportedEngine
-from elastikv.instance import backend_for
-from elastikv.memory import MemoryBackend
+from elastikv.instance import MemoryBackend, backend_for
 from elastikv.page_plan import PagePlan
 from elastikv.peer_pages import PageServer
 from elastikv.space import KVGeometry, KVSpace
