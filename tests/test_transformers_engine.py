@@ -72,13 +72,11 @@ def elastic(tmp_path: Path, model: Any) -> Iterator[Any]:
         gc = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         cb = ContinuousBatchingConfig(block_size=32, max_batch_tokens=256)
         out = model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb, warmup=False)
-        return list(out.values()), tfe._caches[-1]
+        return list(out.values()), tfe.caches()[-1]
 
     yield run
 
-    for cache in tfe._caches:
-        cache.elastic.close()
-    tfe._caches.clear()
+    tfe.close_caches()
     model.set_attn_implementation("sdpa")
 
 
@@ -156,20 +154,16 @@ def test_on_the_gpu_per_request_attention_generates_as_paged_sdpa_does(model: An
             gpu_model.set_attn_implementation(impl)
             cb = ContinuousBatchingConfig(block_size=32, max_batch_tokens=256, use_async_batching=False)
             out = gpu_model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb, warmup=False)
-            assert tfe._caches[-1].elastic.backend.name == "cuda"
+            assert tfe.caches()[-1].elastic.backend.name == "cuda"
             outs[impl] = [o.generated_tokens for o in out.values()]
-            for cache in tfe._caches:
-                cache.elastic.close()
-            tfe._caches.clear()
+            tfe.close_caches()
         ours, theirs = outs[attention.NAME], outs["paged|sdpa"]
         assert [len(o) for o in ours] == [24] * 16
         assert [o[0] for o in ours] == [o[0] for o in theirs]
         same = sum(a == b for o, t in zip(ours, theirs, strict=True) for a, b in zip(o, t, strict=True))
         assert same >= 0.75 * 16 * 24, f"only {same} of {16 * 24} tokens agree"
     finally:
-        for cache in tfe._caches:
-            cache.elastic.close()
-        tfe._caches.clear()
+        tfe.close_caches()
         model.to("cpu", torch.float32)
         model.set_attn_implementation("sdpa")
 
@@ -269,13 +263,11 @@ def test_on_the_gpu_the_cache_maps_device_memory_and_matches(model: Any, tmp_pat
         gc = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
         cb = ContinuousBatchingConfig(block_size=32, max_batch_tokens=256, use_async_batching=False)
         out = gpu_model.generate_batch(prompts, generation_config=gc, continuous_batching_config=cb, warmup=False)
-        cache = tfe._caches[-1]
+        cache = tfe.caches()[-1]
         assert cache.elastic.backend.name == "cuda" and cache.key_cache[0].is_cuda
         assert [o.generated_tokens for o in out.values()] == want
     finally:
-        for cache in tfe._caches:
-            cache.elastic.close()
-        tfe._caches.clear()
+        tfe.close_caches()
         model.to("cpu")
         model.set_attn_implementation("sdpa")
 

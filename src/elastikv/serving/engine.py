@@ -2,7 +2,7 @@
 
 Who owns what: the engine owns the model, the tokenizer and one ``ContinuousBatchingManager`` (its background
 thread runs the batches); the KV cache, and so the memory, belongs to the elastikv instance the manager's cache
-opened (``engines/transformers.py``). Requests are submitted from an asyncio loop and their tokens come back
+opened (``engines/transformers/``). Requests are submitted from an asyncio loop and their tokens come back
 through transformers' result handlers, delivered on that loop.
 
 Sleep: level 1 moves the weights to pinned host memory (on a GPU; on a CPU they already live in host memory)

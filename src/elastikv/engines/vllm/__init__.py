@@ -1,7 +1,7 @@
 """vLLM adapter: an unchanged vLLM (v1 engine; 0.26, 0.32, 0.33 and 0.34) with an elastic KV cache.
 
 Applied at start-up by vLLM's own plugin mechanism (``engines/autopatch.py``) in every vLLM process when
-``ELASTIKV=1``. The adapter is three parts, each in its own module:
+``ELASTIKV=1``. The adapter is four parts, each in its own module:
 
 - ``worker.py``: the workers' side common to every release: the virtual capacity vLLM sizes its blocks from,
   which allocation is the real one, the page server (and the ordering of unmaps against GPU work);
@@ -9,7 +9,9 @@ Applied at start-up by vLLM's own plugin mechanism (``engines/autopatch.py``) in
   per generation of vLLM's KV-allocation internals, each building the real allocation over a
   :class:`~elastikv.space.KVSpace`;
 - ``scheduler.py``: the engine core's side, shared by every release: the ledger row, the allocator over the
-  workers' pages, ``ElasticBlockPool`` and exact admission.
+  workers' pages, exact admission;
+- ``block_pool.py``: ``ElasticBlockPool``, the scheduler's block pool over that allocator (a mixin, bound to
+  vLLM's ``BlockPool`` on first use).
 
 Every name the adapter patches or calls for a release is listed in its targets (:func:`targets_for`);
 :func:`apply` checks them all before touching anything, and ``scripts/vllm-contract VERSION`` checks any release's
