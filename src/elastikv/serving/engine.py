@@ -161,8 +161,7 @@ class Engine:
             stash = WeightStash(self.model, self.device)
             self.no_stash = over_budget(stash.nbytes, self.settings)
             if self.no_stash is None:
-                self.stash = stash
-                stash.start()  # pinned meanwhile; the first sleep waits for it (PIN_WAIT_S at most)
+                self.stash = stash  # pinned once the engine serves (below); the first sleep waits (PIN_WAIT_S)
             else:
                 log.warning("%s: %s: sleep level 1 will be level 2 (weights reloaded from %s at wake)",
                             self.name, self.no_stash, self.path)  # fmt: skip
@@ -182,6 +181,8 @@ class Engine:
             raise
         if warmup:
             self._warm_up()
+        if self.stash is not None:
+            self.stash.start()  # after the start, which a driver lock held while pinning could otherwise delay
 
     # -- lifetime -----------------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -203,7 +204,7 @@ class Engine:
             if time.monotonic() > deadline:
                 self._stop()
                 raise EngineDied(f"{self.name}: transformers' batching thread not ready after {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.005)
+            time.sleep(0.001)
 
     def _warm_up(self) -> None:
         """One short request (prefill and a decode step) through the manager, once: what a first request does
@@ -302,18 +303,23 @@ class Engine:
                 used, reason = 2, self.no_stash
             elif level == 1 and self.stash is not None and not self.stash.wait(PIN_WAIT_S):
                 used, reason = 2, self.stash.why_not()
+            self._stop_manager()
+            stashing = used == 1 and self.stash is not None
+            if stashing:
+                assert self.stash is not None
+                try:
+                    self.stash.copy_out()
+                except ElastikvError as exc:  # the weights are untouched: drop them instead
+                    stashing, used, reason = False, 2, str(exc)
             if reason is not None:
                 log.warning("%s: sleep level 1 done as level 2: %s", self.name, reason)
-            self._stop_manager()
-            if used == 1 and self.stash is not None:
-                self.stash.copy_out()
-                self._close_kv()  # KV pages unmapped while the weights copy
+            self._close_kv()  # (while the weights copy, if they do)
+            if stashing:
+                assert self.stash is not None
                 self.stash.free_device()
-            else:
-                self._close_kv()
-                if used == 2:
-                    for p in self.model.parameters():
-                        p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+            elif used == 2:
+                for p in self.model.parameters():
+                    p.data = torch.empty(0, dtype=p.dtype, device=self.device)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._asleep = used

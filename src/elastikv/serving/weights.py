@@ -315,9 +315,8 @@ class WeightStash:
         first: dict[torch.dtype, Any] = {}
         for s in self._slots:
             data = s.param.data
-            if (
+            if (  # (an address is unique across host and devices: CUDA's unified addressing)
                 not s.matches(data)
-                or data.device != self.device
                 or data.untyped_storage().data_ptr() != self._live.get(s.dtype)
                 or data.storage_offset() != s.at
             ):
