@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from tests.tiny_models import build_tiny_llama  # noqa: E402
 
 from elastikv.config import Settings  # noqa: E402
+from elastikv.errors import ElastikvError  # noqa: E402
 from elastikv.serving import weights  # noqa: E402
 from elastikv.serving.weights import ALIGN, StashUnavailable, WeightStash, over_budget  # noqa: E402
 
@@ -120,6 +121,13 @@ def test_one_buffer_per_dtype(tmp_path: Path) -> None:
     stash.close()
 
 
+def test_a_storage_seen_as_two_dtypes_is_refused_with_the_way_out() -> None:
+    model = torch.nn.Linear(4, 4)
+    model.register_parameter("bits", torch.nn.Parameter(model.weight.data.view(torch.int32), requires_grad=False))
+    with pytest.raises(ElastikvError, match="one dtype per storage; use sleep level 2"):
+        WeightStash(model, CPU)
+
+
 def test_the_pin_budget_and_the_host_bound() -> None:
     gib = 1024**3
     assert over_budget(gib, Settings()) is None  # half of any test machine's memory holds 1 GiB
@@ -217,6 +225,28 @@ def test_level_1_over_the_pin_budget_sleeps_at_level_2_and_says_so(tmp_path: Pat
         assert asyncio.run(_ask(engine, PROMPTS[0]))[0] == before
     finally:
         engine.close()
+
+
+def test_a_sleep_that_finds_the_stash_still_pinning_waits_a_bounded_time(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from elastikv.serving import engine as engine_module
+
+    before = asyncio.run(_ask(engine, PROMPTS[0]))[0]
+    engine.stash.close()
+    engine.stash = WeightStash(engine.model, engine.device)  # as if its pinning had not finished yet
+    engine.stash._started_at = time.monotonic()
+    monkeypatch.setattr(engine_module, "PIN_WAIT_S", 0.2)
+    t0 = time.perf_counter()
+    slept = engine.sleep(1)
+    assert 0.2 <= time.perf_counter() - t0 < 5
+    assert slept["sleeping"] == 2 and "still being pinned" in slept["reason"]
+    engine.wake_up()
+    assert asyncio.run(_ask(engine, PROMPTS[0]))[0] == before
+    engine.stash.prepare()  # done now: the next level 1 uses it
+    assert engine.sleep(1)["sleeping"] == 1
+    engine.wake_up()
+    assert asyncio.run(_ask(engine, PROMPTS[0]))[0] == before
 
 
 def test_a_level_2_sleep_then_level_1_uses_the_stash_again(engine: Any) -> None:

@@ -7,7 +7,7 @@ through transformers' result handlers, delivered on that loop.
 
 Sleep ends the manager, which closes the KV instance: every KV page is unmapped and its ledger row leaves. Level 1
 then moves the weights to the engine's ``WeightStash`` (``serving/weights.py``: one pinned host buffer per dtype,
-pinned on a background thread right after the model loads and kept across sleeps; on a CPU the weights already
+pinned on a background thread right after the engine starts, kept across sleeps; on a CPU the weights already
 live in host memory and stay put unless ``stash_weights=True``). Level 2 drops the weights; wake reloads them from
 the model's files. A level 1 the stash cannot take (weights over ``ELASTIKV_PIN_BUDGET``, pinning failed or still
 running after ``PIN_WAIT_S``) is done as level 2, logged, and the answer says so (``sleeping: 2``,
@@ -158,8 +158,11 @@ class Engine:
         self.stash: WeightStash | None = None  # where level 1 puts the weights; None: they stay put, or level 2
         self.no_stash: str | None = None  # why a level 1 sleep is done as level 2, when it always is
         if self.device.type == "cuda" if stash_weights is None else stash_weights:
-            stash = WeightStash(self.model, self.device)
-            self.no_stash = over_budget(stash.nbytes, self.settings)
+            try:
+                stash = WeightStash(self.model, self.device)
+                self.no_stash = over_budget(stash.nbytes, self.settings)
+            except ElastikvError as exc:  # a layout it cannot keep
+                self.no_stash = str(exc)
             if self.no_stash is None:
                 self.stash = stash  # pinned once the engine serves (below); the first sleep waits (PIN_WAIT_S)
             else:

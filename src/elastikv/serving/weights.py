@@ -3,8 +3,8 @@
 Who owns what. A :class:`WeightStash` belongs to one engine (``serving/engine.py``) and owns:
 
 - its host buffers: one flat tensor per dtype over an anonymous ``mmap``, sized to the model's parameters, made
-  once by :meth:`WeightStash.prepare` (on a background thread from :meth:`WeightStash.start`, right after the
-  engine loads, so that no sleep pays for it) and kept until :meth:`WeightStash.close`. On a CUDA device each
+  once by :meth:`WeightStash.prepare` (on a background thread from :meth:`WeightStash.start`, once the
+  engine has started, so that no sleep pays for it) and kept until :meth:`WeightStash.close`. On a CUDA device each
   buffer is pinned with ``cudaHostRegister`` (page-locked, so copies are DMA at full speed; PyTorch's pinned
   allocator would round a 17 GiB buffer up to 32 GiB, and keep it cached after use); on a CPU it is plain host
   memory, and every other step is the same code;
