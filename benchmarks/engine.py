@@ -6,11 +6,16 @@ On a GPU (the default there: an 8B-shaped random bf16 Llama written by make-mode
 
 - decode throughput of transformers continuous batching with its own static paged cache (baseline) and with
   elastikv's elastic cache, same requests, same process; the ratio (target: within 3%);
-- sleep level 1 then wake: memory given back by sleep (device free memory before and after, against the
-  weights plus the KV mapped; target >= 95%) and the wall time of wake until the engine answers (target
-  <= 0.35 s; weights come back from pinned host memory).
+- sleep level 1 then wake, through the engine's weight stash (serving/weights.py: one host buffer per dtype,
+  pinned once in the background after start): memory given back by sleep (device free memory before and after,
+  against the weights plus the KV mapped; target >= 95%); the first sleep (parameter by parameter) and the later
+  ones (one copy per dtype; target: every sleep <= 0.5 s on the 8B); wake; wake to the first token of the first
+  request after it (target <= 0.35 s), against the same request's TTFT when warm (the difference is what waking
+  leaves on the first request's path); each against the copy floor: the weights' bytes / the measured pinned
+  host-to-device bandwidth.
 
-On a CPU it runs the tiny model and sleep level 2 (weights live in host memory already: level 1 moves nothing).
+On a CPU it runs the tiny model with the stash on (weights live in host memory already; the engine leaves them
+there by default): the same code path, the floor is a host-to-host copy.
 """
 
 from __future__ import annotations
@@ -32,6 +37,24 @@ from benchmarks._results import environment, save
 
 from elastikv.bench.models import make_model
 from elastikv.config import Settings
+
+
+def copy_bandwidth(gpu: bool, nbytes: int = 1024**3, repeats: int = 5) -> float:
+    """Bytes per second of one copy from pinned host memory to the device (on a CPU: host to host), the best of
+    ``repeats``: the rate the copy floor is computed at."""
+    host = torch.ones(nbytes, dtype=torch.uint8, pin_memory=gpu)
+    dest = torch.empty(nbytes, dtype=torch.uint8, device="cuda" if gpu else "cpu")
+    dest.zero_()
+    best = float("inf")
+    for _ in range(repeats):
+        if gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dest.copy_(host, non_blocking=True)
+        if gpu:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
 
 
 def device_free() -> int:
@@ -68,11 +91,21 @@ def throughput(model: Any, prompts: list[list[int]], new_tokens: int, block_size
     return len(prompts) * new_tokens / seconds
 
 
-async def ask(engine: Any, prompt: list[int]) -> list[int]:
-    last: list[int] = []
+async def ask(engine: Any, prompt: list[int]) -> tuple[list[int], float, float]:
+    """16 tokens: (the tokens, when the first came, when the last came), in ``time.perf_counter()`` seconds."""
+    first, last = None, []
     async for tokens, _done, _error in engine.generate(prompt, 16):
+        first = first if first is not None else time.perf_counter()
         last = tokens
-    return last
+    end = time.perf_counter()
+    return last, first or end, end
+
+
+def timed_ask(engine: Any, prompt: list[int]) -> tuple[list[int], float, float]:
+    """(the tokens, seconds to the first, seconds to the last)."""
+    t0 = time.perf_counter()
+    tokens, first, end = asyncio.run(ask(engine, prompt))
+    return tokens, first - t0, end - t0
 
 
 def main() -> None:
@@ -82,10 +115,11 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32 if gpu else 8)
     ap.add_argument("--new-tokens", type=int, default=256 if gpu else 64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sleeps", type=int, default=4, help="sleep/wake cycles (the first sleep is reported apart)")
     ap.add_argument("--model-dir", default=None, help="reuse a model made earlier")
     args = ap.parse_args()
     device = torch.cuda.get_device_name() if gpu else "CPU (host backend)"
-    level = 1 if gpu else 2
+    level = 1
 
     with tempfile.TemporaryDirectory(prefix="elastikv-bench-") as tmp:
         path = Path(args.model_dir) if args.model_dir else make_model(Path(tmp) / args.size, size=args.size)
@@ -105,8 +139,14 @@ def main() -> None:
                                      {"ELASTIKV_HOST_MEMORY": "2GiB", "ELASTIKV_RESERVE": "8MiB",
                                       "ELASTIKV_PREFIX_CACHE": "0"})  # fmt: skip
         engine = Engine(path, name="bench", settings=settings, dtype=str(dtype).removeprefix("torch."),
-                        max_batch_tokens=512, max_kv_tokens=args.requests * (128 + args.new_tokens) + 1024)  # fmt: skip
-        engine.close()  # the engine's own manager is not needed for the throughput runs
+                        max_batch_tokens=512, max_kv_tokens=args.requests * (128 + args.new_tokens) + 1024,
+                        stash_weights=True)  # fmt: skip
+        engine._stop()  # the engine's own manager is not needed for the throughput runs (its stash is kept)
+        stash = engine.stash
+        assert stash is not None, engine.no_stash
+        # Pinned in the background (the engine serves meanwhile); waited for here so that it does not run under
+        # the throughput runs.
+        pinned_in = stash.prepare_seconds if stash.wait(600) else None
         elastic_cache = continuous_api.PagedAttentionCache
         base: list[float] = []
         elastic: list[float] = []
@@ -118,49 +158,84 @@ def main() -> None:
                     (base if kind == "static" else elastic).append(tok_s)
         continuous_api.PagedAttentionCache = elastic_cache
 
-        # Sleep and wake through the engine, with a request before and after.
-        engine.wake_up() if engine.sleeping else engine._start()
-        before = asyncio.run(ask(engine, prompts[0][:32]))
+        # Sleep and wake through the engine, with requests before and after each wake.
+        engine._start()
+        prompt = prompts[0][:32]
+        before, _, _ = timed_ask(engine, prompt)
+        warm = [timed_ask(engine, prompt) for _ in range(3)]
+        warm_ttft, warm_answer = statistics.median(w[1] for w in warm), statistics.median(w[2] for w in warm)
         kv = engine.instance.allocator.stats().mapped_bytes
         weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-        if gpu:
-            torch.cuda.synchronize()
-        free0 = device_free()
-        slept = engine.sleep(level)
-        free1 = device_free()
-        weights_asleep = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-        kv_asleep = engine.instance.allocator.stats().mapped_bytes if engine.instance is not None else 0
-        t0 = time.perf_counter()
-        woke = engine.wake_up()
-        after = asyncio.run(ask(engine, prompts[0][:32]))
-        wake_to_answer = time.perf_counter() - t0
+        cycles: list[dict[str, Any]] = []
+        identical = True
+        released = 0
+        for i in range(args.sleeps):
+            if gpu:
+                torch.cuda.synchronize()
+            free0 = device_free()
+            slept = engine.sleep(level)
+            free1 = device_free()
+            if i == 0:
+                weights_asleep = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+                kv_asleep = engine.instance.allocator.stats().mapped_bytes if engine.instance is not None else 0
+                released = free1 - free0 if gpu else (kv - kv_asleep) + (weights - weights_asleep)  # CPU: counted
+            t0 = time.perf_counter()
+            woke = engine.wake_up()
+            t1 = time.perf_counter()
+            after, first, end = asyncio.run(ask(engine, prompt))
+            identical = identical and after == before
+            cycles.append({"sleep": slept, "wake": woke, "wake_s": woke["seconds"], "wake_to_first_token_s": first - t0,
+                           "wake_to_answer_s": end - t0, "ttft_s": first - t1, "answer_s": end - t1})  # fmt: skip
         engine.close()
+        bandwidth = copy_bandwidth(gpu)
 
-    released = free1 - free0 if gpu else (kv - kv_asleep) + (weights - weights_asleep)  # CPU: counted
+    floor = stash.nbytes / bandwidth
+    first_sleep = cycles[0]["sleep"]["seconds"]
+    later_sleeps = statistics.median(c["sleep"]["seconds"] for c in cycles[1:]) if len(cycles) > 1 else float("nan")
+    wake = statistics.median(c["wake_s"] for c in cycles)
+    to_token = statistics.median(c["wake_to_first_token_s"] for c in cycles)
+    to_answer = statistics.median(c["wake_to_answer_s"] for c in cycles)
     ratio = statistics.median(elastic) / statistics.median(base)
+    slept_at = sorted({c["sleep"]["sleeping"] for c in cycles})
+
+    def vs_floor(seconds: float) -> str:
+        return f"{seconds:.3f} ({seconds / floor:.2f}x floor)"
+
     lines = [
         f"embedded engine on {device}: {args.size} random Llama ({dtype}), {args.requests} requests x 128 prompt "
-        f"+ {args.new_tokens} new tokens, medians of {args.repeats}",
+        f"+ {args.new_tokens} new tokens, medians of {args.repeats}; {args.sleeps} sleep/wake cycles",
         "",
         "| figure | value |",
         "|---|---|",
         f"| decode throughput, transformers' static cache (tok/s) | {statistics.median(base):.0f} |",
         f"| decode throughput, elastikv (tok/s) | {statistics.median(elastic):.0f} |",
         f"| elastic / static | {ratio:.3f} |",
-        f"| sleep level {level}: seconds | {slept['seconds']:.3f} |",
-        f"| memory released by sleep | {released / 2**20:.0f} MiB of {(weights + kv) / 2**20:.0f} MiB weights+KV "
-        f"({released / max(1, weights + kv):.1%}) |",
-        f"| wake_up (s) | {woke['seconds']:.3f} |",
-        f"| wake_up to first answer (s) | {wake_to_answer:.3f} |",
-        f"| answer after wake identical | {after == before} |",
+        f"| weights stashed | {stash.nbytes / 2**20:.0f} MiB, {'pinned' if stash.pinned else 'not pinned'}, made in "
+        f"{'-' if pinned_in is None else f'{pinned_in:.2f}'} s in the background |",
+        f"| copy floor: bytes / {'pinned H2D' if gpu else 'host'} bandwidth ({bandwidth / 1e9:.1f} GB/s), s | "
+        f"{floor:.3f} |",
+        f"| sleep level {level} (level used: {slept_at}), first (s) | {vs_floor(first_sleep)} |",
+        f"| sleep, later ones, median (s) | {vs_floor(later_sleeps)} |",
+        f"| memory released by the first sleep | {released / 2**20:.0f} MiB of {(weights + kv) / 2**20:.0f} MiB "
+        f"weights+KV ({released / max(1, weights + kv):.1%}) |",
+        f"| wake_up, median (s) | {vs_floor(wake)} |",
+        f"| wake_up to first token, median (s) | {vs_floor(to_token)} |",
+        f"| same request's TTFT when warm (s) | {warm_ttft:.3f} |",
+        f"| wake_up to the 16-token answer, median (s) | {to_answer:.3f} (warm answer: {warm_answer:.3f}) |",
+        f"| answers after every wake identical | {identical} |",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
     save("engine", device, {"env": environment(device), "base_tok_s": base, "elastic_tok_s": elastic,
-                            "ratio": ratio, "sleep": slept, "wake": woke, "wake_to_answer_s": wake_to_answer,
+                            "ratio": ratio, "sleep": cycles[0]["sleep"], "wake": cycles[0]["wake"],
+                            "wake_to_answer_s": cycles[0]["wake_to_answer_s"], "cycles": cycles,
+                            "first_sleep_s": first_sleep, "later_sleeps_s": later_sleeps, "wake_s": wake,
+                            "wake_to_first_token_s": to_token, "warm_ttft_s": warm_ttft, "warm_answer_s": warm_answer,
+                            "stash_bytes": stash.nbytes, "stash_pinned": stash.pinned, "stash_made_s": pinned_in,
+                            "copy_bandwidth_bytes_s": bandwidth, "copy_floor_s": floor,
                             "released_bytes": released, "weights_bytes": weights, "kv_bytes": kv,
-                            "identical_after_wake": after == before, "level": level}, text)  # fmt: skip
-    if after != before:
+                            "identical_after_wake": identical, "level": level}, text)  # fmt: skip
+    if not identical:
         sys.exit(1)
 
 

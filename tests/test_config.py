@@ -66,6 +66,15 @@ def test_settings_defaults_and_parsing() -> None:
     assert s.backend == "host" and s.reserve.nbytes == 0 and s.device == 1 and s.chunk == Size(nbytes=32 * 1024**2)
 
 
+def test_the_pin_budget_is_a_size_or_a_percent_of_host_memory() -> None:
+    assert Settings().pin_budget == Size(fraction=0.5)  # default: half the host's physical memory, per engine
+    assert Settings.from_env({"ELASTIKV_PIN_BUDGET": "64GiB"}).pin_budget == Size(nbytes=64 * 1024**3)
+    assert Settings.from_env({"ELASTIKV_PIN_BUDGET": "25%"}).pin_budget == Size(fraction=0.25)
+    assert Settings.from_env({"ELASTIKV_PIN_BUDGET": "0"}).pin_budget == Size(nbytes=0)  # never pin
+    with pytest.raises(ConfigError, match="ELASTIKV_PIN_BUDGET: 'much' is not a size"):
+        Settings.from_env({"ELASTIKV_PIN_BUDGET": "much"})
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [

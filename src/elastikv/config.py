@@ -129,6 +129,10 @@ class Settings:
     reserve: Size = Size(nbytes=256 * 1024**2)
     chunk: Size | None = None  # least bytes per physical allocation (rounded up to whole blocks); None: one block
     host_memory: Size | None = None
+    # Most host memory one engine may pin to hold its sleeping weights (serving/weights.py): bytes, or a percent
+    # of the host's physical memory. Per engine: each engine on a host pins its own. 0: never pin (sleep level 1
+    # becomes level 2).
+    pin_budget: Size = Size(fraction=0.5)
     log_level: str = "INFO"
     name: str | None = None
     device_budget: Size | None = None  # None: keep what the device's ledger has (95% when new)
@@ -225,6 +229,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
         "host_memory",
         lambda raw, var: parse_size(raw, what=var, allow_percent=True, allow_zero=False),
     ),
+    "ELASTIKV_PIN_BUDGET": ("pin_budget", lambda raw, var: parse_size(raw, what=var, allow_percent=True)),
     "ELASTIKV_LOG_LEVEL": ("log_level", _log_level),
     "ELASTIKV_NAME": ("name", lambda raw, var: check_name(raw, var)),
     "ELASTIKV_DEVICE_BUDGET": ("device_budget", lambda raw, var: parse_size(raw, what=var, allow_zero=False)),

@@ -90,6 +90,12 @@ def physical_memory() -> int:
     return _meminfo()["MemTotal"]
 
 
+def available_memory() -> int:
+    """Host memory the kernel can give without swapping (MemAvailable), in bytes: pinned (locked) memory of
+    every process, other engines' sleeping weights included, is not in it."""
+    return _meminfo()["MemAvailable"]
+
+
 def _machine_id() -> str:
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:

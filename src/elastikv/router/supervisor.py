@@ -54,6 +54,15 @@ HEALTH_FAILURES = 3  # checks failed in a row before the engine is killed and re
 PORT_FIX = "stop that process, or give the model another port: in the router's config"
 
 
+def _level_used(answer: httpx.Response, asked: int | str) -> int | str:
+    """The level an engine says it slept at (the embedded engine's ``sleeping``), else the level asked for."""
+    with contextlib.suppress(ValueError, AttributeError):  # not JSON, or not an object
+        used = answer.json().get("sleeping") if answer.content else None
+        if type(used) is int and used in (1, 2):
+            return used
+    return asked
+
+
 class ManagedModel:
     def __init__(self, spec: ModelSpec, port: int, client: httpx.AsyncClient, log_dir: Path) -> None:
         self.spec = spec
@@ -352,7 +361,8 @@ class ManagedModel:
                     self.state = State.STOPPED
                 else:
                     method, path = self.launch.sleep
-                    await self._call(method, path.replace("{level}", str(level)))
+                    answer = await self._call(method, path.replace("{level}", str(level)))
+                    level = _level_used(answer, level)  # the embedded engine may do level 1 as 2, and says so
                     self.state = State.ASLEEP
             except BaseException as exc:
                 if self.state is State.SLEEPING:
@@ -439,12 +449,13 @@ class ManagedModel:
             what = "sleep" if asleep else "wake"
             log.warning("%s: could not note the %s in the ledger: %s", self.spec.name, what, exc)
 
-    async def _call(self, method: str, path: str) -> None:
+    async def _call(self, method: str, path: str) -> httpx.Response:
         token = self._proc.control_token if self._proc is not None else ""
         r = await self.client.request(method, self.url + path, json={}, timeout=self.spec.start_timeout_s,
                                       headers={"Authorization": f"Bearer {token}"})  # fmt: skip
         if r.status_code >= 400:
             raise Unavailable(f"{self.spec.name}: {method} {path} answered {r.status_code}: {r.text[:500]}")
+        return r
 
     def _exit_text(self) -> str:
         """How the engine's process ended, as far as it has been reaped: for messages."""

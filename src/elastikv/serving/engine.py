@@ -5,16 +5,28 @@ thread runs the batches); the KV cache, and so the memory, belongs to the elasti
 opened (``engines/transformers/``). Requests are submitted from an asyncio loop and their tokens come back
 through transformers' result handlers, delivered on that loop.
 
-Sleep: level 1 moves the weights to pinned host memory (on a GPU; on a CPU they already live in host memory)
-and ends the manager, which closes the KV instance: every KV page is unmapped and its ledger row leaves. Level 2
-drops the weights instead; wake reloads them from the model's files. Wake puts the weights back (pinned
-memory copies at full speed) and starts a new manager; KV pages are mapped again as requests arrive.
+Sleep ends the manager, which closes the KV instance: every KV page is unmapped and its ledger row leaves. Level 1
+then moves the weights to the engine's ``WeightStash`` (``serving/weights.py``: one pinned host buffer per dtype,
+pinned on a background thread right after the engine starts, kept across sleeps; on a CPU the weights already
+live in host memory and stay put unless ``stash_weights=True``). Level 2 drops the weights; wake reloads them from
+the model's files. A level 1 the stash cannot take (weights over ``ELASTIKV_PIN_BUDGET``, pinning failed or still
+running after ``PIN_WAIT_S``) is done as level 2, logged, and the answer says so (``sleeping: 2``,
+``requested: 1``, ``reason``): a router that asks for level 1 gets a model asleep either way, never one left
+awake holding its memory. Wake copies the weights back (one copy per dtype) while it starts a new manager; KV pages
+are mapped again as requests arrive.
+
+Off the wake's path, done once at start and kept: the host buffers (above); one short request through the
+batching manager (``warmup``: CUDA kernels loaded, cuBLAS handles made, so that a model put to sleep before it
+ever served does not pay for them on the first request after its wake); and ``gc.freeze()`` of everything the
+model load made (``freeze_gc``), so that the two full collections transformers runs when a manager stops walk
+only what was made since (0.5 s per sleep on the CPU test machine without it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -31,6 +43,7 @@ from elastikv.config import Settings
 from elastikv.errors import ConfigError, ElastikvError, EngineDied
 from elastikv.serving import attention as attention_impl
 from elastikv.serving.kv_size import kv_bytes_per_token
+from elastikv.serving.weights import WeightStash, over_budget
 
 log = logging.getLogger("elastikv")
 
@@ -41,6 +54,8 @@ class Asleep(ElastikvError):
 
 _DIED = object()  # put in a request's queue when the batching thread is found dead
 START_TIMEOUT_S = 120.0  # the batching thread makes its KV cache within this long, or the start fails
+PIN_WAIT_S = 30.0  # a sleep waits this long for the weight stash still being pinned, then sleeps at level 2
+WARMUP_TIMEOUT_S = 60.0  # the start-up request; one that takes longer is cancelled and the engine serves anyway
 
 
 def _why(error: BaseException | None) -> str:
@@ -82,7 +97,14 @@ class Engine:
         max_kv_tokens: int = 16384,
         static_kv: int | None = None,
         attention: str = "auto",
+        stash_weights: bool | None = None,
+        warmup: bool = True,
+        freeze_gc: bool = True,
     ) -> None:
+        """``stash_weights``: sleep level 1 moves the weights to a host buffer (default: on a GPU; on a CPU they
+        stay where they are). ``warmup``: one short request at start (see the module's docstring). ``freeze_gc``:
+        ``gc.freeze()`` after the model loads, undone by :meth:`close` (process-wide: meant for a process that
+        serves one engine, as the router starts them)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -133,13 +155,37 @@ class Engine:
         self._lock = threading.Lock()
         self._manager: Any = None
         self._asleep: int = 0  # 0 awake, else the level
-        self._host_weights: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+        self.stash: WeightStash | None = None  # where level 1 puts the weights; None: they stay put, or level 2
+        self.no_stash: str | None = None  # why a level 1 sleep is done as level 2, when it always is
+        if self.device.type == "cuda" if stash_weights is None else stash_weights:
+            try:
+                stash = WeightStash(self.model, self.device)
+                self.no_stash = over_budget(stash.nbytes, self.settings)
+            except ElastikvError as exc:  # a layout it cannot keep
+                self.no_stash = str(exc)
+            if self.no_stash is None:
+                self.stash = stash  # pinned once the engine serves (below); the first sleep waits (PIN_WAIT_S)
+            else:
+                log.warning("%s: %s: sleep level 1 will be level 2 (weights reloaded from %s at wake)",
+                            self.name, self.no_stash, self.path)  # fmt: skip
+        self._froze = freeze_gc
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         self.stats = Stats()
         self._queues: dict[str, asyncio.Queue[Any]] = {}  # requests waiting for tokens, by id
         self._watchdog: asyncio.Task[None] | None = None
         self.wakes = 0  # completed wake_up calls (the router's tests count them)
         self.died: str | None = None  # why the engine can no longer serve (a wake whose batching thread died)
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            self._let_go()
+            raise
+        if warmup:
+            self._warm_up()
+        if self.stash is not None:
+            self.stash.start()  # after the start, which a driver lock held while pinning could otherwise delay
 
     # -- lifetime -----------------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -161,22 +207,67 @@ class Engine:
             if time.monotonic() > deadline:
                 self._stop()
                 raise EngineDied(f"{self.name}: transformers' batching thread not ready after {START_TIMEOUT_S:.0f} s")
-            time.sleep(0.005)
+            time.sleep(0.001)
 
-    def _stop(self) -> None:
-        if self._manager is not None:
-            self._manager.stop(block=True)
-            self._manager.destroy()
-            self._manager = None
+    def _warm_up(self) -> None:
+        """One short request (prefill and a decode step) through the manager, once: what a first request does
+        once per process (CUDA kernels loaded, cuBLAS handles) is then done before the first sleep."""
+        manager, rid = self._manager, "elastikv-warmup"
+        t0 = time.perf_counter()
+        prompt = [i % self.vocab_size for i in range(1, 17)]
+        try:
+            manager.add_request(prompt, request_id=rid, max_new_tokens=2)
+            out = None
+            while time.perf_counter() - t0 < WARMUP_TIMEOUT_S and manager.is_running():
+                out = manager.get_result(request_id=rid, timeout=1.0)
+                if out is not None and out.is_finished():
+                    break
+            if out is None or not out.is_finished():
+                manager.cancel_request(rid)
+                why = "the batching thread stopped" if not manager.is_running() else f"over {WARMUP_TIMEOUT_S:.0f} s"
+                log.warning("%s: the start-up request did not finish (%s); skipped", self.name, why)
+            elif out.error:
+                log.warning("%s: the start-up request failed: %s", self.name, out.error)
+        except Exception as exc:  # the engine serves anyway; a real request will say what is wrong
+            log.warning("%s: the start-up request failed: %s", self.name, exc)
+        self._release_idle_memory()
+        log.info("%s: start-up request in %.2f s", self.name, time.perf_counter() - t0)
+
+    def _stop_manager(self) -> None:
+        manager, self._manager = self._manager, None
+        if manager is None:
+            return
+        # transformers' batching thread checks for a stop between waits of up to 0.1 s for a new request: ask it
+        # to stop, then end its wait (5.17's event), so that sleep does not wait it out.
+        status = manager.background_thread_status
+        status.request_stop(status.FLUSH_AND_STOP, manager.distributed_helper.global_rank)
+        event = getattr(manager, "_has_new_requests", None)
+        if event is not None:
+            event.set()
+        manager.stop(block=True)
+        manager.destroy()
+
+    def _close_kv(self) -> None:
         self._adapter.close_caches()  # the manager's cache: unmap every page, leave the ledger
         if self.static_kv is not None:
-            import gc
-
             gc.collect()  # transformers' static cache tensors go with the manager
+
+    def _stop(self) -> None:
+        self._stop_manager()
+        self._close_kv()
 
     def close(self) -> None:
         with self._lock:
             self._stop()
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """What the engine holds beyond its manager: the weight stash's host buffers, the frozen objects."""
+        if self.stash is not None:
+            self.stash.close()
+        if self._froze:
+            self._froze = False
+            gc.unfreeze()
 
     @property
     def instance(self) -> Any:
@@ -201,50 +292,65 @@ class Engine:
 
     # -- sleep and wake -------------------------------------------------------------------------------------
     def sleep(self, level: int = 1) -> dict[str, Any]:
-        """Give back every KV page, and the weights' device memory (level 1: to pinned host memory; level 2:
-        dropped). Waits for requests in flight to finish."""
+        """Give back every KV page, and the weights' device memory (level 1: to the weight stash; level 2:
+        dropped). Waits for requests in flight to finish. The answer: ``sleeping`` (the level used), ``requested``,
+        ``seconds``, and ``reason`` where level 1 was done as level 2."""
         if level not in (1, 2):
             raise ConfigError(f"sleep level {level!r}: use 1 (weights to host memory) or 2 (weights dropped)")
         with self._lock:
             if self._asleep:
-                return {"sleeping": self._asleep, "seconds": 0.0}
+                return {"sleeping": self._asleep, "requested": level, "seconds": 0.0}
             t0 = time.perf_counter()
-            self._stop()
-            params = list(self.model.parameters())
-            if level == 1 and self.device.type == "cuda":
-                for p in params:
-                    host = torch.empty(p.shape, dtype=p.dtype, device="cpu", pin_memory=True)
-                    host.copy_(p.data, non_blocking=True)
-                    self._host_weights.append((p, host))
-                torch.cuda.synchronize(self.device)
-                for p, host in self._host_weights:
-                    p.data = host
-            elif level == 2:
-                for p in params:
+            used, reason = level, None
+            if level == 1 and self.no_stash is not None:
+                used, reason = 2, self.no_stash
+            elif level == 1 and self.stash is not None and not self.stash.wait(PIN_WAIT_S):
+                used, reason = 2, self.stash.why_not()
+            self._stop_manager()
+            stashing = used == 1 and self.stash is not None
+            if stashing:
+                assert self.stash is not None
+                try:
+                    self.stash.copy_out()
+                except ElastikvError as exc:  # the weights are untouched: drop them instead
+                    stashing, used, reason = False, 2, str(exc)
+            if reason is not None:
+                log.warning("%s: sleep level 1 done as level 2: %s", self.name, reason)
+            self._close_kv()  # (while the weights copy, if they do)
+            if stashing:
+                assert self.stash is not None
+                self.stash.free_device()
+            elif used == 2:
+                for p in self.model.parameters():
                     p.data = torch.empty(0, dtype=p.dtype, device=self.device)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            self._asleep = level
-            return {"sleeping": level, "seconds": time.perf_counter() - t0}
+            self._asleep = used
+            out: dict[str, Any] = {"sleeping": used, "requested": level, "seconds": time.perf_counter() - t0}
+            if reason is not None:
+                out["reason"] = f"{reason}; slept at level 2 (weights reloaded from files at wake)"
+            return out
 
     def wake_up(self) -> dict[str, Any]:
         with self._lock:
             if not self._asleep:
                 return {"sleeping": 0, "seconds": 0.0}
             t0 = time.perf_counter()
+            copying = self._asleep == 1 and self.stash is not None and self.stash.asleep
             if self._asleep == 2:
                 self._reload_weights()
-            elif self._host_weights:
-                for p, host in self._host_weights:
-                    p.data = host.to(self.device, non_blocking=True)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                self._host_weights = []
+            elif copying:
+                assert self.stash is not None
+                self.stash.wake(sync=False)  # copies in flight while the manager starts (it runs no model yet)
             try:
                 self._start()
             except EngineDied as exc:
                 self.died = str(exc)  # unhealthy from now on: the router restarts the engine
                 raise
+            finally:
+                if copying:
+                    assert self.stash is not None
+                    self.stash.synchronize()  # before any request: the batching thread computes on its own stream
             self._asleep = 0
             self.wakes += 1
             return {"sleeping": 0, "seconds": time.perf_counter() - t0}

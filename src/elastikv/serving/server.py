@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over the embedded engine (``elastikv engine --model DIR``).
 
 ``/v1/completions`` and ``/v1/chat/completions`` (streamed as server-sent events with ``"stream": true``),
-``/v1/models``, ``/health``, ``/metrics`` (Prometheus), and sleep control: ``POST /sleep?level=1|2``,
+``/v1/models``, ``/health``, ``/metrics`` (Prometheus), and sleep control: ``POST /sleep?level=1|2`` (the answer
+names the level used: a level 1 the engine's weight stash cannot take is done as level 2, with the reason),
 ``POST /wake_up``, ``GET /is_sleeping``. A request to a sleeping engine gets 409 with what to do (the router
 wakes engines first). Decoding is greedy (the server's generation config); ``temperature`` is accepted and
 ignored, and said so in the model card.

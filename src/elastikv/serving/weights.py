@@ -1,0 +1,334 @@
+"""Where a sleeping model's weights wait: one host buffer per dtype, made once and kept across sleeps.
+
+Who owns what. A :class:`WeightStash` belongs to one engine (``serving/engine.py``) and owns:
+
+- its host buffers: one flat tensor per dtype over an anonymous ``mmap``, sized to the model's parameters, made
+  once by :meth:`WeightStash.prepare` (on a background thread from :meth:`WeightStash.start`, once the
+  engine has started, so that no sleep pays for it) and kept until :meth:`WeightStash.close`. On a CUDA device each
+  buffer is pinned with ``cudaHostRegister`` (page-locked, so copies are DMA at full speed; PyTorch's pinned
+  allocator would round a 17 GiB buffer up to 32 GiB, and keep it cached after use); on a CPU it is plain host
+  memory, and every other step is the same code;
+- the layout, fixed at construction from the model as loaded: each distinct storage behind the parameters gets
+  one slot (its bytes, starting at a multiple of ``ALIGN`` bytes) in its dtype's buffer, and each parameter is a
+  view of its storage's slot at its own offset, shape and stride. Parameters that shared a storage share a slot,
+  so tied weights come back tied (one ``Parameter`` object under two names, as transformers ties embeddings, is
+  one parameter here).
+
+The model owns its parameters; the stash only re-points their ``.data``. After :meth:`WeightStash.wake` the
+device buffers (one flat tensor per dtype) are owned by the parameters that view them: the stash keeps only their
+addresses, so dropping the parameters' data (sleep level 2) frees them.
+
+Invariants:
+
+- the host buffers are never made again: every sleep writes the same memory (the same ``data_ptr``);
+- after :meth:`WeightStash.wake` every parameter is a view of its dtype's device buffer at its slot, so the next
+  :meth:`WeightStash.copy_out` copies one whole buffer per dtype; before the first wake, or after the weights
+  were reloaded from files, it copies parameter by parameter into the same slots;
+- from :meth:`WeightStash.free_device` to :meth:`WeightStash.wake` every parameter is an empty tensor on the
+  device and the host buffers hold the only copy of the weights.
+
+Module buffers (``register_buffer``: rotary frequencies and the like) are not moved: they are small and stay.
+
+Host memory bound: ``ELASTIKV_PIN_BUDGET`` (:func:`over_budget`) is per engine: every engine on a host pins its
+own weights. Engines see each other without a shared file: pinned memory is not in the host's ``MemAvailable``,
+and :meth:`WeightStash.prepare` refuses to pin what would leave less than ``HOST_RESERVE`` of the host's memory
+available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from elastikv.config import Settings, format_bytes
+from elastikv.errors import ElastikvError
+from elastikv.memory.host import available_memory, physical_memory
+
+log = logging.getLogger("elastikv")
+
+ALIGN = 512  # bytes: each slot starts at a multiple, as PyTorch's CUDA allocator aligns its blocks
+HOST_RESERVE = 0.05  # of the host's physical memory: pinning that would leave less available is refused
+CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, as PyTorch registers memory
+
+
+class StashUnavailable(ElastikvError):
+    """The stash has no host buffers (over the pin budget, pinning failed or not finished): use sleep level 2."""
+
+
+def over_budget(nbytes: int, settings: Settings) -> str | None:
+    """Why ``nbytes`` of weights may not be pinned by one engine under ``ELASTIKV_PIN_BUDGET``, or None."""
+    budget = settings.pin_budget.resolve(physical_memory())
+    if 0 < nbytes <= budget:
+        return None
+    return (
+        f"the weights ({format_bytes(nbytes)}) exceed ELASTIKV_PIN_BUDGET ({settings.pin_budget}: "
+        f"{format_bytes(budget)} of host memory one engine may pin)"
+    )
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One parameter's place: ``start`` (elements into its dtype's buffer) is its storage's slot, ``offset`` its
+    own offset in that storage."""
+
+    param: torch.nn.Parameter
+    dtype: torch.dtype
+    start: int
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def at(self) -> int:
+        return self.start + self.offset
+
+    def matches(self, data: torch.Tensor) -> bool:
+        return (
+            data.dtype == self.dtype
+            and tuple(data.shape) == self.shape
+            and (data.numel() == 0 or tuple(data.stride()) == self.stride)
+        )
+
+
+def _layout(model: torch.nn.Module) -> tuple[list[_Slot], dict[torch.dtype, int]]:
+    """Every parameter's slot, and the elements of each dtype's buffer."""
+    slots: list[_Slot] = []
+    sizes: dict[torch.dtype, int] = {}
+    storages: dict[int, tuple[torch.dtype, int]] = {}  # a storage's address -> (its dtype, its slot's start)
+    for name, p in model.named_parameters():  # each Parameter object once
+        data = p.data
+        storage = data.untyped_storage()
+        key = storage.data_ptr()
+        if key in storages and key != 0:
+            dtype, start = storages[key]
+            if dtype != data.dtype:
+                raise ElastikvError(f"parameter {name} ({data.dtype}) shares its storage with a {dtype} parameter: "
+                                    "the weight stash keeps one dtype per storage; use sleep level 2")  # fmt: skip
+        else:
+            dtype, itemsize = data.dtype, data.element_size()
+            align = max(1, ALIGN // itemsize)
+            start = -(-sizes.get(dtype, 0) // align) * align
+            sizes[dtype] = start + -(-storage.nbytes() // itemsize)
+            storages[key] = (dtype, start)
+        offset = int(data.storage_offset())
+        slots.append(_Slot(p, dtype, start, offset, tuple(data.shape), tuple(data.stride())))
+    return slots, sizes
+
+
+def _cudart() -> Any:
+    return torch.cuda.cudart()  # type: ignore[no-untyped-call]
+
+
+def _pin(ptr: int, nbytes: int) -> None:
+    err = int(_cudart().cudaHostRegister(ptr, nbytes, CUDA_HOST_REGISTER_PORTABLE))
+    if err != 0:
+        raise StashUnavailable(f"cudaHostRegister of {format_bytes(nbytes)} of host memory failed (cudaError {err})")
+
+
+def _release(pinned: list[int], host: dict[torch.dtype, torch.Tensor], maps: list[mmap.mmap]) -> None:
+    """Unpin and drop the host buffers (the memory goes back once no tensor views it)."""
+    for ptr in pinned:
+        with contextlib.suppress(Exception):
+            _cudart().cudaHostUnregister(ptr)
+    pinned.clear()
+    host.clear()
+    maps.clear()
+
+
+class WeightStash:
+    """One model's weights while it sleeps: host buffers made once, whole-buffer copies both ways. Not
+    thread-safe for :meth:`copy_out`, :meth:`free_device` and :meth:`wake` (the engine serialises sleep and wake);
+    :meth:`prepare` may run on another thread meanwhile."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self._slots, self._sizes = _layout(model)
+        self._host: dict[torch.dtype, torch.Tensor] = {}
+        self._maps: list[mmap.mmap] = []
+        self._pinned: list[int] = []  # addresses registered with CUDA
+        self._live: dict[torch.dtype, int] = {}  # after wake: each dtype's device buffer address
+        self._lock = threading.Lock()
+        self._done = threading.Event()  # prepare finished, made or failed
+        self._thread: threading.Thread | None = None
+        self._started_at: float | None = None
+        self.error: BaseException | None = None
+        self.prepare_seconds: float | None = None
+        self.asleep = False  # the weights are in the host buffers only
+        self._finalizer = weakref.finalize(self, _release, self._pinned, self._host, self._maps)
+
+    # -- the host buffers ----------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Host bytes the buffers take (the parameters' storages, each slot aligned)."""
+        return sum(n * dtype.itemsize for dtype, n in self._sizes.items())
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self._pinned)
+
+    @property
+    def ready(self) -> bool:
+        return self._done.is_set() and self.error is None
+
+    def host_buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        """The flat host buffer of ``dtype`` (made by :meth:`prepare`)."""
+        return self._host[dtype]
+
+    def prepare(self) -> None:
+        """Make the host buffers: map, touch every page (pinning does that on CUDA), pin. Idempotent and
+        thread-safe; a failure is kept in ``error`` (sleeps then drop the weights instead) and raised."""
+        with self._lock:
+            if self._done.is_set():
+                if self.error is not None:
+                    raise self.error
+                return
+            t0 = time.perf_counter()
+            try:
+                need, avail = self.nbytes, available_memory()
+                keep = int(physical_memory() * HOST_RESERVE)
+                if need > avail - keep:
+                    raise StashUnavailable(f"pinning {format_bytes(need)} for the weights would leave "
+                                           f"{format_bytes(max(0, avail - need))} of host memory available, less "
+                                           f"than {HOST_RESERVE:.0%} of it (other engines' sleeping weights are "
+                                           "pinned too)")  # fmt: skip
+                if self.device.type == "cuda":
+                    torch.cuda.set_device(self.device)
+                for dtype, n in self._sizes.items():
+                    nbytes = n * dtype.itemsize
+                    mm = mmap.mmap(-1, max(1, nbytes))  # anonymous: page-aligned, returned to the host on release
+                    self._maps.append(mm)
+                    with contextlib.suppress(AttributeError, OSError):
+                        mm.madvise(mmap.MADV_HUGEPAGE)  # fewer pages to pin and to walk in a copy
+                    host = torch.frombuffer(mm, dtype=dtype, count=n) if n else torch.empty(0, dtype=dtype)
+                    if self.device.type == "cuda" and n:
+                        _pin(host.data_ptr(), nbytes)
+                        self._pinned.append(host.data_ptr())
+                    else:
+                        host.zero_()  # every page faulted in now, not in the first sleep
+                    self._host[dtype] = host
+            except BaseException as exc:
+                self.error = exc
+                _release(self._pinned, self._host, self._maps)
+                raise
+            finally:
+                self.prepare_seconds = time.perf_counter() - t0
+                self._done.set()
+
+    def start(self) -> None:
+        """:meth:`prepare` on a background thread (its outcome: :meth:`wait`, ``error``, logged)."""
+
+        def run() -> None:
+            try:
+                self.prepare()
+            except BaseException as exc:
+                log.warning("elastikv: no host buffer for the sleeping weights (%s): sleep level 1 becomes 2", exc)
+                return
+            log.info("elastikv: %s of host memory %s for the sleeping weights in %.1f s", format_bytes(self.nbytes),
+                     "pinned" if self.pinned else "made", self.prepare_seconds or 0.0)  # fmt: skip
+
+        self._started_at = time.monotonic()
+        self._thread = threading.Thread(target=run, name="elastikv-weight-stash", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for :meth:`prepare`; whether the buffers are ready."""
+        self._done.wait(timeout)
+        return self.ready
+
+    def why_not(self) -> str:
+        """Why the buffers are not ready (for the sleep's answer and the log)."""
+        if self.error is not None:
+            return f"making the host buffer failed: {self.error}"
+        if not self._done.is_set():
+            since = "" if self._started_at is None else f" after {time.monotonic() - self._started_at:.0f} s"
+            return f"the host buffer for the weights ({format_bytes(self.nbytes)}) is still being pinned{since}"
+        return "ready"
+
+    # -- sleep and wake ------------------------------------------------------------------------------------
+    def copy_out(self) -> None:
+        """Start copying the weights into the host buffers (non-blocking on CUDA); :meth:`free_device` waits for
+        the copies. Nothing may write the weights in between."""
+        if not self.ready:
+            raise StashUnavailable(self.why_not())
+        if self.asleep:
+            raise ElastikvError("the weights are stashed already (wake before stashing again)")
+        whole = self._device_buffers()
+        if whole is not None:  # after a wake from the stash: one copy per dtype
+            for dtype, flat in whole.items():
+                self._host[dtype].copy_(flat, non_blocking=True)
+            return
+        for s in self._slots:
+            data = s.param.data
+            if not s.matches(data):
+                raise ElastikvError(f"a parameter changed shape or dtype since the engine loaded ({s.shape} "
+                                    f"{s.dtype} -> {tuple(data.shape)} {data.dtype}): use sleep level 2")  # fmt: skip
+            self._host[s.dtype].as_strided(s.shape, s.stride, s.at).copy_(data, non_blocking=True)
+
+    def free_device(self) -> None:
+        """Wait for :meth:`copy_out`'s copies, then give the device copy up: every parameter becomes an empty
+        tensor on the device (the memory is freed once nothing else holds it)."""
+        self.synchronize()
+        for s in self._slots:
+            s.param.data = torch.empty(0, dtype=s.dtype, device=self.device)
+        self._live = {}
+        self.asleep = True
+
+    def stash(self) -> None:
+        """:meth:`copy_out` then :meth:`free_device`."""
+        self.copy_out()
+        self.free_device()
+
+    def wake(self, *, sync: bool = True) -> None:
+        """Bring the weights back: one device buffer and one copy per dtype, every parameter re-pointed at its
+        slot. With ``sync=False`` the copies may still run on return (stream-ordered): call :meth:`synchronize`
+        before any other stream reads the weights."""
+        if not self.asleep:
+            raise ElastikvError("the weights are not stashed")
+        device: dict[torch.dtype, torch.Tensor] = {}
+        for dtype, host in self._host.items():
+            flat = torch.empty(host.numel(), dtype=dtype, device=self.device)
+            flat.copy_(host, non_blocking=True)
+            device[dtype] = flat
+        for s in self._slots:
+            s.param.data = device[s.dtype].as_strided(s.shape, s.stride, s.at)
+        self._live = {dtype: flat.untyped_storage().data_ptr() for dtype, flat in device.items()}
+        self.asleep = False
+        if sync:
+            self.synchronize()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _device_buffers(self) -> dict[torch.dtype, torch.Tensor] | None:
+        """Each dtype's whole device buffer, if every parameter is still the view :meth:`wake` made; else None."""
+        if not self._live:
+            return None
+        first: dict[torch.dtype, Any] = {}
+        for s in self._slots:
+            data = s.param.data
+            if (  # (an address is unique across host and devices: CUDA's unified addressing)
+                not s.matches(data)
+                or data.untyped_storage().data_ptr() != self._live.get(s.dtype)
+                or data.storage_offset() != s.at
+            ):
+                return None
+            first.setdefault(s.dtype, data)
+        return {dtype: data.as_strided((self._sizes[dtype],), (1,), 0) for dtype, data in first.items()}
+
+    def close(self) -> None:
+        """Unpin and drop the host buffers (waits for a :meth:`prepare` still running). Weights stashed are lost."""
+        if self._thread is not None:
+            self._thread.join()
+        self._finalizer()
+        if self._done.is_set() and self.error is None:
+            self.error = StashUnavailable("the weight stash is closed")
+        self._done.set()

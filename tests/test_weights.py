@@ -1,0 +1,272 @@
+"""The weight stash (serving/weights.py) and the engine's sleep and wake through it, on the CPU with real tiny models.
+
+On a CPU the host buffers are not pinned; every other step is the code a GPU runs (tests/test_gpu_wake.py times it
+there). Expected answers are the engine's own before it slept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
+
+import torch  # noqa: E402
+from tests.tiny_models import build_tiny_llama  # noqa: E402
+
+from elastikv.config import Settings  # noqa: E402
+from elastikv.errors import ElastikvError  # noqa: E402
+from elastikv.serving import weights  # noqa: E402
+from elastikv.serving.weights import ALIGN, StashUnavailable, WeightStash, over_budget  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not transformers.__version__.startswith("5.17."),
+    reason=f"the engine supports transformers 5.17; this is {transformers.__version__}",
+)
+
+CPU = torch.device("cpu")
+
+
+def _llama(path: Path, **overrides: object) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(build_tiny_llama(path, **overrides), dtype=torch.float32).eval()
+
+
+def _logits(model: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.arange(3, 40).unsqueeze(0)).logits
+
+
+def _storages(model: Any) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+def test_stash_and_wake_give_the_same_model_with_one_buffer_made_once(tmp_path: Path) -> None:
+    model = _llama(tmp_path / "m")
+    want = _logits(model)
+    stash = WeightStash(model, CPU)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert nbytes <= stash.nbytes <= nbytes + ALIGN * len(list(model.parameters()))
+    with pytest.raises(StashUnavailable, match="still being pinned"):
+        stash.copy_out()  # not prepared yet
+    stash.start()
+    assert stash.wait(30) and stash.ready and not stash.pinned  # a CPU: plain host memory
+    host = stash.host_buffer(torch.float32)
+    address = host.data_ptr()
+    assert address % 4096 == 0 and host.numel() * 4 == stash.nbytes
+    for round_ in range(3):
+        stash.stash()
+        assert stash.asleep and all(p.numel() == 0 for p in model.parameters())  # the host holds the only copy
+        assert stash.host_buffer(torch.float32).data_ptr() == address  # the same buffer every sleep
+        stash.wake()
+        assert not stash.asleep
+        assert len(_storages(model)) == 1  # one device buffer per dtype; every parameter is a view of it
+        base = next(model.parameters()).untyped_storage().data_ptr()
+        assert all((p.data_ptr() - base) % ALIGN == 0 for p in model.parameters())  # slots aligned in the buffer
+        torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+        if round_ == 0:
+            assert stash._device_buffers() is not None  # the next sleep copies one whole buffer
+    stash.close()
+    assert not stash.ready
+    with pytest.raises(StashUnavailable, match="closed"):
+        stash.copy_out()
+
+
+def test_tied_weights_come_back_tied(tmp_path: Path) -> None:
+    model = _llama(tmp_path / "tied", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # transformers ties one Parameter object
+    want = _logits(model)
+    # Two more Parameter objects over one storage: a whole tensor and a view at an offset in it.
+    base = torch.randn(8, 16)
+    model.register_parameter("shared_a", torch.nn.Parameter(base))
+    model.register_parameter("shared_b", torch.nn.Parameter(base[2:5]))
+    stash = WeightStash(model, CPU)
+    plain = sum(p.numel() * 4 for n, p in model.named_parameters() if n != "shared_b")
+    assert stash.nbytes - plain < ALIGN * 32  # the tied embedding and the shared storage are stashed once
+    stash.prepare()
+    for _ in range(2):
+        stash.stash()
+        stash.wake()
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        a, b = model.get_parameter("shared_a"), model.get_parameter("shared_b")
+        assert b.data_ptr() == a.data_ptr() + 2 * 16 * 4 and torch.equal(b, base[2:5])
+        with torch.no_grad():
+            a[3, 0] = 42.0  # still one storage: written through one, read through the other
+        assert b[1, 0].item() == 42.0
+        a.data[3, 0] = base[3, 0]
+        torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+    stash.close()
+
+
+def test_one_buffer_per_dtype(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 8))
+    model[1].to(torch.bfloat16)
+    want = [p.detach().clone() for p in model.parameters()]
+    stash = WeightStash(model, CPU)
+    stash.prepare()
+    assert {stash.host_buffer(torch.float32).dtype, stash.host_buffer(torch.bfloat16).dtype} == {
+        torch.float32,
+        torch.bfloat16,
+    }
+    stash.stash()
+    stash.wake()
+    assert len(_storages(model)) == 2
+    assert all(torch.equal(p, w) and p.dtype == w.dtype for p, w in zip(model.parameters(), want, strict=True))
+    stash.close()
+
+
+def test_a_storage_seen_as_two_dtypes_is_refused_with_the_way_out() -> None:
+    model = torch.nn.Linear(4, 4)
+    model.register_parameter("bits", torch.nn.Parameter(model.weight.data.view(torch.int32), requires_grad=False))
+    with pytest.raises(ElastikvError, match="one dtype per storage; use sleep level 2"):
+        WeightStash(model, CPU)
+
+
+def test_the_pin_budget_and_the_host_bound() -> None:
+    gib = 1024**3
+    assert over_budget(gib, Settings()) is None  # half of any test machine's memory holds 1 GiB
+    why = over_budget(gib, Settings.from_env({"ELASTIKV_PIN_BUDGET": "512MiB"}))
+    assert why is not None and "ELASTIKV_PIN_BUDGET (512 MiB" in why and "1 GiB" in why
+    assert over_budget(1, Settings.from_env({"ELASTIKV_PIN_BUDGET": "0"})) is not None  # 0: never pin
+    assert over_budget(gib, Settings.from_env({"ELASTIKV_PIN_BUDGET": "100%"})) is None
+
+
+def test_pinning_that_would_leave_the_host_short_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other engines' pinned weights are not in MemAvailable: a stash that would leave less than HOST_RESERVE of
+    the host available is refused, with the reason, and the engine then sleeps at level 2."""
+    model = torch.nn.Linear(1024, 1024)
+    monkeypatch.setattr(weights, "available_memory", lambda: 4 * 1024**2)  # the host as another engine left it
+    stash = WeightStash(model, CPU)
+    stash.start()
+    assert not stash.wait(30)
+    assert isinstance(stash.error, StashUnavailable) and "would leave" in stash.why_not()
+    with pytest.raises(StashUnavailable, match="would leave"):
+        stash.copy_out()
+    assert model.weight.numel() == 1024 * 1024  # untouched
+
+
+# -- the engine --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from elastikv.bench.models import make_model
+
+    return make_model(tmp_path_factory.mktemp("engine") / "tiny", size="tiny")  # with a tokenizer
+
+
+def _engine(tmp_path: Path, model_dir: Path, **env: str) -> Any:
+    from elastikv.serving.engine import Engine
+
+    settings = Settings.from_env({"ELASTIKV_HOST_MEMORY": "1GiB", "ELASTIKV_RESERVE": "2MiB",
+                                  "ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger"), **env})  # fmt: skip
+    return Engine(model_dir, name="tiny", settings=settings, device="cpu", dtype="float32", stash_weights=True)
+
+
+async def _ask(engine: Any, prompt: list[int], n: int = 12) -> tuple[list[int], float]:
+    """The tokens, and seconds to the first token."""
+    t0, first, last = time.perf_counter(), None, []
+    async for tokens, _done, _error in engine.generate(prompt, n):
+        first = first if first is not None else time.perf_counter() - t0
+        last = tokens
+    return last, first or 0.0
+
+
+@pytest.fixture
+def engine(tmp_path: Path, model_dir: Path) -> Iterator[Any]:
+    e = _engine(tmp_path, model_dir)
+    yield e
+    e.close()
+
+
+PROMPTS = [[5, 9, 13, 20, 40, 64, 100], list(range(30, 90))]
+
+
+def test_the_engine_answers_the_same_after_every_wake(engine: Any) -> None:
+    before = [asyncio.run(_ask(engine, p))[0] for p in PROMPTS]
+    stash = engine.stash
+    assert stash is not None and stash.wait(30)
+    address = stash.host_buffer(torch.float32).data_ptr()
+    timings = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        slept = engine.sleep(1)
+        t1 = time.perf_counter()
+        assert slept["sleeping"] == 1 and slept["requested"] == 1 and "reason" not in slept
+        assert engine.instance is None  # the KV instance closed: every page unmapped
+        assert sum(p.numel() for p in engine.model.parameters()) == 0
+        assert stash.host_buffer(torch.float32).data_ptr() == address  # no new buffer, ever
+        t2 = time.perf_counter()
+        engine.wake_up()
+        woke = time.perf_counter() - t2
+        answers = [asyncio.run(_ask(engine, p)) for p in PROMPTS]
+        assert [a for a, _ in answers] == before
+        timings.append((t1 - t0, woke, answers[0][1]))
+    each = (f"sleep {s * 1e3:.1f} ms, wake {w * 1e3:.1f} ms, first token after {f * 1e3:.1f} ms" for s, w, f in timings)
+    print("\nCPU, tiny Llama, stash on: " + "; ".join(each))
+
+
+def test_level_1_over_the_pin_budget_sleeps_at_level_2_and_says_so(tmp_path: Path, model_dir: Path) -> None:
+    """What a router asking for level 1 needs: a model asleep either way (never one left awake holding its memory),
+    and an answer that names the level used and why."""
+    engine = _engine(tmp_path, model_dir, ELASTIKV_PIN_BUDGET="1KiB")
+    try:
+        assert engine.stash is None and engine.no_stash is not None
+        before = asyncio.run(_ask(engine, PROMPTS[0]))[0]
+        slept = engine.sleep(1)
+        assert slept["sleeping"] == 2 and slept["requested"] == 1
+        assert "ELASTIKV_PIN_BUDGET" in slept["reason"] and "level 2" in slept["reason"]
+        assert engine.sleeping == 2 and sum(p.numel() for p in engine.model.parameters()) == 0
+        engine.wake_up()  # reloaded from the model's files
+        assert asyncio.run(_ask(engine, PROMPTS[0]))[0] == before
+    finally:
+        engine.close()
+
+
+def test_a_sleep_that_finds_the_stash_still_pinning_waits_a_bounded_time(
+    engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from elastikv.serving import engine as engine_module
+
+    before = asyncio.run(_ask(engine, PROMPTS[0]))[0]
+    engine.stash.close()
+    engine.stash = WeightStash(engine.model, engine.device)  # as if its pinning had not finished yet
+    engine.stash._started_at = time.monotonic()
+    monkeypatch.setattr(engine_module, "PIN_WAIT_S", 0.2)
+    t0 = time.perf_counter()
+    slept = engine.sleep(1)
+    assert 0.2 <= time.perf_counter() - t0 < 5
+    assert slept["sleeping"] == 2 and "still being pinned" in slept["reason"]
+    engine.wake_up()
+    assert asyncio.run(_ask(engine, PROMPTS[0]))[0] == before
+    engine.stash.prepare()  # done now: the next level 1 uses it
+    assert engine.sleep(1)["sleeping"] == 1
+    engine.wake_up()
+    assert asyncio.run(_ask(engine, PROMPTS[0]))[0] == before
+
+
+def test_a_level_2_sleep_then_level_1_uses_the_stash_again(engine: Any) -> None:
+    before = asyncio.run(_ask(engine, PROMPTS[1]))[0]
+    for level in (1, 2, 1, 1):
+        assert engine.sleep(level)["sleeping"] == level
+        engine.wake_up()
+        assert asyncio.run(_ask(engine, PROMPTS[1]))[0] == before
+
+
+def test_the_router_records_the_level_the_engine_used() -> None:
+    import httpx
+
+    from elastikv.router.supervisor import _level_used
+
+    def answer(body: bytes) -> httpx.Response:
+        return httpx.Response(200, content=body)
+
+    assert _level_used(answer(b'{"sleeping": 2, "requested": 1, "reason": "over"}'), 1) == 2
+    assert _level_used(answer(b'{"sleeping": 1}'), 1) == 1
+    assert _level_used(answer(b""), 1) == 1  # vLLM answers an empty 200
+    assert _level_used(answer(b"[1]"), 2) == 2 and _level_used(answer(b"not json"), 1) == 1
+    assert _level_used(answer(b'{"sleeping": true}'), 1) == 1
