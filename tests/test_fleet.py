@@ -50,7 +50,7 @@ def test_a_fleet_larger_than_the_budget_answers_every_request_and_never_evicts_t
         make_model(tmp_path / name, size="tiny", seed=seed)
     weights = _weights(tmp_path / "b")
     # Two models' weights and a little KV each: a third does not fit until one of the others sleeps.
-    budget = 2 * weights + 24 * MIB
+    budget = 2 * weights + 6 * MIB
     port = free_port()
     ledger_dir = tmp_path / "ledger"
     config = {
@@ -129,7 +129,8 @@ def test_a_fleet_larger_than_the_budget_answers_every_request_and_never_evicts_t
         status = httpx.get(f"{url}/admin/status", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).json()
         rows = {row["model"]: row for row in status["models"]}
         assert rows["pinned"]["state"] == "awake" and rows["pinned"]["sleeps"] == 0, rows["pinned"]
-        assert sum(rows[m]["sleeps"] for m in ("b", "c", "d")) >= 3, rows  # room was made, more than once
+        peak = max(h for h, _ in held)
+        assert sum(rows[m]["sleeps"] for m in ("b", "c", "d")) >= 3, (rows, weights, budget, peak)  # room was made
         metrics = httpx.get(f"{url}/metrics", timeout=10).text
         evicted = [line for line in metrics.splitlines() if line.startswith("elastikv_router_evictions{")]
         assert evicted and all('model="pinned"' not in line for line in evicted), evicted

@@ -42,6 +42,7 @@ import torch
 from elastikv.config import Settings
 from elastikv.errors import ConfigError, ElastikvError, EngineDied
 from elastikv.serving import attention as attention_impl
+from elastikv.serving.footprint import Footprint
 from elastikv.serving.kv_size import kv_bytes_per_token
 from elastikv.serving.weights import WeightStash, over_budget
 
@@ -122,6 +123,8 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
         loaded: Any = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype)
+        self.footprint = Footprint(loaded, self.device, self.settings, name=self.name)
+        self.footprint.book()  # before the weights go on the device (LimitExceeded: the budget cannot take them)
         self.model: Any = loaded.to(self.device).eval()
         # transformers' paged|sdpa, or per-request attention (serving/attention.py); the same in both modes
         self.attention = attention_impl.resolve(attention, self.device, next(self.model.parameters()).dtype)
@@ -184,6 +187,7 @@ class Engine:
             raise
         if warmup:
             self._warm_up()
+        self.footprint.measure_other()  # what serving needs beyond the weights, into the ledger too (on a GPU)
         if self.stash is not None:
             self.stash.start()  # after the start, which a driver lock held while pinning could otherwise delay
 
@@ -262,7 +266,9 @@ class Engine:
             self._let_go()
 
     def _let_go(self) -> None:
-        """What the engine holds beyond its manager: the weight stash's host buffers, the frozen objects."""
+        """What the engine holds beyond its manager: the weight stash's host buffers, the frozen objects, the
+        ledger's booking of its weights."""
+        self.footprint.close()
         if self.stash is not None:
             self.stash.close()
         if self._froze:
@@ -325,6 +331,7 @@ class Engine:
                     p.data = torch.empty(0, dtype=p.dtype, device=self.device)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            self.footprint.drop()  # the weights are off the device
             self._asleep = used
             out: dict[str, Any] = {"sleeping": used, "requested": level, "seconds": time.perf_counter() - t0}
             if reason is not None:
@@ -336,6 +343,7 @@ class Engine:
             if not self._asleep:
                 return {"sleeping": 0, "seconds": 0.0}
             t0 = time.perf_counter()
+            self.footprint.book()  # before the weights come back (LimitExceeded: no room; it stays asleep)
             copying = self._asleep == 1 and self.stash is not None and self.stash.asleep
             if self._asleep == 2:
                 self._reload_weights()

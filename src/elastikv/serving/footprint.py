@@ -1,0 +1,70 @@
+"""What the embedded engine holds on its device besides its KV cache, booked in the device's ledger.
+
+The engine's weights (every distinct storage of its parameters and buffers) and, once it has served, ``other``:
+what PyTorch's allocator holds beyond the weights (activations, workspaces, its cache) on a GPU. Booked through
+:class:`~elastikv.instance.Holding` against the same budget as KV, so a router can tell whether a model fits
+before waking it (``router/room.py``), and ``elastikv status`` shows weights, KV and other per engine.
+
+Order (the invariant): booked *before* the weights go on the device (at start and at every wake; a refusal means
+they are not loaded), dropped *after* they are off it (at sleep). Where the settings book nothing
+(``ELASTIKV_BOOK_WEIGHTS``: auto books on a GPU only), every method is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from elastikv.config import Settings, format_bytes
+from elastikv.errors import LimitExceeded
+from elastikv.instance import Holding, open_holding
+
+log = logging.getLogger("elastikv")
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights share one)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+class Footprint:
+    def __init__(self, model: Any, device: torch.device, settings: Settings, *, name: str) -> None:
+        self.device = device
+        self.weights = weight_bytes(model)
+        self.other = 0
+        self.holding: Holding | None = open_holding(device, settings, name=name)
+
+    def book(self) -> None:
+        """Before the weights go on the device. ``LimitExceeded`` (nothing booked) if the budget cannot take
+        them: the caller must not load them."""
+        if self.holding is not None:
+            self.holding.book(weights=self.weights, other=self.other)
+
+    def measure_other(self) -> None:
+        """After the engine served once: book what PyTorch holds beyond the weights too (on a GPU). A budget that
+        cannot take it is logged; the weights stay booked (the memory is already held)."""
+        if self.holding is None or self.device.type != "cuda":
+            return
+        other = max(0, torch.cuda.memory_reserved(self.device) - self.weights)
+        try:
+            self.holding.book(weights=self.weights, other=other)
+            self.other = other
+        except LimitExceeded as exc:
+            log.warning("elastikv: %s of working memory is not in the budget: %s", format_bytes(other), exc)
+            self.holding.book(weights=self.weights, other=self.other)
+
+    def drop(self) -> None:
+        """After the weights left the device (asleep)."""
+        if self.holding is not None:
+            self.holding.drop()
+
+    def close(self) -> None:
+        if self.holding is not None:
+            self.holding.close()
+            self.holding = None
