@@ -22,15 +22,16 @@ from elastikv.config import LayoutName, Settings, format_bytes
 from elastikv.errors import ConfigError
 from elastikv.ledger import Ledger
 from elastikv.memory import MemoryBackend, open_backend, physical_memory
+from elastikv.memory.host import available_memory
 from elastikv.page_plan import PagePlan
 from elastikv.space import KVGeometry, KVSpace, Pages
 
 log = logging.getLogger("elastikv")
 
 # Engine adapters reach memory only through this module (the design's rule: space and allocator below it are the
-# only users of ``memory/``); the backend type is re-exported for their signatures.
-__all__ = ["Booked", "DeviceFacts", "Holding", "Instance", "MemoryBackend", "backend_for", "book", "host_memory",
-           "ledger_for", "open_holding", "open_instance"]  # fmt: skip
+# only users of ``memory/``); the backend type and the host's memory figures are re-exported for them.
+__all__ = ["Booked", "DeviceFacts", "Holding", "Instance", "MemoryBackend", "available_memory", "backend_for", "book",
+           "host_memory", "ledger_for", "open_holding", "open_instance", "physical_memory"]  # fmt: skip
 
 
 def backend_for(device: torch.device, settings: Settings, *, holder: str) -> MemoryBackend:

@@ -50,7 +50,7 @@ import torch
 
 from elastikv.config import Settings, format_bytes
 from elastikv.errors import ElastikvError
-from elastikv.memory.host import available_memory, physical_memory
+from elastikv.instance import available_memory, physical_memory
 
 log = logging.getLogger("elastikv")
 
