@@ -31,7 +31,7 @@ log = logging.getLogger("elastikv")
 # Engine adapters reach memory only through this module (the design's rule: space and allocator below it are the
 # only users of ``memory/``); the backend type and the host's memory figures are re-exported for them.
 __all__ = ["Booked", "DeviceFacts", "Holding", "Instance", "MemoryBackend", "available_memory", "backend_for", "book",
-           "host_memory", "ledger_for", "open_holding", "open_instance", "physical_memory"]  # fmt: skip
+           "host_memory", "ledger_for", "open_holding", "open_instance", "physical_memory", "weight_bytes"]  # fmt: skip
 
 
 def backend_for(device: torch.device, settings: Settings, *, holder: str) -> MemoryBackend:
@@ -224,6 +224,15 @@ class Holding:
         finally:
             self.ledger.close()
             self.backend.close()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, each storage counted once (tied weights share one)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
 
 
 def open_holding(device: torch.device, settings: Settings, *, name: str) -> Holding | None:

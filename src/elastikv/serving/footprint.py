@@ -19,18 +19,9 @@ import torch
 
 from elastikv.config import Settings, format_bytes
 from elastikv.errors import LimitExceeded
-from elastikv.instance import Holding, open_holding
+from elastikv.instance import Holding, open_holding, weight_bytes
 
 log = logging.getLogger("elastikv")
-
-
-def weight_bytes(model: Any) -> int:
-    """Bytes of the model's parameters and buffers, each storage counted once (tied weights share one)."""
-    seen: dict[tuple[str, int], int] = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        storage = t.untyped_storage()
-        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
-    return sum(seen.values())
 
 
 class Footprint:

@@ -37,6 +37,7 @@ TARGETS: tuple[Target, ...] = (
     Target("vllm.v1.engine.core", "EngineCore.collective_rpc", ("self", "method")),
     Target("vllm.v1.engine.core", "EngineCore.shutdown", ("self",)),
     Target("vllm.v1.engine.core", "EngineCore.sleep", ("self", "level")),
+    Target("vllm.v1.engine.core", "EngineCore.wake_up", ("self",)),
     Target("vllm.v1.core.kv_cache_coordinator", "BlockPool"),
     Target(
         "vllm.v1.core.kv_cache_coordinator",
@@ -53,6 +54,7 @@ def install(patch: Callable[[str, str, Callable[[Any], Any]], None]) -> None:
     patch("vllm.v1.engine.core", "EngineCore._initialize_kv_caches", _wrap_initialize_kv_caches)
     patch("vllm.v1.engine.core", "EngineCore.shutdown", _wrap_shutdown)
     patch("vllm.v1.engine.core", "EngineCore.sleep", _wrap_sleep)
+    patch("vllm.v1.engine.core", "EngineCore.wake_up", _wrap_wake_up)
     patch("vllm.v1.core.kv_cache_coordinator", "BlockPool", lambda _orig: block_pool.pool_class())
     patch(
         "vllm.v1.core.kv_cache_coordinator",
@@ -108,6 +110,7 @@ def _wrap_initialize_kv_caches(original: Callable[..., Any]) -> Callable[..., An
         block_pool.pending.clear()
         block_pool.pending.append(_open_instance(list(endpoints), vllm_config))
         self._elastikv = block_pool.pending[0]
+        self.collective_rpc(vllm_worker.book_weights, args=(self._elastikv.name,))  # beside the KV, per rank
         return kv_cache_config
 
     return _initialize_kv_caches
@@ -138,12 +141,26 @@ def _wrap_sleep(original: Callable[..., Any]) -> Callable[..., Any]:
         if inst is None or level < 1:
             return result
         if isinstance(result, concurrent.futures.Future):  # it sleeps once in-flight requests are done
+            # (the weights stay booked: the workers cannot be called from this callback's thread)
             result.add_done_callback(lambda _done: inst.allocator.idle())
         else:
             inst.allocator.idle()
+            self.collective_rpc(vllm_worker.drop_weights)  # off the device now
         return result
 
     return sleep
+
+
+def _wrap_wake_up(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Book the weights again before vLLM puts them back; a budget that cannot take them refuses the wake
+    (``LimitExceeded``), never a driver out-of-memory half way."""
+
+    def wake_up(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_elastikv", None) is not None:
+            self.collective_rpc(vllm_worker.rebook_weights)
+        return original(self, *args, **kwargs)
+
+    return wake_up
 
 
 def _wrap_get_num_blocks_to_allocate(original: Callable[..., int]) -> Callable[..., int]:

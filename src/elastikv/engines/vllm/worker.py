@@ -29,8 +29,8 @@ import torch
 from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
 from elastikv.engines.patching import Target
-from elastikv.errors import UnsupportedEngine
-from elastikv.instance import MemoryBackend, backend_for
+from elastikv.errors import LimitExceeded, UnsupportedEngine
+from elastikv.instance import Holding, MemoryBackend, backend_for, open_holding, weight_bytes
 from elastikv.page_plan import PagePlan
 from elastikv.peer_pages import PageServer
 from elastikv.space import KVGeometry, KVSpace
@@ -222,3 +222,46 @@ def endpoint(_worker_obj: Any = None) -> dict[str, Any] | None:
     facts = dict(cache.server.facts)
     facts["free_bytes"] = cache.backend.mem_info()[0]
     return facts
+
+
+# -- the weights in the ledger (run in every worker through collective_rpc by the engine core) ----------------
+_holding: Holding | None = None
+_weights = 0  # bytes of this rank's weights, measured once
+
+
+def book_weights(worker_obj: Any, name: str) -> int:
+    """Book this rank's weights in its device's ledger beside the engine's KV (``ELASTIKV_BOOK_WEIGHTS``; rank
+    r > 0 as ``name.rankR``). vLLM loads them before elastikv's instance exists, so a budget that cannot take
+    them is logged, not refused: they are on the device already. Returns the bytes booked."""
+    global _holding, _weights
+    rank = int(getattr(worker_obj, "rank", 0) or 0)
+    if _holding is None:
+        device = torch.device(getattr(worker_obj, "device", None) or "cpu")
+        _holding = open_holding(device, Settings.from_env(), name=name if rank == 0 else f"{name}.rank{rank}")
+        if _holding is None:
+            return 0
+        runner = getattr(worker_obj, "model_runner", None)  # its storages exactly; else vLLM's own measure
+        if runner is not None and hasattr(runner, "get_model"):
+            _weights = weight_bytes(runner.get_model())
+        _weights = _weights or int(getattr(runner, "model_memory_usage", 0) or 0)
+    try:
+        _holding.book(weights=_weights)
+    except LimitExceeded as exc:
+        log.warning(
+            "elastikv: rank %d's weights (%s) are over the device budget: %s", rank, format_bytes(_weights), exc
+        )
+        return 0
+    return _weights
+
+
+def drop_weights(_worker_obj: Any = None) -> None:
+    """After vLLM's sleep: the weights are off the device (level 1: in host memory; level 2: dropped)."""
+    if _holding is not None:
+        _holding.drop()
+
+
+def rebook_weights(_worker_obj: Any = None) -> None:
+    """Before vLLM's wake: ``LimitExceeded`` if the budget cannot take the weights back (the wake is refused;
+    a router makes room first)."""
+    if _holding is not None:
+        _holding.book(weights=_weights)
