@@ -195,3 +195,47 @@ def test_room_puts_the_lowest_priority_then_least_recently_used_idle_model_to_sl
             assert room.estimate(waking) == 4096
 
     asyncio.run(run())
+
+
+def test_no_room_is_a_clear_refusal_within_the_start_timeout_and_leaves_the_room_free(tmp_path: Path) -> None:
+    """Every awake model pinned or busy: the wake waits (bounded by its start timeout), then is refused naming
+    what holds the memory; the room's lock is free again for the next wake. Read from a real ledger."""
+    import asyncio
+    import dataclasses
+
+    from elastikv.config import Size
+    from elastikv.ledger import Ledger
+    from elastikv.router.config import ModelSpec
+    from elastikv.router.room import Room
+    from elastikv.router.states import State, Unavailable
+    from elastikv.router.supervisor import ManagedModel
+
+    ledger = Ledger("fleet-test", total_bytes=100 * MIB, directory=tmp_path / "ledger", budget=Size(nbytes=10 * MIB))
+    ledger.hold("keeper", weights=8 * MIB, other=0)
+    base = ModelSpec(name="keeper", engine="elastikv", model=None, command=None, args=(), env={}, limit=None,
+                     idle_s=None, sleep_level=1, port=None, health_path="/health", start_timeout_s=0.6,
+                     pin=True)  # fmt: skip
+
+    async def run() -> None:
+        async with httpx.AsyncClient() as client:
+            keeper = ManagedModel(base, 40100, client, tmp_path)
+            waking = ManagedModel(dataclasses.replace(base, name="waking", pin=False), 40101, client, tmp_path)
+            keeper.state = State.STARTING
+            keeper.state = State.AWAKE
+            room = Room({"keeper": keeper, "waking": waking}, lambda m: ledger.summary())
+            room.footprint["waking"] = 4 * MIB
+            t0 = time.monotonic()
+            with pytest.raises(Unavailable, match=r"no room .* waking: it needs 4 MiB.*keeper 8 MiB \(pinned\)"):
+                async with room.for_wake(waking):
+                    pytest.fail("woke without room")
+            assert 0.5 < time.monotonic() - t0 < 5.0  # waited for the start timeout, not forever
+            assert not room.lock.locked()
+            ledger.drop_holding("keeper")  # the memory comes free: the same wake now goes ahead
+            async with room.for_wake(waking):
+                assert room.lock.locked()  # held through the wake, since the footprint counted
+            assert not room.lock.locked()
+
+    try:
+        asyncio.run(run())
+    finally:
+        ledger.close()

@@ -69,10 +69,21 @@ class Room:
 
     @contextlib.asynccontextmanager
     async def for_wake(self, model: ManagedModel) -> AsyncIterator[None]:
-        """Hold the room for ``model`` from the check through its wake (the body)."""
-        async with self.lock:
-            await self._make_room(model)
+        """Hold the room for ``model`` from the check through its wake (the body). A model with nothing to count
+        (no footprint known, no ledger yet) does not hold it: other models' wakes go on beside its own."""
+        await self.lock.acquire()
+        try:
+            counted = await self._make_room(model)
+        except BaseException:
+            self.lock.release()
+            raise
+        if not counted:
+            self.lock.release()
+        try:
             yield
+        finally:
+            if counted:
+                self.lock.release()
 
     async def _summary(self, model: ManagedModel) -> DeviceSummary | None:
         summary = await asyncio.get_running_loop().run_in_executor(None, self.summary_of, model)
@@ -80,16 +91,18 @@ class Room:
             self.learn(summary)
         return summary
 
-    async def _make_room(self, model: ManagedModel) -> None:
+    async def _make_room(self, model: ManagedModel) -> bool:
+        """Put idle models to sleep until ``model`` fits; True if its footprint was counted (the caller then
+        holds the room through the wake)."""
         deadline = time.monotonic() + model.spec.start_timeout_s
         while True:
             summary = await self._summary(model)
             need = self.footprint.get(model.spec.name) or self.estimate(model)
             if summary is None or need == 0:
-                return  # no ledger yet, or nothing booked besides KV: nothing to check (KV grows elastically)
+                return False  # no ledger yet, or nothing booked besides KV: nothing to count (KV grows elastically)
             free = summary.budget_bytes - summary.held_bytes
             if free >= need:
-                return
+                return True
             victim = self.pick(exclude=model)
             if victim is None:
                 if time.monotonic() >= deadline:
