@@ -72,7 +72,7 @@ def test_a_fleet_larger_than_the_budget_answers_every_request_and_never_evicts_t
                 "sleep_level": 1,
                 "args": ["--dtype", "float32"],
                 **({"pin": True} if name == "pinned" else {}),
-                **({"start": "lazy"} if name in ("c", "d") else {}),
+                **({"start": {"c": "lazy", "d": "asleep"}[name]} if name in ("c", "d") else {}),
             }
             for name in MODELS
         ],
@@ -115,6 +115,9 @@ def test_a_fleet_larger_than_the_budget_answers_every_request_and_never_evicts_t
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        states = {row["model"]: row for row in httpx.get(f"{url}/admin/status", timeout=10,
+                  headers={"Authorization": f"Bearer {TOKEN}"}).json()["models"]}  # fmt: skip
+        assert states["d"]["state"] == "asleep" and states["c"]["state"] == "stopped", states  # start: asleep, lazy
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         # Visit every model in turn, come back to earlier ones, and keep the pinned one in use throughout.

@@ -98,7 +98,7 @@ class ModelSpec:
     start_timeout_s: float
     pin: bool = False  # never put to sleep to make room for another model
     priority: int = 0  # when room is needed, idle models of lower priority sleep first (then least recently used)
-    start: str = "awake"  # "awake": at the router's start; "lazy": at the model's first request
+    start: str = "awake"  # "awake": at the router's start; "asleep": loaded, then asleep; "lazy": at its first request
 
 
 @dataclass(frozen=True)

@@ -202,10 +202,10 @@ def _priority(value: object) -> int:
 
 
 def _start(value: object) -> str:
-    if value in ("awake", "lazy"):
+    if value in ("awake", "asleep", "lazy"):
         return str(value)
-    raise Invalid(f"{describe(value)} is not a way to start; write awake (at the router's start) or lazy (at the "
-                  "model's first request)")  # fmt: skip
+    raise Invalid(f"{describe(value)} is not a way to start; write awake (at the router's start), asleep (loaded, "
+                  "then put to sleep) or lazy (at the model's first request)")  # fmt: skip
 
 
 def _health(value: object) -> str:

@@ -70,6 +70,15 @@ class Router:
         log.info("starting %d engine(s); their logs are in %s", len(first), self.log_dir)
         results = await asyncio.gather(*(m.start() for m in first), return_exceptions=True)
         failed = [(m, r) for m, r in zip(first, results, strict=True) if isinstance(r, BaseException)]
+        for m in self.models.values():  # "asleep": loaded, then put to sleep, one at a time (each makes room)
+            if m.spec.start != "asleep" or failed:
+                continue
+            try:
+                async with self.room.for_wake(m):
+                    await m.start()
+                await m.sleep(reason="start: asleep")
+            except BaseException as problem:
+                failed.append((m, problem))
         if failed:
             await asyncio.gather(*(m.close() for m in self.models.values()), return_exceptions=True)
             for _m, exc in failed:
