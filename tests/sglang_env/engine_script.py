@@ -54,6 +54,10 @@ def main() -> None:
     tokens = lambda prompts: [o["output_ids"] for o in eng.generate(input_ids=prompts, sampling_params=GREEDY)]  # noqa: E731
     out["tokens"] = tokens(PROMPTS)
     out["shared"] = [tokens(SHARED), tokens(SHARED)]  # the second pass hits the radix cache
+    if elastic:
+        from elastikv.ledger import summaries
+
+        out["weights"] = [h.weights_bytes for s in summaries(os.environ["ELASTIKV_LEDGER_DIR"]) for h in s.holdings]
     if elastic and "PAGE_BYTES" in os.environ:  # the memory part
         page = int(os.environ["PAGE_BYTES"])
         out["idle"] = settle(page + int(os.environ["PREFIX_BYTES"]) + page)

@@ -52,6 +52,7 @@ def test_elastic_sglang_matches_static_and_memory_follows_load(model: Path, tmp_
         ELASTIKV_HOST_MEMORY="512MiB",
         ELASTIKV_RESERVE="0",
         ELASTIKV_PREFIX_CACHE="8MiB",
+        ELASTIKV_BOOK_WEIGHTS="on",
         PAGE_BYTES=str(page),
         PREFIX_BYTES=str(8 * MIB),
     )
@@ -68,3 +69,7 @@ def test_elastic_sglang_matches_static_and_memory_follows_load(model: Path, tmp_
     assert result["idle"] <= 3 * page, result
     assert result["released"] == page, result
     assert result["tokens_after_wake"] == static["tokens"]
+    # The scheduler booked the model's weights beside its KV: one holding, the files' parameters plus the buffers
+    # SGLang's model holds (its rotary cache among them): 2.26 MB for 1.71 MB of files here.
+    files = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    assert len(result["weights"]) == 1 and files <= result["weights"][0] <= 2 * files, (result, files)

@@ -21,10 +21,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from elastikv.config import format_bytes
 from elastikv.engines.sglang import process
-from elastikv.errors import UnsupportedEngine
-from elastikv.instance import Instance, open_instance
+from elastikv.errors import LimitExceeded, UnsupportedEngine
+from elastikv.instance import Instance, open_holding, open_instance, weight_bytes
 from elastikv.page_plan import PagePlan
 from elastikv.space import KVGeometry
 
@@ -47,13 +49,34 @@ def wrap_profile_available_bytes(original: Callable[..., int]) -> Callable[..., 
 
 
 def wrap_alloc_memory_pool(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``ModelRunner.alloc_memory_pool``: remember the runner's forward stream (an unmap waits for it)."""
+    """``ModelRunner.alloc_memory_pool``: remember the runner's forward stream (an unmap waits for it); once the
+    pools (and so the instance) exist, book the model's weights beside its KV (``ELASTIKV_BOOK_WEIGHTS``)."""
 
     def alloc_memory_pool(self: Any, *args: Any, **kwargs: Any) -> Any:
-        process.for_device(self.device).forward_stream = getattr(self, "forward_stream", None)
-        return original(self, *args, **kwargs)
+        proc = process.for_device(self.device)
+        proc.forward_stream = getattr(self, "forward_stream", None)
+        result = original(self, *args, **kwargs)
+        _book_weights(proc, self)
+        return result
 
     return alloc_memory_pool
+
+
+def _book_weights(proc: process.SchedulerProcess, runner: Any) -> None:
+    """The runner's weights in the device's ledger under the instance's name. SGLang loads them before elastikv's
+    instance exists, so a budget that cannot take them is logged, not refused; its memory release keeps the weights
+    resident, so they stay booked until the process ends."""
+    model = getattr(runner, "model", None)
+    if proc.holding is not None or not proc.instances or model is None:
+        return
+    proc.holding = open_holding(torch.device(runner.device), proc.settings, name=proc.instances[0].name)
+    if proc.holding is None:
+        return
+    weights = weight_bytes(model)
+    try:
+        proc.holding.book(weights=weights)
+    except LimitExceeded as exc:
+        log.warning("elastikv: SGLang's weights (%s) exceed the device budget: %s", format_bytes(weights), exc)
 
 
 def _refuse_custom_mem_pool(pool: Any) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from elastikv import lifecycle
 from elastikv.config import Settings
-from elastikv.instance import Instance, MemoryBackend, backend_for
+from elastikv.instance import Holding, Instance, MemoryBackend, backend_for
 
 
 @dataclass
@@ -28,6 +28,7 @@ class SchedulerProcess:
     settings: Settings
     forward_stream: Any = None
     instances: list[Instance] = field(default_factory=list)
+    holding: Holding | None = None  # the model's weights in the ledger (``pools._book_weights``)
 
     def streams(self) -> list[int] | None:
         """CUDA streams whose queued work may read a page: with SGLang's overlap scheduler a forward is already
