@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.test_router import wait_healthy
 
 from elastikv import children
 
@@ -105,16 +106,7 @@ def test_a_fleet_larger_than_the_budget_answers_every_request_and_never_evicts_t
             time.sleep(0.05)
 
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(proc, url, log)
         states = {row["model"]: row for row in httpx.get(f"{url}/admin/status", timeout=10,
                   headers={"Authorization": f"Bearer {TOKEN}"}).json()["models"]}  # fmt: skip
         assert states["d"]["state"] == "asleep" and states["c"]["state"] == "stopped", states  # start: asleep, lazy

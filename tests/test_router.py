@@ -105,20 +105,25 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, (tmp / "router.log").read_text()
-        assert time.monotonic() < deadline, (tmp / "router.log").read_text()
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    wait_healthy(proc, url, tmp / "router.log")
     yield Served(proc, url, ledger_dir, tmp / "logs", shm_before)
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 180) -> None:
+    """Until the router at ``url`` answers /health (its engines are up); its log on failure or timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
 
 
 def complete(

@@ -19,7 +19,7 @@ from elastikv import lifecycle
 from elastikv.allocator import BlockAllocator
 from elastikv.budget import LedgerBudget
 from elastikv.config import LayoutName, Settings, format_bytes
-from elastikv.errors import ConfigError
+from elastikv.errors import ConfigError, LimitExceeded
 from elastikv.ledger import Ledger
 from elastikv.memory import MemoryBackend, open_backend, physical_memory
 from elastikv.memory.host import available_memory
@@ -208,10 +208,21 @@ class Holding:
     other: int = 0
 
     def book(self, *, weights: int, other: int = 0) -> None:
-        """Book (or re-book) the holding; ``LimitExceeded`` if the device budget cannot take it (the previous
-        booking is gone then too: the caller must not hold the memory)."""
+        """Book (or re-book) the holding; ``LimitExceeded`` if the device budget cannot take it (the booking is
+        then as it was: the caller must not load what it asked for)."""
         self.ledger.hold(self.name, weights=weights, other=other)
         self.weights, self.other = weights, other
+
+    def book_held(self, *, weights: int, other: int = 0) -> bool:
+        """Book memory the engine already holds (loaded before elastikv could ask): a budget that cannot take it
+        is logged, not raised, since refusing would not give the memory back. False then (booking unchanged)."""
+        try:
+            self.book(weights=weights, other=other)
+        except LimitExceeded as exc:
+            log.warning("elastikv: %s held by %s is over the device budget: %s", format_bytes(weights + other),
+                        self.name, exc)  # fmt: skip
+            return False
+        return True
 
     def drop(self) -> None:
         self.ledger.drop_holding(self.name)

@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from elastikv.config import Settings, format_bytes
-from elastikv.errors import LimitExceeded
+from elastikv.config import Settings
 from elastikv.instance import Holding, open_holding, weight_bytes
 
 log = logging.getLogger("elastikv")
@@ -43,12 +42,8 @@ class Footprint:
         if self.holding is None or self.device.type != "cuda":
             return
         other = max(0, torch.cuda.memory_reserved(self.device) - self.weights)
-        try:
-            self.holding.book(weights=self.weights, other=other)
+        if self.holding.book_held(weights=self.weights, other=other):
             self.other = other
-        except LimitExceeded as exc:
-            log.warning("elastikv: %s of working memory is not in the budget: %s", format_bytes(other), exc)
-            self.holding.book(weights=self.weights, other=self.other)
 
     def drop(self) -> None:
         """After the weights left the device (asleep)."""

@@ -25,7 +25,7 @@ import torch
 
 from elastikv.config import format_bytes
 from elastikv.engines.sglang import process
-from elastikv.errors import LimitExceeded, UnsupportedEngine
+from elastikv.errors import UnsupportedEngine
 from elastikv.instance import Instance, open_holding, open_instance, weight_bytes
 from elastikv.page_plan import PagePlan
 from elastikv.space import KVGeometry
@@ -72,11 +72,7 @@ def _book_weights(proc: process.SchedulerProcess, runner: Any) -> None:
     proc.holding = open_holding(torch.device(runner.device), proc.settings, name=proc.instances[0].name)
     if proc.holding is None:
         return
-    weights = weight_bytes(model)
-    try:
-        proc.holding.book(weights=weights)
-    except LimitExceeded as exc:
-        log.warning("elastikv: SGLang's weights (%s) exceed the device budget: %s", format_bytes(weights), exc)
+    proc.holding.book_held(weights=weight_bytes(model))
 
 
 def _refuse_custom_mem_pool(pool: Any) -> None:

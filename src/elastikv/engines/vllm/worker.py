@@ -29,7 +29,7 @@ import torch
 from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
 from elastikv.engines.patching import Target
-from elastikv.errors import LimitExceeded, UnsupportedEngine
+from elastikv.errors import UnsupportedEngine
 from elastikv.instance import Holding, MemoryBackend, backend_for, open_holding, weight_bytes
 from elastikv.page_plan import PagePlan
 from elastikv.peer_pages import PageServer
@@ -232,7 +232,7 @@ _weights = 0  # bytes of this rank's weights, measured once
 def book_weights(worker_obj: Any, name: str) -> int:
     """Book this rank's weights in its device's ledger beside the engine's KV (``ELASTIKV_BOOK_WEIGHTS``; rank
     r > 0 as ``name.rankR``). vLLM loads them before elastikv's instance exists, so a budget that cannot take
-    them is logged, not refused: they are on the device already. Returns the bytes booked."""
+    them is logged, not refused (``Holding.book_held``): they are on the device already. Returns the bytes booked."""
     global _holding, _weights
     rank = int(getattr(worker_obj, "rank", 0) or 0)
     if _holding is None:
@@ -244,14 +244,7 @@ def book_weights(worker_obj: Any, name: str) -> int:
         if runner is not None and hasattr(runner, "get_model"):
             _weights = weight_bytes(runner.get_model())
         _weights = _weights or int(getattr(runner, "model_memory_usage", 0) or 0)
-    try:
-        _holding.book(weights=_weights)
-    except LimitExceeded as exc:
-        log.warning(
-            "elastikv: rank %d's weights (%s) are over the device budget: %s", rank, format_bytes(_weights), exc
-        )
-        return 0
-    return _weights
+    return _weights if _holding.book_held(weights=_weights) else 0
 
 
 def drop_weights(_worker_obj: Any = None) -> None:
