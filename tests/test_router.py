@@ -470,6 +470,49 @@ def test_hostile_requests_through_the_router_are_4xx_and_leave_the_engine_at_its
     assert served.status()["alpha"]["restarts"] == 0 and served.status()["alpha"]["crashes"] == 0
 
 
+def test_models_are_added_and_removed_while_serving(served: Served) -> None:
+    """Issue 23: POST /admin/models serves a new model (the same keys as the config's entries), answering as the
+    same model started by the config does; DELETE /admin/models/NAME stops it, leaving no process and no ledger
+    row; clashes and bad entries are refused with the reason, and the other models keep answering."""
+    from elastikv.bench.models import make_model
+    from elastikv.ledger import Ledger, ledger_files
+
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    tmp = served.log_dir.parent
+    make_model(tmp / "delta", size="tiny", seed=0)  # alpha's weights: the same answers
+    entry = {"name": "delta", "model": "./delta", "idle": "never", "args": ["--dtype", "float32"]}
+    refused = httpx.post(f"{served.url}/admin/models", json={**entry, "idle": "5x"}, headers=auth, timeout=30)
+    assert refused.status_code == 400 and "idle" in refused.json()["error"]["message"], refused.text
+    taken = httpx.post(f"{served.url}/admin/models", json={**entry, "name": "alpha"}, headers=auth, timeout=30)
+    assert taken.status_code == 409 and "already served" in taken.json()["error"]["message"]
+    assert httpx.post(f"{served.url}/admin/models", json=entry, timeout=30).status_code == 401
+    added = httpx.post(f"{served.url}/admin/models", json=entry, headers=auth, timeout=180)
+    assert added.status_code == 201 and added.json()["state"] == "awake", added.text
+    listed = httpx.get(f"{served.url}/v1/models", timeout=10).json()["data"]
+    assert {m["id"] for m in listed} == {*MODELS, "delta"}
+    prompt = "Added at run time."
+    want = complete(served, "alpha", prompt, max_tokens=6).json()["choices"][0]["text"]
+    assert complete(served, "delta", prompt, max_tokens=6).json()["choices"][0]["text"] == want
+    status = httpx.get(f"{served.url}/admin/status", headers=auth, timeout=10).json()
+    assert status["device"]["budget_bytes"] > 0 and status["device"]["free_bytes"] >= 0
+    pid = served.status()["delta"]["pid"]
+    removed = httpx.delete(f"{served.url}/admin/models/delta", headers=auth, timeout=180)
+    assert removed.status_code == 200 and removed.json()["removed"] and removed.json()["drained"], removed.text
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    gone = complete(served, "delta")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    again = httpx.delete(f"{served.url}/admin/models/delta", headers=auth, timeout=10)
+    assert again.status_code == 404
+    for path in ledger_files(served.ledger_dir):
+        ledger = Ledger.open_existing(path)
+        try:
+            assert "delta" not in {row.name for row in ledger.instances()}
+        finally:
+            ledger.close()
+    assert complete(served, "beta").status_code == 200
+
+
 def test_sigterm_stops_every_engine_and_leaves_nothing(served: Served) -> None:
     from elastikv.ledger import Ledger, ledger_files
 

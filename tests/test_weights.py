@@ -260,7 +260,7 @@ def test_a_level_2_sleep_then_level_1_uses_the_stash_again(engine: Any) -> None:
 def test_the_router_records_the_level_the_engine_used() -> None:
     import httpx
 
-    from elastikv.router.supervisor import _level_used
+    from elastikv.router.launch import level_used as _level_used
 
     def answer(body: bytes) -> httpx.Response:
         return httpx.Response(200, content=body)

@@ -21,9 +21,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from elastikv.errors import ConfigError, ElastikvError
+from elastikv.router.config import parse_model
 from elastikv.router.router import Router
-from elastikv.router.states import State, Unavailable
-from elastikv.router.supervisor import ManagedModel
+from elastikv.router.states import ModelConflict, State, Unavailable
+from elastikv.router.supervisor import DRAIN_TIMEOUT_S, ManagedModel
 from elastikv.serving import requests
 
 
@@ -63,7 +65,7 @@ class Metrics:
 
     def render(self) -> str:
         mapped = self.router.ledger_rows()
-        for name, m in self.router.models.items():
+        for name, m in list(self.router.models.items()):  # a thread: the loop may add or remove models meanwhile
             for s in State:
                 self.state.labels(name, s.value).set(1 if m.state is s else 0)
             self.active.labels(name).set(m.active)
@@ -236,9 +238,52 @@ def create_app(router: Router, *, manage_lifetime: bool = True) -> FastAPI:
     async def admin_status(request: Request) -> Response:
         if (no := refused(request)) is not None:
             return no
-        mapped = await asyncio.get_running_loop().run_in_executor(None, router.ledger_rows)
-        rows = [{**m.status(), "kv_mapped_bytes": mapped.get(name, 0)} for name, m in router.models.items()]
-        return JSONResponse({"models": rows, "log_dir": str(router.log_dir)})
+        loop = asyncio.get_running_loop()
+        mapped = await loop.run_in_executor(None, router.ledger_rows)
+        device = await loop.run_in_executor(None, router.device_room)
+        rows = [{**m.status(), "kv_mapped_bytes": mapped.get(name, 0)} for name, m in list(router.models.items())]
+        return JSONResponse({"models": rows, "device": device, "log_dir": str(router.log_dir)})
+
+    @app.post("/admin/models")
+    async def admin_add(request: Request) -> Response:
+        """Serve one more model from now on: the body is one entry of the config's ``models``."""
+        if (no := refused(request)) is not None:
+            return no
+        try:
+            body = await request.json()
+        except (ValueError, RecursionError):
+            return error(400, "the body is not JSON; send one model entry, e.g. {\"name\": ..., \"model\": ...}",
+                         type_="invalid_request_error")  # fmt: skip
+        try:
+            spec = parse_model(body, router.config, what="the model to add")
+            model = await router.add_model(spec)
+        except ConfigError as exc:
+            return error(400, str(exc), type_="invalid_request_error")
+        except ModelConflict as exc:
+            return error(409, str(exc), type_="invalid_request_error", code="conflict")
+        except Unavailable as exc:
+            return unavailable(exc)
+        except ElastikvError as exc:  # it did not come up: the end of its log is in the message
+            return error(502, str(exc), type_="engine_error", code="engine_start_failed")
+        return JSONResponse(model.status(), status_code=201)
+
+    @app.delete("/admin/models/{name}")
+    async def admin_remove(request: Request, name: str) -> Response:
+        """Stop serving a model: refused from now on, requests in flight finish (``drain``: seconds, default
+        120), then its engine stops."""
+        if (no := refused(request)) is not None:
+            return no
+        try:
+            drain_s = float(request.query_params.get("drain", DRAIN_TIMEOUT_S))
+        except ValueError:
+            return error(400, "drain: a number of seconds", type_="invalid_request_error", param="drain")
+        try:
+            return JSONResponse(await router.remove_model(name, drain_s=drain_s))
+        except KeyError:
+            return error(404, f"no model {name!r} here; served: {', '.join(router.models)}",
+                         type_="invalid_request_error", code="model_not_found")  # fmt: skip
+        except ModelConflict as exc:
+            return error(409, str(exc), type_="invalid_request_error", code="conflict")
 
     @app.post("/admin/sleep")
     async def admin_sleep(request: Request) -> Response:

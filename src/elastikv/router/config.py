@@ -58,7 +58,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["ModelSpec", "RouterConfig", "load_config", "parse_config", "parse_duration"]
+__all__ = ["ModelSpec", "RouterConfig", "load_config", "parse_config", "parse_duration", "parse_model"]
 
 _YAML_MERGE_TAG, _YAML_STR_TAG = "tag:yaml.org,2002:merge", "tag:yaml.org,2002:str"
 LineOf = Callable[[Key], "int | None"]  # the line of the value at a location in the file, None if it has none
@@ -110,6 +110,7 @@ class RouterConfig:
     admin_token: str | None
     models: tuple[ModelSpec, ...]
     source: Path | None  # the file it came from
+    env: dict[str, str] = field(default_factory=dict)  # the global env: models added at run time get it too
 
 
 def load_config(path: str | Path) -> RouterConfig:
@@ -150,7 +151,25 @@ def parse_config(
         raise _located(exc.errors()[0], name, line_of) from None  # the first, as a person fixes them: top down
     host, port = checked.listen
     models = tuple(_model_spec(entry, checked.env) for entry in checked.models or ())
-    return RouterConfig(host=host, port=port, admin_token=checked.admin_token, models=models, source=source)
+    return RouterConfig(host=host, port=port, admin_token=checked.admin_token, models=models, source=source,
+                        env=checked.env)  # fmt: skip
+
+
+def parse_model(
+    data: object, config: RouterConfig, *, what: str = "the model", environ: Mapping[str, str] | None = None
+) -> ModelSpec:
+    """One model entry (the keys of an entry of ``models``), checked as the file's are, for a model added while
+    the router runs (``POST /admin/models``): the router's global env under its own, relative paths from the
+    config file's directory. Errors name the key: ``ConfigError("the model: idle: '5x' is not a duration; ...")``.
+    Clashes with the models already served (name, port) are the router's to check: it knows which are served now."""
+    base = (Path() if config.source is None else config.source.parent).resolve()
+    context = {"base": base, "environ": os.environ if environ is None else environ}
+    try:
+        entry = ModelEntry.model_validate(data, context=context)
+    except ValidationError as exc:
+        path, _at, message = _explained(exc.errors()[0])
+        raise ConfigError(f"{what}: {_dotted(path)}: {message}" if path else f"{what}: {message}") from None
+    return _model_spec(entry, config.env)
 
 
 def _model_spec(entry: ModelEntry, global_env: dict[str, str]) -> ModelSpec:
@@ -179,17 +198,23 @@ def _line(line_of: LineOf, loc: Key) -> int:
     return 1
 
 
-def _located(error: ErrorDetails, name: str, line_of: LineOf) -> ConfigError:
-    """A validation error as ``{file}:{line}: {path}: {message}``: the one place where a location (pydantic's
-    ``loc``, plus the :class:`Invalid`'s own ``path`` and ``at``) becomes a line of the file."""
+def _explained(error: ErrorDetails) -> tuple[Key, Key, str]:
+    """A validation error's path (pydantic's ``loc`` plus the :class:`Invalid`'s own ``path``), the location of
+    the value at fault (``at``) and the message."""
     loc: Key = tuple(error["loc"])
     invalid = error.get("ctx", {}).get("error")
     if isinstance(invalid, Invalid):
-        path, at, message = (*loc, *invalid.path), (*loc, *invalid.at), str(invalid)
-        if invalid.other is not None:
-            message += f" (line {_line(line_of, (*loc, *invalid.other))})"
-    else:  # pydantic's own words: a problem none of the schema's checks foresaw
-        path, at, message = loc, loc, error["msg"]
+        return (*loc, *invalid.path), (*loc, *invalid.at), str(invalid)
+    return loc, loc, error["msg"]  # pydantic's own words: a problem none of the schema's checks foresaw
+
+
+def _located(error: ErrorDetails, name: str, line_of: LineOf) -> ConfigError:
+    """A validation error as ``{file}:{line}: {path}: {message}``: the one place where a location becomes a line
+    of the file."""
+    path, at, message = _explained(error)
+    invalid = error.get("ctx", {}).get("error")
+    if isinstance(invalid, Invalid) and invalid.other is not None:
+        message += f" (line {_line(line_of, (*tuple(error['loc']), *invalid.other))})"
     where = f"{name}:{_line(line_of, at)}"
     return ConfigError(f"{where}: {_dotted(path)}: {message}" if path else f"{where}: {message}")
 

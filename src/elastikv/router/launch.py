@@ -21,10 +21,13 @@ command     none: ``sleep_level: stop`` ends the process, the next request start
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
 from dataclasses import dataclass
+
+import httpx
 
 from elastikv.router.config import ModelSpec
 
@@ -83,3 +86,12 @@ def _fill(part: str, fields: dict[str, str]) -> str:
 def describe(argv: list[str]) -> str:
     """The command line as a user would type it (for logs and status)."""
     return shlex.join(argv)
+
+
+def level_used(answer: httpx.Response, asked: int | str) -> int | str:
+    """The level an engine says it slept at (the embedded engine's ``sleeping``), else the level asked for."""
+    with contextlib.suppress(ValueError, AttributeError):  # not JSON, or not an object
+        used = answer.json().get("sleeping") if answer.content else None
+        if type(used) is int and used in (1, 2):
+            return used
+    return asked

@@ -17,6 +17,9 @@ import asyncio
 import contextlib
 import logging
 import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -26,9 +29,10 @@ from elastikv.config import Settings
 from elastikv.errors import ElastikvError, EngineStartFailed, LedgerError
 from elastikv.ledger import Ledger, ledger_files
 from elastikv.ledger_rows import DeviceSummary
-from elastikv.router.config import RouterConfig
+from elastikv.router.config import ModelSpec, RouterConfig
 from elastikv.router.room import Room
-from elastikv.router.supervisor import PORT_FIX, ManagedModel
+from elastikv.router.states import EngineExited, ModelConflict
+from elastikv.router.supervisor import DRAIN_TIMEOUT_S, PORT_FIX, ManagedModel
 
 log = logging.getLogger("elastikv.router")
 
@@ -53,12 +57,16 @@ class Router:
         self.models: dict[str, ManagedModel] = {}
         self.room = Room(self.models, self.device_summary)
         for spec in config.models:
-            model = ManagedModel(spec, spec.port or free_port(), self.client, self.log_dir)
-            model.note_asleep = self._note_asleep
-            model.room_for_wake = self.room.for_wake
-            self.models[spec.name] = model
+            self.models[spec.name] = self._managed(spec)
         self._watch_task: asyncio.Task[None] | None = None
         self._ledger_of: dict[str, Path] = {}  # the ledger file each model's instance row was last seen in
+        self._changing: dict[str, ManagedModel] = {}  # models being added or removed at run time (admin)
+
+    def _managed(self, spec: ModelSpec) -> ManagedModel:
+        model = ManagedModel(spec, spec.port or free_port(), self.client, self.log_dir)
+        model.note_asleep = self._note_asleep
+        model.room_for_wake = self.room.for_wake
+        return model
 
     async def start(self) -> None:
         """Start every engine and wait until all answer. Raises ``PortInUse`` before starting anything if a
@@ -74,9 +82,7 @@ class Router:
             if m.spec.start != "asleep" or failed:
                 continue
             try:
-                async with self.room.for_wake(m):
-                    await m.start()
-                await m.sleep(reason="start: asleep")
+                await self._start_asleep(m)
             except BaseException as problem:
                 failed.append((m, problem))
         if failed:
@@ -90,12 +96,85 @@ class Router:
         log.info("serving %s on http://%s:%d/v1", ", ".join(self.models), c.host, c.port)
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_models())
 
+    async def _start_asleep(self, m: ManagedModel) -> None:
+        async with self.room.for_wake(m):
+            await m.start()
+        await m.sleep(reason="start: asleep")
+
+    # -- models added and removed while serving (admin) ---------------------------------------------------------
+    async def add_model(self, spec: ModelSpec) -> ManagedModel:
+        """Serve ``spec`` from now on, started as its ``start`` says (awake: up and healthy before this returns;
+        asleep: loaded, then asleep; lazy: at its first request). Requests see the model only once it is ready.
+        Raises ``ModelConflict`` (a name served or being changed, a port taken), ``EngineStartFailed`` with the
+        end of its log (nothing of it left running, nothing in the ledger), or ``Unavailable`` (no room on the
+        device). Not written to the config file: a restarted router serves what its file lists."""
+        if spec.name in self.models:
+            raise ModelConflict(f"model {spec.name!r} is already served; remove it first (DELETE /admin/models/"
+                                f"{spec.name}) to change it")  # fmt: skip
+        taken = {self.config.port: "the router"} | {m.port: f"model {n!r}" for n, m in self.models.items()}
+        taken |= {m.port: f"model {n!r} (being added)" for n, m in self._changing.items()}
+        if spec.port is not None and spec.port in taken:
+            raise ModelConflict(f"port {spec.port} is already taken by {taken[spec.port]}; give another port "
+                                "or leave port out (a free one is chosen)")  # fmt: skip
+        model = self._managed(spec)
+        while model.port in taken:  # a free port now, but one the router gave a model that is not listening yet
+            model = self._managed(replace(spec, port=free_port()))
+        with self._changing_one(model):
+            try:
+                if spec.start == "awake":
+                    async with self.room.for_wake(model):
+                        await model.start()
+                elif spec.start == "asleep":
+                    await self._start_asleep(model)
+            except BaseException as exc:
+                await model.close()
+                await asyncio.get_running_loop().run_in_executor(None, self.ledger_rows)  # reaps its rows, if any
+                if isinstance(exc, EngineExited):
+                    raise EngineStartFailed(str(exc)) from None
+                raise
+            self.models[spec.name] = model
+        log.info("added %s (%s, start %s)", spec.name, spec.engine, spec.start)
+        return model
+
+    async def remove_model(self, name: str, *, drain_s: float = DRAIN_TIMEOUT_S) -> dict[str, object]:
+        """Stop serving ``name``: new requests are refused at once (503, then 404 once it is gone), requests in
+        flight get up to ``drain_s`` to finish, then its engine is stopped and its ledger rows cleared. Raises
+        ``KeyError`` for a name not served, ``ModelConflict`` while it is being added or removed."""
+        model = self.models.get(name)
+        if model is None:
+            raise KeyError(name)
+        with self._changing_one(model):
+            t0 = time.monotonic()
+            drained = await model.retire(drain_s)
+            if model.sleep_level_now:
+                with contextlib.suppress(ElastikvError, OSError):
+                    await asyncio.get_running_loop().run_in_executor(None, self._note_asleep, model, False)
+            del self.models[name]
+            await asyncio.get_running_loop().run_in_executor(None, self.ledger_rows)  # reaps its rows
+            self._ledger_of.pop(name, None)
+        seconds = time.monotonic() - t0
+        log.info("removed %s in %.1f s%s", name, seconds, "" if drained else " (requests in flight were cut)")
+        return {"model": name, "removed": True, "drained": drained, "seconds": round(seconds, 3)}
+
+    @contextlib.contextmanager
+    def _changing_one(self, model: ManagedModel) -> Iterator[None]:
+        """One add or remove per name at a time; ``stop`` also stops a model that is still being added."""
+        name = model.spec.name
+        if name in self._changing:
+            raise ModelConflict(f"model {name!r} is being added or removed right now; try again when that ends")
+        self._changing[name] = model
+        try:
+            yield
+        finally:
+            del self._changing[name]
+
     async def stop(self) -> None:
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch_task
-        await asyncio.gather(*(m.close() for m in self.models.values()), return_exceptions=True)
+        changing = [m for m in self._changing.values() if m not in self.models.values()]  # being added
+        await asyncio.gather(*(m.close() for m in [*self.models.values(), *changing]), return_exceptions=True)
         await self.client.aclose()
         for m in self.models.values():
             if m.sleep_level_now:
@@ -109,7 +188,7 @@ class Router:
 
     def kill_now(self) -> None:
         """SIGKILL every engine's process group at once (a second Ctrl-C): no waiting for a clean stop."""
-        for m in self.models.values():
+        for m in [*self.models.values(), *self._changing.values()]:
             m.kill_now()
 
     async def _watch_models(self) -> None:
@@ -122,7 +201,7 @@ class Router:
     def ledger_dirs(self) -> list[str | None]:
         """The ledger directories the engines book in (their ELASTIKV_LEDGER_DIR, else the default)."""
         dirs: list[str | None] = []
-        for m in self.models.values():
+        for m in list(self.models.values()):  # also called in threads, while the loop may add or remove models
             d = Settings.from_env({k: v for k, v in m.launch.env.items() if k.startswith("ELASTIKV")}).ledger_dir
             if d not in dirs:
                 dirs.append(d)
@@ -146,6 +225,28 @@ class Router:
                 finally:
                     ledger.close()
         return mapped
+
+    def device_room(self) -> dict[str, int] | None:
+        """Over every device the engines book on (blocking): the budget, what is booked (KV, weights, other) and
+        the room left under the budget; None before any engine has booked. For ``/admin/status`` (a cluster
+        layer routes a wake to the replica with the most room)."""
+        budget = held = 0
+        for d in self.ledger_dirs():
+            for path in ledger_files(d):
+                try:
+                    ledger = Ledger.open_existing(path)
+                except LedgerError:
+                    continue
+                try:
+                    summary = ledger.summary()
+                except LedgerError:
+                    continue
+                finally:
+                    ledger.close()
+                budget, held = budget + summary.budget_bytes, held + summary.held_bytes
+        if not budget:
+            return None
+        return {"budget_bytes": budget, "held_bytes": held, "free_bytes": max(0, budget - held)}
 
     def device_summary(self, model: ManagedModel) -> DeviceSummary | None:
         """The ledger summary of the device ``model`` books on (blocking). Where it never booked: the one ledger

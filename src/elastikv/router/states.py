@@ -45,6 +45,10 @@ class Unavailable(ElastikvError):
         self.retry_after_s = retry_after_s
 
 
+class ModelConflict(ElastikvError):
+    """A model added or removed at run time clashes with what is served: its name, its port, a change under way."""
+
+
 class EngineExited(ElastikvError):
     """The engine process ended while the router was starting or waking it."""
 

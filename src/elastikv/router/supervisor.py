@@ -39,7 +39,7 @@ import httpx
 from elastikv import ports
 from elastikv.router.config import ModelSpec
 from elastikv.router.engine_process import EngineProcess, log_tail
-from elastikv.router.launch import Launch, describe, launch
+from elastikv.router.launch import Launch, describe, launch, level_used
 from elastikv.router.states import TRANSITIONS, Counters, EngineExited, State, Unavailable
 
 log = logging.getLogger("elastikv.router")
@@ -52,15 +52,6 @@ HEALTH_EVERY_S = 5.0  # an engine that is up is asked for its health this often
 HEALTH_TIMEOUT_S = 10.0
 HEALTH_FAILURES = 3  # checks failed in a row before the engine is killed and restarted
 PORT_FIX = "stop that process, or give the model another port: in the router's config"
-
-
-def _level_used(answer: httpx.Response, asked: int | str) -> int | str:
-    """The level an engine says it slept at (the embedded engine's ``sleeping``), else the level asked for."""
-    with contextlib.suppress(ValueError, AttributeError):  # not JSON, or not an object
-        used = answer.json().get("sleeping") if answer.content else None
-        if type(used) is int and used in (1, 2):
-            return used
-    return asked
 
 
 class ManagedModel:
@@ -91,6 +82,7 @@ class ManagedModel:
         self._last_health = time.monotonic()
         self._killed_because: str | None = None  # set when the router itself kills a hung engine
         self._closing = False
+        self._closing_why = "is shutting down"  # for the 503 of a request that arrives while it closes
         self.sleep_level_now = ""  # the level of the last sleep ("1", "2", "stop")
         self.last_wake: float | None = None  # time.time() of the last completed wake
         # Set by the Router: note a sleep (True) or a wake (False) in the ledger, for `elastikv status`. Blocking.
@@ -149,7 +141,7 @@ class ManagedModel:
 
     def refuse_if_down(self) -> None:
         if self._closing:
-            raise Unavailable(f"model {self.spec.name!r} is shutting down", retry_after_s=5.0)
+            raise Unavailable(f"model {self.spec.name!r} {self._closing_why}", retry_after_s=5.0)
         if self.state is State.RESTARTING:
             wait = max(0.0, self._restart_at - time.monotonic())
             raise Unavailable(
@@ -281,6 +273,16 @@ class ManagedModel:
             await self._proc.terminate(self.spec.name)
         self.state = State.STOPPED
 
+    async def retire(self, drain_s: float) -> bool:
+        """Stop for good, the model being removed (admin): new requests refused (503 saying so), those in flight
+        given ``drain_s`` s, then the engine stopped. True if they all finished (the rest end with the engine)."""
+        self._closing, self._closing_why = True, "is being removed from this router"
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._none_active.wait(), drain_s)
+        drained = self._none_active.is_set()
+        await self.close()
+        return drained
+
     def kill_now(self) -> None:
         """SIGKILL the engine's process group without waiting (the router is being told to stop, twice)."""
         self._closing = True
@@ -362,7 +364,7 @@ class ManagedModel:
                 else:
                     method, path = self.launch.sleep
                     answer = await self._call(method, path.replace("{level}", str(level)))
-                    level = _level_used(answer, level)  # the embedded engine may do level 1 as 2, and says so
+                    level = level_used(answer, level)  # the embedded engine may do level 1 as 2, and says so
                     self.state = State.ASLEEP
             except BaseException as exc:
                 if self.state is State.SLEEPING:
