@@ -270,3 +270,30 @@ def test_the_router_records_the_level_the_engine_used() -> None:
     assert _level_used(answer(b""), 1) == 1  # vLLM answers an empty 200
     assert _level_used(answer(b"[1]"), 2) == 2 and _level_used(answer(b"not json"), 1) == 1
     assert _level_used(answer(b'{"sleeping": true}'), 1) == 1
+
+
+def test_vllm_first_sleep_warm_up_keeps_to_the_pin_budget(caplog: pytest.LogCaptureFixture) -> None:
+    """engines/vllm/pinned.py: weights over ELASTIKV_PIN_BUDGET are not pinned at start, and the log says why."""
+    from elastikv.engines.vllm import pinned
+
+    small = Settings.from_env({"ELASTIKV_PIN_BUDGET": "1MiB"})
+    with caplog.at_level("WARNING", logger="elastikv"):
+        assert pinned.warm_pinned_cache([2**30], small) == 0.0
+    assert "1 GiB is over ELASTIKV_PIN_BUDGET, 1 MiB" in caplog.text
+    assert pinned.warm_pinned_cache([], small) == 0.0
+    off = Settings.from_env({"ELASTIKV_PIN_BUDGET": "0"})
+    assert pinned.warm_pinned_cache([4096], off) == 0.0
+
+
+@pytest.mark.gpu
+def test_vllm_first_sleep_finds_its_pinned_blocks_already_made() -> None:
+    """After the warm-up, pinned tensors of the weights' sizes come from torch's cache: no new page-locking (what
+    vLLM's first sleep allocates is then as quick as its later sleeps')."""
+    from elastikv.engines.vllm import pinned
+
+    sizes = [96 * 2**20, 64 * 2**20, 64 * 2**20]
+    assert pinned.warm_pinned_cache(sizes, Settings.from_env({"ELASTIKV_PIN_BUDGET": "50%"})) > 0
+    before = torch.cuda.host_memory_stats()["num_host_alloc"]
+    taken = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes]  # as vLLM's sleep makes them
+    assert all(t.is_pinned() for t in taken)
+    assert torch.cuda.host_memory_stats()["num_host_alloc"] == before

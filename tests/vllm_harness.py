@@ -53,10 +53,18 @@ class Engine:
     """One runner process. ``call`` sends a command and returns its reply."""
 
     def __init__(
-        self, model: Path, env: Mapping[str, str], *, prefix_caching: bool = True, gpu: bool = False, util: float = 0.5
+        self,
+        model: Path,
+        env: Mapping[str, str],
+        *,
+        prefix_caching: bool = True,
+        gpu: bool = False,
+        util: float = 0.5,
+        sleep_mode: bool = False,
     ) -> None:
         args = [sys.executable, str(RUNNER), str(model)] + (["--prefix-caching"] if prefix_caching else [])
         args += ["--gpu", f"--util={util}"] if gpu else []
+        args += ["--sleep-mode"] if sleep_mode else []
         self.proc = children.popen(
             args,
             env=dict(env),

@@ -1,6 +1,6 @@
 """A real vLLM engine in its own process, driven by the tests over stdin/stdout (one JSON object per line).
 
-    python tests/vllm_runner.py MODEL_DIR [--prefix-caching] [--gpu [--util=0.5]]
+    python tests/vllm_runner.py MODEL_DIR [--prefix-caching] [--gpu [--util=0.5]] [--sleep-mode]
 
 Replies are printed on lines starting with ``RESULT `` (vLLM logs to stdout too). Commands:
 
@@ -14,6 +14,8 @@ Replies are printed on lines starting with ``RESULT `` (vLLM logs to stdout too)
     (or the timeout); ``seconds`` says when, ``trace`` how mapped memory fell.
 ``{"op": "reset_prefix_cache"}``
     vLLM's own ``LLM.reset_prefix_cache()``; replies whether it succeeded.
+``{"op": "sleep", "level": 1}`` / ``{"op": "wake"}``
+    vLLM's own ``LLM.sleep(level)`` / ``LLM.wake_up()`` (start with ``--sleep-mode``); replies the seconds taken.
 ``{"op": "quit"}``
 
 With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core and the worker live in this process and the memory
@@ -65,7 +67,8 @@ def main() -> None:
                        gpu_memory_utilization=0.2)  # fmt: skip  # the CPU start-up check only
     # elastikv sizes its KV cache itself (gpu_memory_utilization sizes the plain baseline's static cache)
     llm = LLM(model=model, skip_tokenizer_init=True, block_size=32 if "--gpu" not in sys.argv else 16,
-              enable_prefix_caching=prefix, seed=0, **options)  # fmt: skip
+              enable_prefix_caching=prefix, seed=0, enable_sleep_mode="--sleep-mode" in sys.argv,
+              **options)  # fmt: skip
     say({"ready": True, "pid": os.getpid(), "elastic": instance(llm) is not None})
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -76,6 +79,10 @@ def main() -> None:
             say(generate(llm, cmd, SamplingParams, TokensPrompt))
         elif op == "reset_prefix_cache":
             say({"reset": bool(llm.reset_prefix_cache())})
+        elif op in ("sleep", "wake"):
+            t0 = time.perf_counter()
+            llm.sleep(level=int(cmd.get("level", 1))) if op == "sleep" else llm.wake_up()
+            say({"seconds": time.perf_counter() - t0})
         elif op == "settle":
             say(settle(llm, float(cmd.get("timeout", 5.0)), cmd.get("until")))
         else:

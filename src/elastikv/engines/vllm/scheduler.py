@@ -22,7 +22,7 @@ from typing import Any
 from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
 from elastikv.engines.patching import Target
-from elastikv.engines.vllm import block_pool
+from elastikv.engines.vllm import block_pool, pinned
 from elastikv.engines.vllm import worker as vllm_worker
 from elastikv.errors import UnsupportedEngine
 from elastikv.instance import DeviceFacts, book
@@ -111,6 +111,8 @@ def _wrap_initialize_kv_caches(original: Callable[..., Any]) -> Callable[..., An
         block_pool.pending.append(_open_instance(list(endpoints), vllm_config))
         self._elastikv = block_pool.pending[0]
         self.collective_rpc(vllm_worker.book_weights, args=(self._elastikv.name,))  # beside the KV, per rank
+        if getattr(vllm_config.model_config, "enable_sleep_mode", False):  # its first sleep as fast as the later
+            self.collective_rpc(pinned.prepare_first_sleep)
         return kv_cache_config
 
     return _initialize_kv_caches
