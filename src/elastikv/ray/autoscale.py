@@ -6,14 +6,14 @@ running and queued at the handles. The policy returns a replica count; Serve the
 ``[min_replicas, max_replicas]`` and acts on it only after the change was wanted for ``upscale_delay_s`` /
 ``downscale_delay_s``.
 
-- **Up** by one when the requests per replica (the larger of the replicas' own count and Serve's, which includes
+- **Up** by one (over the running replicas) when the requests per running replica (the larger of the replicas' own count and Serve's, which includes
   requests queued at the handle because every replica was full) pass ``scale_up_at``.
 - **Down** by one when they are below ``scale_down_at`` *and* some replica is cold: nothing in flight and no
   model awake (its models went to sleep after their ``idle`` time), so the GPU it would give back holds nothing
   worth keeping. Serve, not this policy, picks which replica stops (replicas not yet running first, then those
   off the head node, on the nodes with the fewest replicas, newest first): the policy returns only a count and
   cannot name the cold one, so a replica with awake models may stop instead; see docs/ray.md, "Limits".
-- Otherwise, the current count.
+- Otherwise, the count Serve is already moving to (keeping a replica that is starting).
 
 It must not block: it reads only what it is given (no I/O, no Ray calls) and is O(replicas).
 """
@@ -25,25 +25,32 @@ from typing import Any
 
 
 def desired_replicas(
-    current: int,
+    running: int,
     per_replica: Mapping[Any, Mapping[str, float]],
     *,
+    target: int | None = None,
     queued_total: float = 0.0,
     scale_up_at: float,
     scale_down_at: float,
 ) -> int:
-    """The count wanted, from each replica's stats (``in_flight``, ``awake_models``; missing keys read 0) and
-    Serve's total of requests (running and queued). Not clamped to min/max: Serve does that."""
-    if current <= 0:
-        return 1  # cold start (Serve handles it before calling us; kept for direct use)
-    in_flight = sum(s.get("in_flight", 0.0) for s in per_replica.values())
-    load = max(in_flight, queued_total) / current
+    """The count wanted, from each running replica's stats (``in_flight``, ``awake_models``; a replica without
+    them, one just started, counts as neither busy nor cold) and Serve's total of requests (running and queued).
+
+    ``target`` is the count Serve is already moving to (None: ``running``). A decision already taken is kept while
+    the load is neither hot nor cool: answering ``running`` while a new replica starts would cancel its start.
+    Not clamped to min/max: Serve does that."""
+    target = running if target is None else target
+    if running <= 0:
+        return max(target, 1)  # cold start (Serve handles it before calling us; kept for direct use)
+    ours = {r: s for r, s in per_replica.items() if "awake_models" in s}
+    in_flight = sum(s.get("in_flight", 0.0) for s in ours.values())
+    load = max(in_flight, queued_total) / running
     if load > scale_up_at:
-        return current + 1
-    cold = [r for r, s in per_replica.items() if s.get("in_flight", 0.0) < 0.5 and s.get("awake_models", 0.0) < 0.5]
-    if load < scale_down_at and cold and current > 1:
-        return current - 1
-    return current
+        return max(target, running + 1)
+    cold = [r for r, s in ours.items() if s.get("in_flight", 0.0) < 0.5 and s["awake_models"] < 0.5]
+    if load < scale_down_at and cold and running > 1:
+        return min(target, running - 1)
+    return target
 
 
 class ElastikvScaling:
@@ -64,7 +71,8 @@ class ElastikvScaling:
             queued = float(ctx.total_num_requests)
         except (TypeError, ValueError):
             queued = 0.0
-        want = desired_replicas(ctx.current_num_replicas, per_replica, queued_total=queued,
+        want = desired_replicas(ctx.current_num_replicas, per_replica, target=ctx.target_num_replicas,
+                                queued_total=queued,
                                 scale_up_at=self.scale_up_at, scale_down_at=self.scale_down_at)  # fmt: skip
         seen = {
             "in_flight": sum(s.get("in_flight", 0.0) for s in per_replica.values()),

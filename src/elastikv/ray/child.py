@@ -114,6 +114,10 @@ class ChildRouter:
             self._forked.set()
         self.proc.wait()  # this thread ends only once the child has: PR_SET_PDEATHSIG stays armed until then
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

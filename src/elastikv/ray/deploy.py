@@ -94,3 +94,27 @@ def stop() -> None:
 
     serve.delete(APP)
     serve.shutdown()
+
+
+def replica_stats() -> list[dict[str, Any]]:
+    """Every engine replica's state now (what it reports to the request router), for status and tests; one still
+    starting (or not answering) as ``{"up": False, "node_id": "", ...}``.
+
+    Serve names its replica actors ``SERVE_REPLICA::<app>#<deployment>#<id>`` in the ``serve`` namespace and calls
+    ``record_routing_stats`` on them itself; this asks each the same. A replica that does not answer is left out.
+    """
+    import ray
+
+    out = []
+    prefix = f"SERVE_REPLICA::{APP}#engines#"
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") != "serve" or not str(entry.get("name", "")).startswith(prefix):
+            continue
+        replica = entry["name"].rpartition("#")[2]
+        try:
+            actor = ray.get_actor(entry["name"], namespace="serve")
+            stats = ray.get(actor.record_routing_stats.remote(), timeout=10)
+        except (ray.exceptions.RayError, ValueError):  # still starting (its constructor runs), or gone
+            stats = {}
+        out.append({"up": False, "node_id": "", "models": {}, "in_flight": 0, **stats, "replica": replica})
+    return out

@@ -118,7 +118,7 @@ class EngineReplica:
 
     def check_health(self) -> None:
         """Failing this makes Serve replace the replica: the child router is gone (its engines with it)."""
-        if not self.child.alive():
+        if not self.child.alive() and not self.child.stopping:
             raise RuntimeError(f"replica {self.replica}: its elastikv serve exited:\n{self.child.log_tail(20)}")
 
     def stats(self) -> dict[str, Any]:
