@@ -2,7 +2,7 @@
 
 One simulated cluster for the whole module (``ray.cluster_utils.Cluster``): a head node with no GPU (Serve's
 controller, its HTTP proxy, the ingress) and three worker nodes with one fake GPU each. Every engine replica runs
-its own ``elastikv serve`` over three tiny models (started asleep), with a ledger directory and a budget of its
+its own ``elastikv serve`` over three tiny models (two started asleep, one lazily), with a ledger directory and a budget of its
 own per node (``cluster.ledger_dir`` with ``{node}``, ``cluster.device_budget``: the simulation knobs), so free
 memory differs by node as it would on real GPUs. A direct ``elastikv serve`` of the same models runs beside it,
 for the answers. The tests run in file order; the last deletes the application and checks nothing is left.
@@ -71,7 +71,8 @@ def _config(tmp: Path, port: int) -> dict[str, Any]:
                 "ELASTIKV_BOOK_WEIGHTS": "on"},  # fmt: skip
         "models": [
             {"name": "a", "model": "./a", "idle": "never", "args": ["--dtype", "float32"]},
-            {"name": "b", "model": "./b", "idle": "never", "args": ["--dtype", "float32"]},
+            # Lazy: no engine until its first request (a replica starts faster; "stopped" ranks like "asleep").
+            {"name": "b", "model": "./b", "idle": "never", "start": "lazy", "args": ["--dtype", "float32"]},
             # The hot model sleeps soon after its burst, so that the replica it spread to turns cold.
             {"name": "hot", "model": "./hot", "idle": "2s", "args": ["--dtype", "float32"]},
         ],
@@ -100,6 +101,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     (tmp / "cluster.yaml").write_text(yaml.safe_dump(_config(tmp, port), sort_keys=False))
     direct = {k: v for k, v in _config(tmp, port).items() if k != "cluster"}
     direct |= {"listen": f"127.0.0.1:{direct_port}", "env": {**direct["env"], "ELASTIKV_LEDGER_DIR": str(tmp / "dl")}}
+    for entry in direct["models"]:
+        entry["start"] = "awake"  # up before the tests (it starts while the cluster does)
     (tmp / "direct.yaml").write_text(yaml.safe_dump(direct, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIKV")}
     direct_proc = children.popen([sys.executable, "-m", "elastikv.cli", "serve", str(tmp / "direct.yaml"),
@@ -157,7 +160,7 @@ def wait_for(check: Any, timeout: float, what: str) -> Any:
 def test_one_endpoint_routes_by_model_and_wakes_where_most_memory_is_free(cluster: Cluster) -> None:
     print(f"cluster up in {cluster.start_s:.1f} s")
     nodes = wait_for(lambda: len(s := stats_by_node()) == 2 and s, 30, "two replicas reporting")
-    assert all(m["state"] == "asleep" for s in nodes.values() for m in s["models"].values()), nodes
+    assert all(m["state"] in ("asleep", "stopped") for s in nodes.values() for m in s["models"].values()), nodes
     # Asleep everywhere: "a" wakes on a node; "b" then wakes on the other, which has more memory free.
     node_a = post(cluster.url, "a").headers["x-elastikv-node"]
     wait_for(lambda: stats_by_node()[node_a]["models"]["a"]["state"] == "awake", 10, "a awake")
@@ -234,6 +237,7 @@ def test_a_hot_model_spreads_to_a_new_replica_and_the_cluster_shrinks_when_it_co
     before = set(stats_by_node())
     assert _policy_on(list(stats_by_node().values()), 2) == 2  # a and b awake, nothing in flight: stay
     burst = [threading.Thread(target=client, args=(48, stop), daemon=True) for _ in range(10)]
+    t0 = time.monotonic()
     trickle_stop = threading.Event()
     trickle = [threading.Thread(target=client, args=(4, trickle_stop), daemon=True) for _ in range(2)]
     try:
@@ -244,11 +248,14 @@ def test_a_hot_model_spreads_to_a_new_replica_and_the_cluster_shrinks_when_it_co
                        30, "the burst in flight")  # fmt: skip
         assert _policy_on(hot, 2) == 3, hot
         wait_for(lambda: len(deploy.replica_stats()) == 3, 30, "Serve starting a third replica")
+        t_up = time.monotonic()
+        print(f"scale-up asked {t_up - t0:.1f} s into the burst")
         # Two CPU cores: the burst would starve the new replica's start. A trickle keeps the count wanted at 3.
         for c in trickle:
             c.start()
         stop.set()
         new = wait_for(lambda: set(stats_by_node()) - before, 120, "the third replica up")
+        print(f"third replica up {time.monotonic() - t_up:.1f} s after it was asked for")
         # Another burst: the replica where the hot model is awake fills up (max_ongoing_requests), and the next
         # rank is where it is asleep with the most memory free: the new node, which holds nothing awake.
         seen: list[str] = []
@@ -266,6 +273,7 @@ def test_a_hot_model_spreads_to_a_new_replica_and_the_cluster_shrinks_when_it_co
         for t in wave:
             t.join(120)
         assert new & set(seen), (new, seen)
+        print(f"hot model served on the new node {time.monotonic() - t0:.1f} s into the test")
     finally:
         stop.set()
         trickle_stop.set()
@@ -275,7 +283,9 @@ def test_a_hot_model_spreads_to_a_new_replica_and_the_cluster_shrinks_when_it_co
     # Cool: the hot model sleeps after its idle time (2 s) wherever it woke; a replica with nothing awake and
     # nothing in flight is cold, and the policy gives one back. Serve picks which (docs/ray.md, "Limits").
     wait_for(lambda: _policy_on(list(stats_by_node().values()), 3) == 2, 30, "the policy wanting 2 again")
+    t_cool = time.monotonic()
     wait_for(lambda: len(deploy.replica_stats()) == 2, 60, "back to two replicas")
+    print(f"back to two replicas {time.monotonic() - t_cool:.1f} s after the policy wanted it")
     for model in ("a", "b"):
         assert post(cluster.url, model).status_code == 200
 

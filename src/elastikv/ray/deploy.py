@@ -4,7 +4,8 @@ Two deployments: ``engines`` (:class:`~elastikv.ray.replica.EngineReplica`, one 
 GPUs, routed by :class:`~elastikv.ray.routing.ModelAwareRouter`, scaled by
 :class:`~elastikv.ray.autoscale.ElastikvScaling` between ``min_replicas`` and ``max_replicas``) and ``endpoint``
 (:class:`~elastikv.ray.ingress.Endpoint`, the HTTP ingress, no GPU). Serve's HTTP proxy runs on the head node
-only (``proxy_location="HeadOnly"``): one address for the whole cluster.
+only (``proxy_location="HeadOnly"``), the ingress beside it: one address for the whole cluster, which a lost worker
+node does not take down.
 
 Who owns what: Ray owns the processes of replicas (placement, restarts, stopping them); each replica owns its own
 ``elastikv serve``. :func:`start` connects to (or starts) Ray and deploys; :func:`stop` deletes the application,
@@ -22,6 +23,7 @@ from elastikv.ray.config import ClusterConfig
 log = logging.getLogger("elastikv.ray")
 
 APP = "elastikv"
+HEAD = "node:__internal_head__"  # a resource only the head node has
 # How often replicas push their autoscaling figures, and handles theirs (Serve's defaults: 10 s, too slow to
 # follow a burst); read by Serve at import in each worker, hence the deployments' runtime_env.
 PUSH_ENV = ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S")
@@ -63,9 +65,12 @@ def build_app(config: ClusterConfig) -> Any:
         graceful_shutdown_timeout_s=30.0,
         **scaling,
     )
+    # On the head node, beside Serve's proxy and controller (the same resource Serve pins its controller with):
+    # a lost worker node must not take the endpoint with it.
     endpoint = serve.deployment(Endpoint).options(
-        name="endpoint", ray_actor_options={"num_cpus": 0, "runtime_env": env}, max_ongoing_requests=10_000
-    )
+        name="endpoint", max_ongoing_requests=10_000,
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD: 0.001}, "runtime_env": env},
+    )  # fmt: skip
     return endpoint.bind(engines.bind(config.router, s.model_dump()), list(config.models))
 
 
