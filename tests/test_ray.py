@@ -2,10 +2,11 @@
 
 One simulated cluster for the whole module (``ray.cluster_utils.Cluster``): a head node with no GPU (Serve's
 controller, its HTTP proxy, the ingress) and three worker nodes with one fake GPU each. Every engine replica runs
-its own ``elastikv serve`` over three tiny models (two started asleep, one lazily), with a ledger directory and a budget of its
-own per node (``cluster.ledger_dir`` with ``{node}``, ``cluster.device_budget``: the simulation knobs), so free
-memory differs by node as it would on real GPUs. A direct ``elastikv serve`` of the same models runs beside it,
-for the answers. The tests run in file order; the last deletes the application and checks nothing is left.
+its own ``elastikv serve`` over three tiny models (two started asleep, one lazily), with a ledger directory and
+a budget of its own per node (``cluster.ledger_dir`` with ``{node}``, ``cluster.device_budget``: the simulation
+knobs), so free memory differs by node as it would on real GPUs. A direct ``elastikv serve`` of the same models
+runs beside it, for the answers. The tests run in file order; the last deletes the application and checks
+nothing is left.
 """
 
 from __future__ import annotations
@@ -67,8 +68,12 @@ class Cluster:
 
 def _config(tmp: Path, port: int) -> dict[str, Any]:
     return {
-        "env": {"ELASTIKV_BACKEND": "host", "ELASTIKV_HOST_MEMORY": "512MiB", "ELASTIKV_RESERVE": "0",
-                "ELASTIKV_BOOK_WEIGHTS": "on"},  # fmt: skip
+        "env": {
+            "ELASTIKV_BACKEND": "host",
+            "ELASTIKV_HOST_MEMORY": "512MiB",
+            "ELASTIKV_RESERVE": "0",
+            "ELASTIKV_BOOK_WEIGHTS": "on",
+        },
         "models": [
             {"name": "a", "model": "./a", "idle": "never", "args": ["--dtype", "float32"]},
             # Lazy: no engine until its first request (a replica starts faster; "stopped" ranks like "asleep").
@@ -77,11 +82,19 @@ def _config(tmp: Path, port: int) -> dict[str, Any]:
             {"name": "hot", "model": "./hot", "idle": "2s", "args": ["--dtype", "float32"]},
         ],
         "cluster": {
-            "listen": f"127.0.0.1:{port}", "min_replicas": 2, "max_replicas": 3, "max_ongoing_requests": 4,
-            "scale_up_at": 2, "scale_down_at": 0.5, "upscale_delay_s": 0.5, "downscale_delay_s": 1,
-            "stats_period_s": 0.25, "replica_start_timeout_s": 120,
-            "ledger_dir": str(tmp / "ledger" / "{node}"), "device_budget": "64MiB",
-        },  # fmt: skip
+            "listen": f"127.0.0.1:{port}",
+            "min_replicas": 2,
+            "max_replicas": 3,
+            "max_ongoing_requests": 4,
+            "scale_up_at": 2,
+            "scale_down_at": 0.5,
+            "upscale_delay_s": 0.5,
+            "downscale_delay_s": 1,
+            "stats_period_s": 0.25,
+            "replica_start_timeout_s": 120,
+            "ledger_dir": str(tmp / "ledger" / "{node}"),
+            "device_budget": "64MiB",
+        },
     }
 
 
@@ -214,8 +227,12 @@ def _policy_on(stats: list[dict[str, Any]], running: int, target: int | None = N
     for s in stats:  # what record_autoscaling_stats() sends Serve, from the same replica state
         for key, value in ReplicaStats.from_routing(s).as_autoscaling().items():
             metrics.setdefault(key, {})[s["replica"]] = value
-    ctx = SimpleNamespace(aggregated_metrics=metrics, total_num_requests=0.0, current_num_replicas=running,
-                          target_num_replicas=running if target is None else target)
+    ctx = SimpleNamespace(
+        aggregated_metrics=metrics,
+        total_num_requests=0.0,
+        current_num_replicas=running,
+        target_num_replicas=running if target is None else target,
+    )
     return ElastikvScaling(scale_up_at=2, scale_down_at=0.5)(ctx)[0]
 
 

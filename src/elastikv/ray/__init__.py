@@ -18,7 +18,6 @@ RAY_VERSION = "2.60.0"  # what pyproject's `ray` extra pins and the tests ran
 def require_ray() -> None:
     """Raise a clear error if Ray Serve cannot be imported."""
     try:
-        import ray  # noqa: F401
         import ray.serve  # noqa: F401
     except ImportError as exc:
         raise ElastikvError(

@@ -1,4 +1,4 @@
-"""How many engine replicas (GPUs) the cluster wants: the autoscaling policy Serve's controller calls ~10 times a second.
+"""How many engine replicas (GPUs) the cluster wants: the autoscaling policy, called ~10 times a second.
 
 Serve feeds it each replica's ``record_autoscaling_stats()`` (:meth:`ReplicaStats.as_autoscaling`: requests in
 flight, awake models, KV mapped, free memory), averaged over ``look_back_period_s``, and its own count of requests
@@ -6,8 +6,9 @@ running and queued at the handles. The policy returns a replica count; Serve the
 ``[min_replicas, max_replicas]`` and acts on it only after the change was wanted for ``upscale_delay_s`` /
 ``downscale_delay_s``.
 
-- **Up** by one (over the running replicas) when the requests per running replica (the larger of the replicas' own count and Serve's, which includes
-  requests queued at the handle because every replica was full) pass ``scale_up_at``.
+- **Up** by one (over the running replicas) when the requests per running replica (the larger of the replicas'
+  own count and Serve's, which includes requests queued at the handle because every replica was full) pass
+  ``scale_up_at``.
 - **Down** by one when they are below ``scale_down_at`` *and* some replica is cold: nothing in flight and no
   model awake (its models went to sleep after their ``idle`` time), so the GPU it would give back holds nothing
   worth keeping. Serve, not this policy, picks which replica stops (replicas not yet running first, then those

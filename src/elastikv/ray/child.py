@@ -107,7 +107,7 @@ class ChildRouter:
             argv = [sys.executable, "-m", "elastikv.cli", "serve", str(self.config_path),
                     "--log-dir", str(self.work_dir / "engines")]  # fmt: skip
             self.proc = children.popen(argv, env=self.env, stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT)
-        except BaseException as exc:  # noqa: BLE001 - handed to start(), which raises it in the caller's thread
+        except BaseException as exc:  # handed to start(), which raises it in the caller's thread
             self._fork_error = exc
             return
         finally:

@@ -74,7 +74,7 @@ class ClusterSettings(BaseModel):
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        host, _, port = value.rpartition(":")
+        port = value.rpartition(":")[2]
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{value!r} is not host:port; write e.g. 0.0.0.0:8000")
         return value

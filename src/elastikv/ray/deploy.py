@@ -26,7 +26,10 @@ APP = "elastikv"
 HEAD = "node:__internal_head__"  # a resource only the head node has
 # How often replicas push their autoscaling figures, and handles theirs (Serve's defaults: 10 s, too slow to
 # follow a burst); read by Serve at import in each worker, hence the deployments' runtime_env.
-PUSH_ENV = ("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S")
+PUSH_ENV = (
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+    "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S",
+)
 
 
 def build_app(config: ClusterConfig) -> Any:
@@ -38,7 +41,7 @@ def build_app(config: ClusterConfig) -> Any:
     from elastikv.ray.autoscale import ElastikvScaling
     from elastikv.ray.ingress import Endpoint
     from elastikv.ray.replica import EngineReplica
-    from elastikv.ray.routing import ModelAwareRouter
+    from elastikv.ray.routing import model_aware_router
 
     s = config.cluster
     env = {"env_vars": {k: str(s.stats_period_s) for k in PUSH_ENV}}
@@ -56,7 +59,8 @@ def build_app(config: ClusterConfig) -> Any:
         ray_actor_options={"num_gpus": s.gpus_per_replica, "runtime_env": env},
         max_ongoing_requests=s.max_ongoing_requests,
         request_router_config=RequestRouterConfig(
-            request_router_class=ModelAwareRouter, request_routing_stats_period_s=s.stats_period_s,
+            request_router_class=model_aware_router(),
+            request_routing_stats_period_s=s.stats_period_s,
             request_routing_stats_timeout_s=max(5.0, 4 * s.stats_period_s),
         ),
         health_check_period_s=2.0,
@@ -95,9 +99,16 @@ def start(config: ClusterConfig) -> str:
 
 def stop() -> None:
     """Delete the application (every replica stops its ``elastikv serve`` gracefully), then Serve."""
+    import ray
     from ray import serve
+    from ray.serve.exceptions import RayServeException
 
-    serve.delete(APP)
+    if not ray.is_initialized():
+        return
+    try:
+        serve.delete(APP)
+    except RayServeException:  # Serve never started (a start that failed early): nothing to delete
+        return
     serve.shutdown()
 
 

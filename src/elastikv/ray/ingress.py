@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ray.exceptions import RayError
-from ray.serve.exceptions import RayServeException
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 RELAYED = {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models")}
 
@@ -32,7 +32,8 @@ def _error(status: int, message: str, *, code: str) -> JSONResponse:
 
 
 def _lost(exc: BaseException) -> str:
-    return (f"the replica serving this request was lost ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); "
+    first = (str(exc).splitlines() or [""])[0][:300]
+    return (f"the replica serving this request was lost ({type(exc).__name__}: {first}); "
             "its models are served by the other replicas, retry")  # fmt: skip
 
 
@@ -48,8 +49,13 @@ def model_in(body: bytes) -> str | None:
 
 class Endpoint:
     def __init__(self, engines: DeploymentHandle, models: list[str]) -> None:
+        # Imported here: every module of elastikv imports without Ray (scripts/check-imports).
+        from ray.exceptions import RayError
+        from ray.serve.exceptions import RayServeException
+
         self.engines = engines.options(stream=True)
         self.models = models
+        self.lost: tuple[type[BaseException], ...] = (RayError, RayServeException)  # a replica (or its node) lost
 
     async def __call__(self, request: Request) -> Response:
         method, path = request.method, request.url.path.rstrip("/")
@@ -65,7 +71,7 @@ class Endpoint:
             head = await gen.__anext__()
         except StopAsyncIteration:
             return _error(503, "the replica ended the answer before it began", code="engine_unavailable")
-        except (RayError, RayServeException) as exc:
+        except self.lost as exc:
             return _error(503, _lost(exc), code="replica_lost")
         headers = {"x-elastikv-node": str(head.get("node_id", "")), "x-elastikv-replica": str(head.get("replica", ""))}
         media = str(head.get("content_type", "application/json"))
@@ -75,19 +81,19 @@ class Endpoint:
             try:
                 async for chunk in gen:
                     chunks.append(chunk)
-            except (RayError, RayServeException) as exc:
+            except self.lost as exc:
                 return _error(503, _lost(exc), code="replica_lost")
             return Response(b"".join(chunks), status_code=status, media_type=media, headers=headers)
-        return StreamingResponse(_rest(gen), status_code=status, media_type=media, headers=headers)
+        return StreamingResponse(_rest(gen, self.lost), status_code=status, media_type=media, headers=headers)
 
 
-async def _rest(gen: DeploymentResponseGenerator[Any]) -> AsyncIterator[bytes]:
+async def _rest(gen: DeploymentResponseGenerator[Any], lost: tuple[type[BaseException], ...]) -> AsyncIterator[bytes]:
     finished = False
     try:
         async for chunk in gen:
             yield chunk
         finished = True
-    except (RayError, RayServeException) as exc:
+    except lost as exc:
         finished = True
         yield f"data: {json.dumps({'error': {'message': _lost(exc), 'type': 'replica_lost'}})}\n\n".encode()
     finally:

@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import ray
-from ray import serve
 
 from elastikv.ray.child import ChildRouter
 from elastikv.ray.config import ClusterSettings
@@ -47,6 +45,9 @@ def error_body(message: str, *, code: str = "engine_unavailable") -> bytes:
 
 class EngineReplica:
     def __init__(self, router: dict[str, Any], settings: dict[str, Any]) -> None:
+        import ray  # here, not at the top: every module of elastikv imports without Ray (scripts/check-imports)
+        from ray import serve
+
         s = ClusterSettings.model_validate(settings)
         self.node_id = ray.get_runtime_context().get_node_id()
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -80,8 +81,9 @@ class EngineReplica:
         try:
             try:
                 upstream = await self.client.send(
-                    self.client.build_request(method, self.child.url + path, content=body,
-                                              headers={"content-type": "application/json"}),  # fmt: skip
+                    self.client.build_request(
+                        method, self.child.url + path, content=body, headers={"content-type": "application/json"}
+                    ),
                     stream=True,
                 )
             except httpx.HTTPError as exc:

@@ -75,7 +75,9 @@ class ReplicaStats:
         if not stats:
             return cls()
         models = {
-            n: ModelState(str(m.get("state", "unknown")), _int(m.get("active")) or 0, _int(m.get("kv_mapped_bytes")) or 0)
+            n: ModelState(
+                str(m.get("state", "unknown")), _int(m.get("active")) or 0, _int(m.get("kv_mapped_bytes")) or 0
+            )
             for n, m in (stats.get("models") or {}).items()
             if isinstance(m, dict)
         }
