@@ -55,3 +55,10 @@ def model_aware_router() -> type:
 
     return type("ModelAwareRouter", (RequestRouter,), {"choose_replicas": choose_replicas,
                                                        "__module__": __name__, "__doc__": __doc__})  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    """``elastikv.ray.routing.ModelAwareRouter``: Serve finds the class by its module and name (PEP 562)."""
+    if name == "ModelAwareRouter":
+        return model_aware_router()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
