@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import httpx
 import yaml
-
 from benchmarks._results import environment, save
+
 from elastikv import children
 from elastikv.bench.models import make_model
 from elastikv.ports import free_port
