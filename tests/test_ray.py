@@ -50,7 +50,7 @@ BODY = {"prompt": "Return a list of items.", "max_tokens": 12}
 # The replicas push their figures this often; Serve's defaults (10 s) are read at import in every Ray worker,
 # which inherits this process's environment (the simulated nodes are its children).
 PUSH = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
-        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5", "RAY_DEDUP_LOGS": "0"}  # fmt: skip
+        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}  # fmt: skip
 
 
 @dataclass

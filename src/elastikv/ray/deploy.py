@@ -86,9 +86,20 @@ def start(config: ClusterConfig) -> str:
     import ray
     from ray import serve
 
+    from elastikv.errors import ConfigError
+
     s = config.cluster
     if not ray.is_initialized():
         ray.init(address=s.address, logging_level=logging.WARNING)
+    # Serve would wait for GPUs that never come (the replicas stay pending, serve.run never returns): say so now.
+    gpus, needed = ray.cluster_resources().get("GPU", 0), s.min_replicas * s.gpus_per_replica
+    if gpus < needed:
+        where = f"the Ray cluster at {s.address}" if s.address else "this machine's Ray"
+        raise ConfigError(
+            f"{where} has {gpus:g} GPU(s); min_replicas {s.min_replicas} x gpus_per_replica {s.gpus_per_replica:g} "
+            f"needs {needed:g}: start Ray on more GPU nodes (or lower cluster.min_replicas; gpus_per_replica: 0 runs "
+            "replicas on CPUs)"
+        )
     serve.start(proxy_location="HeadOnly", http_options={"host": s.host, "port": s.port})
     serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if s.host in ('0.0.0.0', '::') else s.host}:{s.port}"
