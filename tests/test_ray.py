@@ -343,7 +343,8 @@ def test_a_lost_node_fails_its_requests_clearly_and_its_models_are_served_elsewh
         time.sleep(0.2)
     served_in = time.monotonic() - t0
     assert r.headers["x-elastikv-node"] != node_a
-    print(f"lost node: in-flight stream ended in {failed_in:.1f} s; 'a' served elsewhere {served_in:.1f} s after")
+    print(f"lost node: in-flight stream ended in {failed_in:.1f} s with {events[-1]}; 'a' served elsewhere "
+          f"{served_in:.1f} s after")  # fmt: skip
     assert served_in < 20
 
 

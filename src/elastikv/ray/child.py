@@ -99,7 +99,7 @@ class ChildRouter:
                         f"(cluster.replica_start_timeout_s):\n{self.log_tail()}"
                     )
                 time.sleep(0.1)
-        self._poll_once(httpx.Client(timeout=5.0))
+            self._poll_once(client)  # a first report before the replica takes requests
         self._poller.start()
 
     def _keep(self) -> None:
