@@ -21,7 +21,7 @@ FLOORS: dict[str, int] = {
     "engines": 5,
     "serving": 6,
     "router": 7,
-    "bench": 8,
+    "bench": 8, "ray": 8,
     "cli": 9, "status_view": 9, "__init__": 9, "__main__": 9,
 }  # fmt: skip
 MAX_LINES = 500

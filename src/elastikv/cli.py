@@ -16,6 +16,7 @@ from elastikv import __version__
 from elastikv.config import ATTENTIONS, BACKENDS, LAYOUTS, Settings, format_bytes, parse_size
 from elastikv.errors import ElastikvError, EngineDied, EngineStartFailed, Interrupted, LedgerError, UnknownInstance
 from elastikv.ledger import Ledger, ledger_files, summaries
+from elastikv.ray.command import cluster
 from elastikv.status_view import status_tables
 
 
@@ -406,6 +407,9 @@ def check_contract(engine: str, directory: str | None) -> None:
     from elastikv.engines.contract import check
 
     sys.exit(check(engine, Path(directory) if directory is not None else None, targets_of))
+
+
+main.add_command(cluster)
 
 
 def run() -> None:
