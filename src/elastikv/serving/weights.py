@@ -150,6 +150,10 @@ class WeightStash:
 
     def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # "cuda" alone means the caller's current device; the pinning thread must name it (set_device
+            # refuses a device without an index, and a new thread's current device is device 0)
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._slots, self._sizes = _layout(model)
         self._host: dict[torch.dtype, torch.Tensor] = {}
         self._maps: list[mmap.mmap] = []
