@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
 pytest.importorskip("matplotlib", reason="needs matplotlib: pip install -e '.[serve]'")
+pytest.importorskip("pydantic", reason="needs pydantic: pip install -e '.[serve]'")
 
 from elastikv.bench.merge import merge_and_save, merge_reports
 from elastikv.bench.plan import BenchPlan, plan_from_options

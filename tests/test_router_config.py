@@ -11,6 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+pytest.importorskip("pydantic", reason="needs pydantic: pip install -e '.[serve]'")
+pytest.importorskip("yaml", reason="needs PyYAML: pip install -e '.[serve]'")
+
 from elastikv.errors import ConfigError
 from elastikv.router.config import ModelSpec, RouterConfig, load_config, parse_config, parse_duration
 
