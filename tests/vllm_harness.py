@@ -61,10 +61,12 @@ class Engine:
         gpu: bool = False,
         util: float = 0.5,
         sleep_mode: bool = False,
+        tp: int = 1,
     ) -> None:
         args = [sys.executable, str(RUNNER), str(model)] + (["--prefix-caching"] if prefix_caching else [])
         args += ["--gpu", f"--util={util}"] if gpu else []
         args += ["--sleep-mode"] if sleep_mode else []
+        args += [f"--tp={tp}"] if tp > 1 else []
         self.proc = children.popen(
             args,
             env=dict(env),

@@ -1,6 +1,6 @@
 """A real vLLM engine in its own process, driven by the tests over stdin/stdout (one JSON object per line).
 
-    python tests/vllm_runner.py MODEL_DIR [--prefix-caching] [--gpu [--util=0.5]] [--sleep-mode]
+    python tests/vllm_runner.py MODEL_DIR [--prefix-caching] [--gpu [--util=0.5]] [--sleep-mode] [--tp=2]
 
 Replies are printed on lines starting with ``RESULT `` (vLLM logs to stdout too). Commands:
 
@@ -54,6 +54,7 @@ def instance(llm: Any) -> Any:
 
 def main() -> None:
     model = sys.argv[1]
+    # (With --tp=N vLLM spawns its workers: this module is imported again in each, so nothing runs at import.)
     prefix = "--prefix-caching" in sys.argv
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -66,6 +67,9 @@ def main() -> None:
         options = dict(dtype="float32", enforce_eager=True, max_model_len=2048, max_num_batched_tokens=2048,
                        gpu_memory_utilization=0.2)  # fmt: skip  # the CPU start-up check only
     # elastikv sizes its KV cache itself (gpu_memory_utilization sizes the plain baseline's static cache)
+    tp = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--tp=")), 1)
+    if tp > 1:  # one worker process per rank (vLLM's multiprocessing executor), as on a multi-GPU machine
+        options.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
     llm = LLM(model=model, skip_tokenizer_init=True, block_size=32 if "--gpu" not in sys.argv else 16,
               enable_prefix_caching=prefix, seed=0, enable_sleep_mode="--sleep-mode" in sys.argv,
               **options)  # fmt: skip
