@@ -486,6 +486,15 @@ def test_models_are_added_and_removed_while_serving(served: Served) -> None:
     taken = httpx.post(f"{served.url}/admin/models", json={**entry, "name": "alpha"}, headers=auth, timeout=30)
     assert taken.status_code == 409 and "already served" in taken.json()["error"]["message"]
     assert httpx.post(f"{served.url}/admin/models", json=entry, timeout=30).status_code == 401
+    from elastikv import ports
+
+    held = ports.listen("127.0.0.1", ports.free_port(), what="a stranger")  # a port another process holds
+    try:
+        port = held.getsockname()[1]
+        busy = httpx.post(f"{served.url}/admin/models", json={**entry, "port": port}, headers=auth, timeout=30)
+    finally:
+        held.close()
+    assert busy.status_code == 409 and str(port) in busy.json()["error"]["message"], busy.text
     added = httpx.post(f"{served.url}/admin/models", json=entry, headers=auth, timeout=180)
     assert added.status_code == 201 and added.json()["state"] == "awake", added.text
     listed = httpx.get(f"{served.url}/v1/models", timeout=10).json()["data"]

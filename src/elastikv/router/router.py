@@ -116,6 +116,11 @@ class Router:
         if spec.port is not None and spec.port in taken:
             raise ModelConflict(f"port {spec.port} is already taken by {taken[spec.port]}; give another port "
                                 "or leave port out (a free one is chosen)")  # fmt: skip
+        if spec.port is not None:  # held by a process outside the router: say which, before starting anything
+            try:
+                ports.check_free("127.0.0.1", spec.port, what=f"model {spec.name!r}", fix=PORT_FIX)
+            except ports.PortInUse as exc:
+                raise ModelConflict(str(exc)) from None
         model = self._managed(spec)
         while model.port in taken:  # a free port now, but one the router gave a model that is not listening yet
             model = self._managed(replace(spec, port=free_port()))

@@ -64,6 +64,7 @@ def warm_pinned_cache(sizes: list[int], settings: Settings) -> float:
             held.append(torch.empty(size, dtype=torch.uint8, device="cpu", pin_memory=True))
     except RuntimeError as exc:  # the host cannot pin that much: the first sleep does it (and may fail) as before
         log.warning("elastikv: pinning %s of host memory for vLLM's sleep failed (%s)", format_bytes(total), exc)
+        return 0.0
     finally:
         held.clear()  # back into torch's pinned-memory cache, where vLLM's first sleep finds them
     seconds = time.monotonic() - t0
