@@ -79,6 +79,23 @@ def _is_busy(exc: Exception) -> bool:
     )
 
 
+BUSY_TRIES = 3  # SQLite can answer busy at once (no wait: a lock it cannot wait for without a deadlock risk)
+
+
+def _busy_retried(step: Callable[[], T]) -> T:
+    """``step``, tried again (after a short pause) when SQLite answers busy, up to ``BUSY_TRIES`` times: a
+    lock that SQLite refuses at once, or one held by a process starved of CPU, is usually gone a moment later.
+    The last busy error propagates (``LedgerBusy`` for the caller): a bounded wait, never a spin."""
+    for attempt in range(1, BUSY_TRIES + 1):
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or attempt == BUSY_TRIES:
+                raise
+            time.sleep(0.05 * attempt)
+    raise AssertionError("unreachable")
+
+
 class Ledger(ModelNotes):
     """The ledger of one device. Thread-safe; one connection per process and device."""
 
@@ -143,7 +160,7 @@ class Ledger(ModelNotes):
         try:
             db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
             db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-            db.execute("PRAGMA journal_mode = WAL")
+            _busy_retried(lambda: db.execute("PRAGMA journal_mode = WAL"))
             db.execute("PRAGMA synchronous = OFF")  # tmpfs: there is no disk to be durable on
         except sqlite3.DatabaseError as exc:
             raise self._corrupt(exc) from exc
@@ -154,7 +171,8 @@ class Ledger(ModelNotes):
         if _is_busy(exc):
             who = ", ".join(str(p) for p in holders(self.path)) or "unknown"
             return LedgerBusy(
-                f"the ledger {self.path} stayed locked for {BUSY_TIMEOUT:g} s: another elastikv process holds it "
+                f"the ledger {self.path} stayed locked ({BUSY_TRIES} tries of up to {BUSY_TIMEOUT:g} s): another "
+                "elastikv process holds it "
                 f"(processes with it open: {who}; a stopped one, state T in `ps`, holds it until resumed). "
                 "The ledger is not damaged: do not remove it while engines run; retry, or resume or end that process"
             )
@@ -206,7 +224,7 @@ class Ledger(ModelNotes):
         with self._lock:
             db = self._db
             try:
-                db.execute("BEGIN IMMEDIATE")
+                _busy_retried(lambda: db.execute("BEGIN IMMEDIATE"))
             except sqlite3.DatabaseError as exc:
                 raise self._corrupt(exc) from exc
             try:
