@@ -225,6 +225,13 @@ def test_unsafe_or_broken_ledgers_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(LedgerError, match=r"unreadable .*remove it"):
         make_ledger(tmp_path)
     assert path.read_bytes() == garbage, "a broken ledger is reported, never overwritten"
+    # Beside a good one: `elastikv status` says so; a router's figures leave it out and go on.
+    good = Ledger("host:good", total_bytes=MiB, directory=path.parent)
+    LedgerBudget.register(good, "kept", engine="test", limit=MiB, capacity=MiB)
+    with pytest.raises(LedgerError, match="unreadable"):
+        summaries(path.parent)
+    assert [r.name for d in summaries(path.parent, skip_unreadable=True) for r in d.instances] == ["kept"]
+    good.close()
     other = Ledger("GPU-other", total_bytes=MiB, directory=tmp_path / "ledger2")
     other.close()
     Path(tmp_path / "ledger2" / "GPU-other.sqlite").rename(tmp_path / "ledger2" / "host_test-device.sqlite")

@@ -21,6 +21,7 @@ import pytest
 
 from elastikv import children
 from elastikv.ports import free_port
+from elastikv.procfs import process_start_time
 
 httpx = pytest.importorskip("httpx", reason="needs httpx: pip install -e '.[serve]'")
 pytest.importorskip("yaml", reason="needs PyYAML: pip install -e '.[serve]'")
@@ -88,18 +89,9 @@ def _sigterm_ends_everything(tmp: Path, proc: subprocess.Popen[bytes]) -> float:
         pytest.fail(f"the router ignored SIGTERM: {(tmp / 'router.log').read_text()[-2000:]}")
     seconds = time.monotonic() - t0
     time.sleep(0.2)  # the engines' groups were killed before the router exited; let the kernel finish reaping
-    alive = [p for p in pids if _alive(p)]
+    alive = [p for p in pids if process_start_time(p) is not None]
     assert not alive, f"engines outlived the router: {alive}"
     return seconds
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie of ours counts as gone
-        return f.read().split(")")[-1].split()[0] != "Z"
 
 
 def _healthy(url: str) -> bool:

@@ -19,6 +19,8 @@ import pytest
 from tests.tiny_models import build_tiny_llama
 from tests.vllm_harness import Engine, engine_env, needs_vllm, prompts
 
+from elastikv.procfs import process_start_time
+
 pytestmark = [needs_vllm, pytest.mark.slow]
 
 # vLLM's CPU workers each bind their threads to cores; on one NUMA node it needs telling which (one core a rank).
@@ -38,15 +40,6 @@ def _rank_pids(log: list[str]) -> dict[int, int]:
         if m := re.search(r"\(elastikv pid=(\d+)\) .*worker rank (\d+): .*pages served at", line):
             found[int(m.group(2))] = int(m.group(1))
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _ledger_rows(ledger_dir: Path) -> list[str]:
@@ -87,9 +80,9 @@ def test_tp2_with_elastikv_answers_as_plain_tp2_and_a_killed_worker_leaves_nothi
             engine.proc.kill()
         engine.proc.wait()
     deadline = time.monotonic() + 30
-    while any(_alive(p) for p in ranks.values()) and time.monotonic() < deadline:
+    while any(process_start_time(p) is not None for p in ranks.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not [p for p in ranks.values() if _alive(p)], "a worker outlived the engine"
+    assert not [p for p in ranks.values() if process_start_time(p) is not None], "a worker outlived the engine"
     assert _ledger_rows(ledger) == [], "the instance's KV is given back on both ranks"
     assert ended_in < 60, ended_in
     print(f"\nTP=2 tokens equal plain TP=2; rank 1 killed mid-generation: the engine ended {ended_in:.1f} s later")

@@ -473,16 +473,31 @@ class Ledger(ModelNotes):
             self._db.close()
 
 
-def summaries(directory: str | Path | None = None) -> list[DeviceSummary]:
-    """Every device's summary, from the ledgers in ``directory`` (default: the usual place)."""
+def read_ledgers(
+    directory: str | Path | None, read: Callable[[Ledger], T], *, skip_unreadable: bool = False
+) -> list[tuple[Path, T]]:
+    """``read(ledger)`` over every ledger in ``directory`` (default: the usual place), each opened and closed in
+    turn, with the ledger's path. A ledger that cannot be opened or read (busy: a process frozen in the middle of
+    a transaction; damaged) raises its ``LedgerError``, which ``elastikv status`` must show; with
+    ``skip_unreadable`` it is logged and left out instead, for figures that must not fail (a router's pages)."""
     out = []
     for path in ledger_files(directory):
-        ledger = Ledger.open_existing(path)
         try:
-            out.append(ledger.summary())
-        finally:
-            ledger.close()
+            ledger = Ledger.open_existing(path)
+            try:
+                out.append((path, read(ledger)))
+            finally:
+                ledger.close()
+        except LedgerError as exc:
+            if not skip_unreadable:
+                raise
+            log.warning("reading the ledger %s failed (%s); its figures are left out", path, exc)
     return out
+
+
+def summaries(directory: str | Path | None = None, *, skip_unreadable: bool = False) -> list[DeviceSummary]:
+    """Every device's summary, from the ledgers in ``directory`` (see :func:`read_ledgers`)."""
+    return [s for _, s in read_ledgers(directory, Ledger.summary, skip_unreadable=skip_unreadable)]
 
 
 def ledger_files(directory: str | Path | None = None) -> list[Path]:

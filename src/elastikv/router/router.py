@@ -27,7 +27,7 @@ import httpx
 from elastikv import ports
 from elastikv.config import Settings
 from elastikv.errors import ElastikvError, EngineStartFailed, LedgerError
-from elastikv.ledger import Ledger, ledger_files
+from elastikv.ledger import Ledger, ledger_files, read_ledgers, summaries
 from elastikv.ledger_rows import DeviceSummary
 from elastikv.router.config import ModelSpec, RouterConfig
 from elastikv.router.room import Room
@@ -213,42 +213,22 @@ class Router:
         return dirs
 
     def ledger_rows(self) -> dict[str, int]:
-        """KV bytes mapped per instance name, over every device the engines use. Reaps dead processes' rows."""
+        """KV bytes mapped per instance name, over every device the engines use. Reaps dead processes' rows.
+        A ledger that cannot be read (busy: a process frozen mid-transaction; damaged) is left out of the figures."""
         mapped: dict[str, int] = {}
         for d in self.ledger_dirs():
-            for path in ledger_files(d):
-                try:
-                    ledger = Ledger.open_existing(path)
-                except LedgerError:
-                    continue
-                try:
-                    for row in ledger.instances():
-                        mapped[row.name] = mapped.get(row.name, 0) + row.mapped_bytes
-                        self._ledger_of[row.name] = path
-                except LedgerError as exc:  # busy (a process frozen mid-transaction) or unreadable: figures only
-                    log.warning("reading the ledger %s failed (%s); its figures are left out", path, exc)
-                finally:
-                    ledger.close()
+            for path, rows in read_ledgers(d, Ledger.instances, skip_unreadable=True):
+                for row in rows:
+                    mapped[row.name] = mapped.get(row.name, 0) + row.mapped_bytes
+                    self._ledger_of[row.name] = path
         return mapped
 
     def device_room(self) -> dict[str, int] | None:
         """Over every device the engines book on (blocking): the budget, what is booked (KV, weights, other) and
         the room left under the budget; None before any engine has booked. For ``/admin/status`` (a cluster
         layer routes a wake to the replica with the most room)."""
-        budget = held = 0
-        for d in self.ledger_dirs():
-            for path in ledger_files(d):
-                try:
-                    ledger = Ledger.open_existing(path)
-                except LedgerError:
-                    continue
-                try:
-                    summary = ledger.summary()
-                except LedgerError:
-                    continue
-                finally:
-                    ledger.close()
-                budget, held = budget + summary.budget_bytes, held + summary.held_bytes
+        found = [s for d in self.ledger_dirs() for s in summaries(d, skip_unreadable=True)]
+        budget, held = sum(s.budget_bytes for s in found), sum(s.held_bytes for s in found)
         if not budget:
             return None
         return {"budget_bytes": budget, "held_bytes": held, "free_bytes": max(0, budget - held)}
