@@ -475,7 +475,8 @@ def test_models_are_added_and_removed_while_serving(served: Served) -> None:
     same model started by the config does; DELETE /admin/models/NAME stops it, leaving no process and no ledger
     row; clashes and bad entries are refused with the reason, and the other models keep answering."""
     from elastikv.bench.models import make_model
-    from elastikv.ledger import Ledger, ledger_files
+    from elastikv.ledger import Ledger
+    from elastikv.ledger_rows import ledger_files
 
     auth = {"Authorization": f"Bearer {TOKEN}"}
     tmp = served.log_dir.parent
@@ -523,7 +524,8 @@ def test_models_are_added_and_removed_while_serving(served: Served) -> None:
 
 
 def test_sigterm_stops_every_engine_and_leaves_nothing(served: Served) -> None:
-    from elastikv.ledger import Ledger, ledger_files
+    from elastikv.ledger import Ledger
+    from elastikv.ledger_rows import ledger_files
 
     pids = [row["pid"] for row in served.status().values() if row["pid"]]
     assert len(pids) == 3
@@ -742,3 +744,59 @@ def test_an_engine_killed_while_it_goes_to_sleep_or_sleeps_is_restarted(tmp_path
 
     said = asyncio.run(scenario())
     assert said[0] == "slept first" or ("while going to sleep" in said[0] and "SIGKILL" in said[0]), said
+
+
+def test_an_engine_that_dies_while_room_is_made_for_its_wake_is_restarted_not_woken(tmp_path: Path) -> None:
+    """Seen in CI's router storm: the engine was SIGKILLed while a request waited for room to wake it; the watcher
+    scheduled a restart, and the request then started the engine itself, counted as a wake, and the restart never
+    happened (restarts stayed 0). The request must be refused (restarting) and the restart bring the engine back."""
+    from elastikv.bench.models import make_model
+    from elastikv.router.config import parse_config
+    from elastikv.router.router import Router
+    from elastikv.router.states import State, Unavailable
+
+    make_model(tmp_path / "m", size="tiny")
+    text = (f"env: {{ELASTIKV_BACKEND: host, ELASTIKV_HOST_MEMORY: 512MiB, ELASTIKV_RESERVE: 8MiB, "
+            f"ELASTIKV_LEDGER_DIR: {tmp_path / 'l'}}}\n"
+            "models: [{name: m, model: ./m, idle: never, args: [--dtype, float32]}]\n")  # fmt: skip
+    config = parse_config(text, fmt="yaml", source=tmp_path / "router.yaml")
+
+    async def scenario() -> dict[str, Any]:
+        router = Router(config, log_dir=tmp_path / "logs")
+        await router.start()
+        try:
+            m = router.models["m"]
+            await m.sleep(1)
+            wakes, pid = m.counters.wakes, m.pid
+            assert m.state is State.ASLEEP and pid is not None
+
+            @contextlib.asynccontextmanager
+            async def room_while_it_dies(_model: Any) -> Any:
+                os.killpg(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while m.state is State.ASLEEP:  # until the watcher has seen the exit
+                    assert time.monotonic() < deadline, m.status()
+                    await asyncio.sleep(0.01)
+                yield
+
+            m.room_for_wake = room_while_it_dies
+            try:
+                await asyncio.wait_for(m.acquire(), 30)
+                m.release()
+                refused = ""
+            except Unavailable as exc:
+                refused = str(exc)
+            m.room_for_wake = None
+            deadline = time.monotonic() + 60
+            while m.state is not State.AWAKE:
+                assert time.monotonic() < deadline, m.status()
+                await asyncio.sleep(0.1)
+            return {"refused": refused, "status": m.status(), "wakes": m.counters.wakes - wakes, "old": pid}
+        finally:
+            await router.stop()
+
+    out = asyncio.run(scenario())
+    assert "restarting" in out["refused"] and "SIGKILL" in out["refused"], out
+    status = out["status"]
+    assert status["restarts"] == 1 and status["crashes"] == 1 and status["bad_transitions"] == 0, status
+    assert out["wakes"] == 0 and status["pid"] not in (None, out["old"]), out

@@ -15,7 +15,8 @@ from rich.live import Live
 from elastikv import __version__
 from elastikv.config import ATTENTIONS, BACKENDS, LAYOUTS, Settings, format_bytes, parse_size
 from elastikv.errors import ElastikvError, EngineDied, EngineStartFailed, Interrupted, LedgerError, UnknownInstance
-from elastikv.ledger import Ledger, ledger_files, summaries
+from elastikv.ledger import Ledger, summaries
+from elastikv.ledger_rows import ledger_files
 from elastikv.ray.command import cluster
 from elastikv.status_view import status_tables
 

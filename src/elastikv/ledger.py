@@ -59,6 +59,7 @@ from elastikv.ledger_rows import (
     _check_private,
     _slug,
     default_dir,
+    ledger_files,
 )
 from elastikv.procfs import holders, process_start_time
 
@@ -476,10 +477,9 @@ class Ledger(ModelNotes):
 def read_ledgers(
     directory: str | Path | None, read: Callable[[Ledger], T], *, skip_unreadable: bool = False
 ) -> list[tuple[Path, T]]:
-    """``read(ledger)`` over every ledger in ``directory`` (default: the usual place), each opened and closed in
-    turn, with the ledger's path. A ledger that cannot be opened or read (busy: a process frozen in the middle of
-    a transaction; damaged) raises its ``LedgerError``, which ``elastikv status`` must show; with
-    ``skip_unreadable`` it is logged and left out instead, for figures that must not fail (a router's pages)."""
+    """``read(ledger)`` with its path, over every ledger in ``directory``, each opened and closed in turn. One that
+    cannot be read (busy: a process frozen mid-transaction; damaged) raises its ``LedgerError`` (``elastikv status``
+    shows it), or with ``skip_unreadable`` is logged and left out (figures that must not fail: a router's pages)."""
     out = []
     for path in ledger_files(directory):
         try:
@@ -498,8 +498,3 @@ def read_ledgers(
 def summaries(directory: str | Path | None = None, *, skip_unreadable: bool = False) -> list[DeviceSummary]:
     """Every device's summary, from the ledgers in ``directory`` (see :func:`read_ledgers`)."""
     return [s for _, s in read_ledgers(directory, Ledger.summary, skip_unreadable=skip_unreadable)]
-
-
-def ledger_files(directory: str | Path | None = None) -> list[Path]:
-    d = Path(directory) if directory else default_dir()
-    return sorted(d.glob("*.sqlite")) if d.is_dir() else []

@@ -19,6 +19,12 @@ def default_dir() -> Path:
     return base / f"elastikv-{os.getuid()}"
 
 
+def ledger_files(directory: str | Path | None = None) -> list[Path]:
+    """The ledger files in ``directory`` (default: :func:`default_dir`), one per device."""
+    d = Path(directory) if directory else default_dir()
+    return sorted(d.glob("*.sqlite")) if d.is_dir() else []
+
+
 def _slug(device_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", device_id)
 

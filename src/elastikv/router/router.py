@@ -27,8 +27,8 @@ import httpx
 from elastikv import ports
 from elastikv.config import Settings
 from elastikv.errors import ElastikvError, EngineStartFailed, LedgerError
-from elastikv.ledger import Ledger, ledger_files, read_ledgers, summaries
-from elastikv.ledger_rows import DeviceSummary
+from elastikv.ledger import Ledger, read_ledgers, summaries
+from elastikv.ledger_rows import DeviceSummary, ledger_files
 from elastikv.router.config import ModelSpec, RouterConfig
 from elastikv.router.room import Room
 from elastikv.router.states import EngineExited, ModelConflict

@@ -143,12 +143,9 @@ class ManagedModel:
         if self._closing:
             raise Unavailable(f"model {self.spec.name!r} {self._closing_why}", retry_after_s=5.0)
         if self.state is State.RESTARTING:
-            wait = max(0.0, self._restart_at - time.monotonic())
-            raise Unavailable(
-                f"model {self.spec.name!r} is restarting: its engine {self.last_exit or 'exited'}; "
-                f"restart {self.counters.crashes} is under way (log: {self.log_path}); retry shortly",
-                retry_after_s=max(1.0, wait),
-            )
+            raise Unavailable(f"model {self.spec.name!r} is restarting: its engine {self.last_exit or 'exited'}; "
+                              f"restart {self.counters.crashes} is under way (log: {self.log_path}); retry shortly",
+                              retry_after_s=max(1.0, self._restart_at - time.monotonic()))  # fmt: skip
 
     async def _bring_up(self, arrived: float) -> None:
         """Wake an asleep model or start a stopped one, counted as one wake; a no-op if another got there first.
@@ -162,8 +159,11 @@ class ManagedModel:
             async with room:  # other models put to sleep first where this one would not fit (room.py)
                 if self.state is State.ASLEEP:
                     await self._wake()
-                else:
+                elif self.state is State.STOPPED:
                     await self._start_for_wake()
+                else:  # it died while room was made: the watcher's restart brings it back (and counts it)
+                    self.refuse_if_down()
+                    return
             self.counters.wakes += 1
             self.counters.wake_seconds.append(time.monotonic() - arrived)
             self.last_wake = time.time()
