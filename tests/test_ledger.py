@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -275,6 +276,38 @@ def memfd_bytes(pid: int, fd: int) -> int:
         return os.stat(f"/proc/{pid}/fd/{fd}").st_blocks * 512
     except FileNotFoundError:
         return 0
+
+
+def _open_at(directory: str, at: float, answers: Any) -> None:
+    while time.time() < at:  # all at the same instant
+        pass
+    try:
+        Ledger("host:race", total_bytes=MiB, directory=directory).close()
+        answers.put("opened")
+    except LedgerError as exc:
+        answers.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_a_new_ledger_at_the_same_instant_all_open_it(tmp_path: Path) -> None:
+    """Seen in CI: an engine died at start on LedgerBusy while another started beside it. Cause: a new ledger file
+    is switched to WAL mode by whoever opens it first, which takes an exclusive lock that SQLite asks for without
+    its busy handler, so a process opening it at the same moment gets "database is locked" at once (raw SQLite:
+    22 of 720 such opens here). The ledger tries again, briefly; every process opens it."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    answers = fork.Queue()
+    for round_ in range(8):
+        directory = tmp_path / f"r{round_}"
+        at = time.time() + 0.3
+        procs = [fork.Process(target=_open_at, args=(str(directory), at, answers)) for _ in range(12)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    got = [answers.get(timeout=5) for _ in range(96)]
+    assert got == ["opened"] * 96, [g for g in got if g != "opened"]
 
 
 def test_four_processes_share_a_small_budget_and_a_killed_one_gives_its_share_back(tmp_path: Path) -> None:

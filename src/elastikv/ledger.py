@@ -80,7 +80,7 @@ def _is_busy(exc: Exception) -> bool:
     )
 
 
-BUSY_TRIES = 3  # SQLite can answer busy at once (no wait: a lock it cannot wait for without a deadlock risk)
+BUSY_TRIES = 3  # SQLite answers busy at once where it will not wait: e.g. two processes making a new ledger WAL
 
 
 def _busy_retried(step: Callable[[], T]) -> T:
