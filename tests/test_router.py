@@ -746,6 +746,90 @@ def test_an_engine_killed_while_it_goes_to_sleep_or_sleeps_is_restarted(tmp_path
     assert said[0] == "slept first" or ("while going to sleep" in said[0] and "SIGKILL" in said[0]), said
 
 
+def test_stopping_the_router_while_a_restart_is_starting_the_engine_is_a_clean_stop(tmp_path: Path) -> None:
+    """Seen in the fleet benchmark: the router stopped while a restart was starting an engine that kept failing;
+    the cancelled restart set RESTARTING after close() had set STOPPED ("unexpected state change stopped ->
+    restarting", a transition the state machine forbids). Stopping must end in STOPPED with no bad transition."""
+    from elastikv.router.config import parse_config
+    from elastikv.router.router import Router
+    from elastikv.router.states import State, Unavailable
+
+    failing = f"[{sys.executable}, -c, 'import time, sys; time.sleep(1.0); sys.exit(3)', '{{port}}']"
+    text = f"models: [{{name: m, engine: command, command: {failing}, start: lazy, idle: never}}]\n"
+    config = parse_config(text, fmt="yaml", source=tmp_path / "router.yaml")
+
+    async def scenario() -> dict[str, Any]:
+        router = Router(config, log_dir=tmp_path / "logs")
+        await router.start()
+        m = router.models["m"]
+        try:
+            with contextlib.suppress(Unavailable):
+                await asyncio.wait_for(m.acquire(), 30)  # the first start fails: a restart is scheduled
+            assert m.state is State.RESTARTING, m.status()
+            deadline = time.monotonic() + 10
+            while m.state is not State.STARTING:  # the restart is starting it again
+                assert time.monotonic() < deadline, m.status()
+                await asyncio.sleep(0.01)
+        finally:
+            await router.stop()
+        await asyncio.sleep(0.5)  # let a cancelled restart finish unwinding
+        return m.status()
+
+    status = asyncio.run(scenario())
+    assert status["state"] == "stopped" and status["bad_transitions"] == 0, status
+
+
+def test_a_model_removed_while_its_engine_spawns_leaves_no_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lazy model removed (admin) in the moment its first request spawns its engine: close() found no process
+    yet, and the start went on to run an engine nobody would stop. Now the start ends the new process and the
+    request is refused; nothing outlives the model."""
+    from elastikv.procfs import process_start_time
+    from elastikv.router import supervisor
+    from elastikv.router.config import parse_config
+    from elastikv.router.router import Router
+    from elastikv.router.states import State, Unavailable
+
+    never_ready = f"[{sys.executable}, -c, 'import time; time.sleep(120)', '{{port}}']"
+    text = f"models: [{{name: m, engine: command, command: {never_ready}, start: lazy, idle: never}}]\n"
+    config = parse_config(text, fmt="yaml", source=tmp_path / "router.yaml")
+    real_spawn = supervisor.EngineProcess.spawn
+    entered, gate, spawned = asyncio.Event(), asyncio.Event(), []
+
+    async def slow_spawn(launch: Any, log_path: Path) -> Any:  # the real spawn, held at its start by the test
+        entered.set()
+        await gate.wait()
+        proc = await real_spawn(launch, log_path)
+        spawned.append(proc.pid)
+        return proc
+
+    monkeypatch.setattr(supervisor.EngineProcess, "spawn", slow_spawn)
+
+    async def scenario() -> dict[str, Any]:
+        router = Router(config, log_dir=tmp_path / "logs")
+        await router.start()
+        m = router.models["m"]
+        try:
+            first = asyncio.create_task(m.acquire())
+            await asyncio.wait_for(entered.wait(), 10)
+            await m.retire(0)
+            gate.set()
+            try:
+                await asyncio.wait_for(first, 10)
+                refused = ""
+            except Unavailable as exc:
+                refused = str(exc)
+            return {"refused": refused, "state": m.state, "bad": m.counters.bad_transitions}
+        finally:
+            await router.stop()
+
+    out = asyncio.run(scenario())
+    assert "is being removed" in out["refused"], out
+    assert out["state"] is State.STOPPED and out["bad"] == 0, out
+    assert spawned and process_start_time(spawned[0]) is None, "the engine outlived its model"
+
+
 def test_an_engine_that_dies_while_room_is_made_for_its_wake_is_restarted_not_woken(tmp_path: Path) -> None:
     """Seen in CI's router storm: the engine was SIGKILLed while a request waited for room to wake it; the watcher
     scheduled a restart, and the request then started the engine itself, counted as a wake, and the restart never

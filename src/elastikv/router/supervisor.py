@@ -11,7 +11,7 @@ transition function: it checks the step and wakes whoever waits for the next one
     STARTING --healthy--> AWAKE --idle or admin--> DRAINING --no request in flight--> SLEEPING --> ASLEEP
     ASLEEP   --a request or admin wake--> WAKING --> AWAKE        (sleep_level "stop": STOPPED, then STARTING)
     any      --the process exits unasked--> RESTARTING --backoff, start, healthy--> AWAKE
-    any      --the router stops--> STOPPED
+    any      --the router stops--> STOPPED        (final: once closed, no step leaves it)
 
 Invariants:
 1. ``lock`` is held for every transition that talks to the engine (start, sleep, wake, restart), so there is one
@@ -100,6 +100,8 @@ class ManagedModel:
         """The one transition function. A step outside ``TRANSITIONS`` is a bug: logged and counted (the tests
         check the count), never raised, so that a surprise cannot leave the model between states."""
         old = self._state
+        if self._closing and old is State.STOPPED:
+            return  # closed for good (close() sets STOPPED last): a cancelled step unwinding later changes nothing
         if new is not old and new is not State.STOPPED and new not in TRANSITIONS[old]:
             self.counters.bad_transitions += 1
             log.error("%s: unexpected state change %s -> %s", self.spec.name, old.value, new.value)
@@ -208,6 +210,9 @@ class ManagedModel:
         except ports.PortInUse as exc:
             raise EngineExited(str(exc)) from None
         proc = await EngineProcess.spawn(self.launch, self.log_path)
+        if self._closing:  # closed while it spawned (e.g. the model removed): nothing of it may outlive close()
+            await proc.terminate(self.spec.name)
+            raise EngineExited(f"{self.spec.name}: the model {self._closing_why}")
         self._proc = proc
         asyncio.get_running_loop().create_task(self._watch(proc))
         try:
@@ -475,25 +480,10 @@ class ManagedModel:
         return log_tail(self.log_path, lines)
 
     def status(self) -> dict[str, Any]:
-        c = self.counters
-        return {
-            "model": self.spec.name,
-            "engine": self.spec.engine,
-            "state": self.state.value,
-            "pid": self.pid,
-            "port": self.port,
-            "active": self.active,
-            "idle_s": round(self.idle_for(), 1),
-            "sleep_after_s": self.spec.idle_s,
-            "sleep_level": self.spec.sleep_level,
-            "pin": self.spec.pin,
-            "wakes": c.wakes,
-            "last_wake": self.last_wake,
-            "sleeps": c.sleeps,
-            "restarts": c.restarts,
-            "crashes": c.crashes,
-            "bad_transitions": c.bad_transitions,
-            "last_exit": self.last_exit,
-            "log": str(self.log_path),
-            "command": describe(self.launch.argv),
-        }
+        s, c = self.spec, self.counters
+        return {"model": s.name, "engine": s.engine, "state": self.state.value, "pid": self.pid, "port": self.port,
+                "active": self.active, "idle_s": round(self.idle_for(), 1), "sleep_after_s": s.idle_s,
+                "sleep_level": s.sleep_level, "pin": s.pin, "wakes": c.wakes, "last_wake": self.last_wake,
+                "sleeps": c.sleeps, "restarts": c.restarts, "crashes": c.crashes, "bad_transitions": c.bad_transitions,
+                "last_exit": self.last_exit, "log": str(self.log_path),
+                "command": describe(self.launch.argv)}  # fmt: skip
