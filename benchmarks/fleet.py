@@ -142,6 +142,9 @@ def main() -> None:
     import torch
 
     on_gpu = torch.cuda.is_available()
+    if args.engine == "vllm" and not on_gpu:  # its sleep mode (what the router puts models to sleep with) is CUDA's
+        sys.exit("fleet.py: vLLM's sleep mode needs a CUDA GPU (vLLM says 'Sleep mode is not supported on current "
+                 "platform'); on a CPU run --engine elastikv --size tiny")  # fmt: skip
     device = torch.cuda.get_device_name(0) if on_gpu else "cpu (host backend)"
     total = torch.cuda.mem_get_info()[1] if on_gpu else parse_size(args.host_memory).resolve(0)
     budget = parse_size(args.budget, what="--budget").resolve(total)

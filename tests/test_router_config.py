@@ -674,3 +674,23 @@ def test_yaml_merged_keys_are_checked_like_written_ones(models: Path) -> None:
     text = "models:\n  - &a {name: a, model: ./models/a}\n  - <<: *a\n    name: b\n    port: 0\n"
     error_at(write(models, text), 5, r"models\[1\]\.port: 0 is not a port")
     error_at(write(models, "models:\n  - <<: {name: a, model: ./models/a}\n    idel: 1m\n"), 3, r"unknown key 'idel'")
+
+
+def test_vllm_sleep_levels_on_a_machine_without_a_gpu_say_to_stop_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's sleep mode runs on CUDA and ROCm only: without a GPU its server fails at start with "Sleep mode is not
+    supported on current platform". The router says why before starting anything, and what to write instead."""
+    from elastikv.router import launch
+
+    (tmp_path / "m").mkdir()
+    config = parse_config("models: [{name: v, engine: vllm, model: ./m}]\n", fmt="yaml", source=tmp_path / "r.yaml")
+    spec = config.models[0]
+    monkeypatch.setattr(launch, "GPU_NODES", (str(tmp_path / "no-such-device"),))
+    with pytest.raises(
+        ConfigError, match=r"model 'v': vLLM's sleep mode \(sleep_level 1.*needs a GPU.*sleep_level: stop"
+    ):
+        launch.launch(spec, 8000)
+    assert "--enable-sleep-mode" not in launch.launch(dataclasses.replace(spec, sleep_level="stop"), 8000).argv
+    monkeypatch.setattr(launch, "GPU_NODES", (str(tmp_path / "m"),))  # a device node that is there
+    assert "--enable-sleep-mode" in launch.launch(spec, 8000).argv

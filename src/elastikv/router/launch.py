@@ -29,7 +29,10 @@ from dataclasses import dataclass
 
 import httpx
 
+from elastikv.errors import ConfigError
 from elastikv.router.config import ModelSpec
+
+GPU_NODES = ("/dev/nvidiactl", "/dev/kfd")  # NVIDIA's and AMD's: vLLM's sleep mode runs on CUDA and ROCm only
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,12 @@ def launch(spec: ModelSpec, port: int, *, host: str = "127.0.0.1") -> Launch:
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
         argv += ["--served-model-name", spec.name, "--host", host, "--port", str(port)]
         if level in (1, 2):
+            if not any(os.path.exists(node) for node in GPU_NODES):  # else vLLM fails at start, saying less
+                raise ConfigError(
+                    f"model {spec.name!r}: vLLM's sleep mode (sleep_level {level}; 1 unless set) needs a GPU, and "
+                    "this machine has none; write sleep_level: stop for it (the router then ends the engine when it "
+                    "is idle and starts it again on demand)"
+                )
             argv.append("--enable-sleep-mode")
             env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM serves /sleep and /wake_up only in its dev mode
             sleep, wake = ("POST", "/sleep?level={level}"), ("POST", "/wake_up")
