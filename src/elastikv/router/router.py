@@ -133,7 +133,7 @@ class Router:
                     await self._start_asleep(model)
             except BaseException as exc:
                 await model.close()
-                await asyncio.get_running_loop().run_in_executor(None, self.ledger_rows)  # reaps its rows, if any
+                await asyncio.get_running_loop().run_in_executor(None, self.ledger_rows)  # its rows read as gone
                 if isinstance(exc, EngineExited):
                     raise EngineStartFailed(str(exc)) from None
                 raise
@@ -155,7 +155,7 @@ class Router:
                 with contextlib.suppress(ElastikvError, OSError):
                     await asyncio.get_running_loop().run_in_executor(None, self._note_asleep, model, False)
             del self.models[name]
-            await asyncio.get_running_loop().run_in_executor(None, self.ledger_rows)  # reaps its rows
+            await asyncio.get_running_loop().run_in_executor(None, self.ledger_rows)  # its rows read as gone
             self._ledger_of.pop(name, None)
         seconds = time.monotonic() - t0
         log.info("removed %s in %.1f s%s", name, seconds, "" if drained else " (requests in flight were cut)")
@@ -213,8 +213,9 @@ class Router:
         return dirs
 
     def ledger_rows(self) -> dict[str, int]:
-        """KV bytes mapped per instance name, over every device the engines use. Reaps dead processes' rows.
-        A ledger that cannot be read (busy: a process frozen mid-transaction; damaged) is left out of the figures."""
+        """KV bytes mapped per instance name, over every device the engines use (rows of processes that are gone
+        are left out; the next write by anyone removes them). A ledger that cannot be read (busy: a process frozen
+        mid-transaction; damaged) is left out of the figures."""
         mapped: dict[str, int] = {}
         for d in self.ledger_dirs():
             for path, rows in read_ledgers(d, Ledger.instances, skip_unreadable=True):
