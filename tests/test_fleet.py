@@ -207,7 +207,9 @@ def test_no_room_is_a_clear_refusal_within_the_start_timeout_and_leaves_the_room
 
     ledger = Ledger("fleet-test", total_bytes=100 * MIB, directory=tmp_path / "ledger", budget=Size(nbytes=10 * MIB))
     ledger.hold("keeper", weights=8 * MIB, other=0)
-    base = ModelSpec(name="keeper", engine="elastikv", model=None, command=None, args=(), env={}, limit=None,
+    # Each engine keeps a 1 MiB KV reserve mapped as soon as it is up: room for a wake is footprint + reserve.
+    base = ModelSpec(name="keeper", engine="elastikv", model=None, command=None, args=(),
+                     env={"ELASTIKV_RESERVE": "1MiB"}, limit=None,
                      idle_s=None, sleep_level=1, port=None, health_path="/health", start_timeout_s=0.6,
                      pin=True)  # fmt: skip
 
@@ -220,7 +222,7 @@ def test_no_room_is_a_clear_refusal_within_the_start_timeout_and_leaves_the_room
             room = Room({"keeper": keeper, "waking": waking}, lambda m: ledger.summary())
             room.footprint["waking"] = 4 * MIB
             t0 = time.monotonic()
-            with pytest.raises(Unavailable, match=r"no room .* waking: it needs 4 MiB.*keeper 8 MiB \(pinned\)"):
+            with pytest.raises(Unavailable, match=r"no room .* waking: it needs 5 MiB.*keeper 8 MiB \(pinned\)"):
                 async with room.for_wake(waking):
                     pytest.fail("woke without room")
             assert 0.5 < time.monotonic() - t0 < 5.0  # waited for the start timeout, not forever
@@ -234,3 +236,38 @@ def test_no_room_is_a_clear_refusal_within_the_start_timeout_and_leaves_the_room
         asyncio.run(run())
     finally:
         ledger.close()
+
+
+def test_a_starting_engine_waits_a_bounded_time_for_room_for_its_weights(tmp_path: Path) -> None:
+    """Seen in a CPU fleet run: the router made room for a starting model, then the engines already awake grew
+    their KV reserves under load while it loaded, and the start was refused at once: a crash, restarted with
+    backoff while its requests got 503s. A starting engine now waits (bounded) for room: it books once another
+    engine gives memory back, and is refused with the budget's message once the wait is over."""
+    import torch
+
+    from elastikv.config import Settings
+    from elastikv.errors import LimitExceeded
+    from elastikv.instance import open_holding
+    from elastikv.serving.footprint import Footprint
+
+    settings = Settings.from_env({"ELASTIKV_BACKEND": "host", "ELASTIKV_HOST_MEMORY": "64MiB",
+                                  "ELASTIKV_BOOK_WEIGHTS": "on", "ELASTIKV_DEVICE_BUDGET": "16MiB",
+                                  "ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger")})  # fmt: skip
+    model = torch.nn.Linear(1024, 1024)  # 4 MiB of weights
+    other = open_holding(torch.device("cpu"), settings, name="awake-one")
+    assert other is not None
+    other.book(weights=14 * MIB)  # the engine already awake holds nearly all the budget
+    footprint = Footprint(model, torch.device("cpu"), settings, name="starting")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LimitExceeded, match="cannot take its weights"):
+            footprint.book(wait_s=1.0)
+        assert 1.0 <= time.monotonic() - t0 < 3.0
+        threading.Timer(0.7, other.drop).start()  # it gives its memory back while the other waits
+        t0 = time.monotonic()
+        footprint.book(wait_s=10.0)
+        assert 0.6 < time.monotonic() - t0 < 5.0
+        assert footprint.holding is not None and footprint.holding.weights == footprint.weights
+    finally:
+        footprint.close()
+        other.close()

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from elastikv.config import format_bytes
+from elastikv.config import Settings, format_bytes, parse_size
 from elastikv.ledger_rows import DeviceSummary
 from elastikv.router.states import State, Unavailable
 
@@ -60,6 +60,16 @@ class Room:
         if path is None or not path.is_dir():
             return 0
         return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+    @staticmethod
+    def kv_floor(model: ManagedModel, total_bytes: int) -> int:
+        """The KV an engine maps as soon as it is up: its reserve of free blocks (``ELASTIKV_RESERVE``, 256 MiB
+        unless set), which it keeps beside whatever its requests use. Room for a wake is its footprint plus this;
+        without it, a fleet of engines that each keep a reserve fills the budget and the next start is refused."""
+        if model.spec.engine == "command":
+            return 0  # elastikv is not active in it
+        raw = model.launch.env.get("ELASTIKV_RESERVE")
+        return (parse_size(raw, what="ELASTIKV_RESERVE") if raw else Settings().reserve).resolve(total_bytes)
 
     def learn(self, summary: DeviceSummary) -> None:
         """Note each of our models' holdings (weights + other) as its footprint for the next wake."""
@@ -97,9 +107,10 @@ class Room:
         deadline = time.monotonic() + model.spec.start_timeout_s
         while True:
             summary = await self._summary(model)
-            need = self.footprint.get(model.spec.name) or self.estimate(model)
-            if summary is None or need == 0:
+            footprint = self.footprint.get(model.spec.name) or self.estimate(model)
+            if summary is None or footprint == 0:
                 return False  # no ledger yet, or nothing booked besides KV: nothing to count (KV grows elastically)
+            need = footprint + self.kv_floor(model, summary.total_bytes)
             free = summary.budget_bytes - summary.held_bytes
             if free >= need:
                 return True

@@ -42,7 +42,7 @@ import torch
 from elastikv.config import Settings
 from elastikv.errors import ConfigError, ElastikvError, EngineDied
 from elastikv.serving import attention as attention_impl
-from elastikv.serving.footprint import Footprint
+from elastikv.serving.footprint import START_ROOM_WAIT_S, Footprint
 from elastikv.serving.kv_size import kv_bytes_per_token
 from elastikv.serving.weights import WeightStash, over_budget
 
@@ -124,7 +124,7 @@ class Engine:
         torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
         loaded: Any = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch_dtype)
         self.footprint = Footprint(loaded, self.device, self.settings, name=self.name)
-        self.footprint.book()  # before the weights go on the device (LimitExceeded: the budget cannot take them)
+        self.footprint.book(wait_s=START_ROOM_WAIT_S)  # before the weights go on the device (LimitExceeded: no room)
         self.model: Any = loaded.to(self.device).eval()
         # transformers' paged|sdpa, or per-request attention (serving/attention.py); the same in both modes
         self.attention = attention_impl.resolve(attention, self.device, next(self.model.parameters()).dtype)

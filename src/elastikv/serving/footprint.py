@@ -13,14 +13,19 @@ they are not loaded), dropped *after* they are off it (at sleep). Where the sett
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
 
 from elastikv.config import Settings
+from elastikv.errors import LimitExceeded
 from elastikv.instance import Holding, open_holding, weight_bytes
 
 log = logging.getLogger("elastikv")
+
+START_ROOM_WAIT_S = 15.0  # how long a starting engine waits for room for its weights before it gives up
+ROOM_POLL_S = 0.5
 
 
 class Footprint:
@@ -30,11 +35,28 @@ class Footprint:
         self.other = 0
         self.holding: Holding | None = open_holding(device, settings, name=name)
 
-    def book(self) -> None:
+    def book(self, wait_s: float = 0.0) -> None:
         """Before the weights go on the device. ``LimitExceeded`` (nothing booked) if the budget cannot take
-        them: the caller must not load them."""
-        if self.holding is not None:
-            self.holding.book(weights=self.weights, other=self.other)
+        them, after trying for up to ``wait_s`` seconds: the caller must not load them.
+
+        Why wait at start: a router makes room before it starts a model (``router/room.py``), but the engines
+        already awake keep growing their KV reserves under load while this one loads (seconds), and give the
+        surplus back once idle (their trim). Refusing at the first look made such a start a crash, restarted with
+        backoff while its requests were refused."""
+        if self.holding is None:
+            return
+        deadline, warned = time.monotonic() + wait_s, False
+        while True:
+            try:
+                self.holding.book(weights=self.weights, other=self.other)
+                return
+            except LimitExceeded as exc:
+                if time.monotonic() >= deadline:
+                    raise
+                if not warned:
+                    log.warning("elastikv: %s (waiting up to %.0f s for room)", exc, wait_s)
+                    warned = True
+                time.sleep(ROOM_POLL_S)
 
     def measure_other(self) -> None:
         """After the engine served once: book what PyTorch holds beyond the weights too (on a GPU). A budget that
