@@ -556,19 +556,26 @@ def test_a_bad_config_is_refused_with_its_line(tmp_path: Path) -> None:
     assert "bad.yaml:" in r.stderr and "models[0]" in r.stderr
 
 
+def one_tiny_model(tmp_path: Path, env: str) -> Any:
+    """A router config of one tiny embedded model ``m`` on the host backend (made in ``tmp_path/m``), never idle;
+    ``env`` holds the global env's entries besides the backend and the ledger directory (YAML flow style)."""
+    from elastikv.bench.models import make_model
+    from elastikv.router.config import parse_config
+
+    make_model(tmp_path / "m", size="tiny")
+    text = (f"env: {{ELASTIKV_BACKEND: host, {env}, ELASTIKV_LEDGER_DIR: {tmp_path / 'l'}}}\n"
+            "models: [{name: m, model: ./m, idle: never, args: [--dtype, float32]}]\n")  # fmt: skip
+    return parse_config(text, fmt="yaml", source=tmp_path / "router.yaml")
+
+
 def test_a_hung_engine_is_killed_and_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An engine that stops answering (SIGSTOP: alive, but hung) fails its health checks and is replaced."""
-    from elastikv.bench.models import make_model
     from elastikv.router import supervisor
-    from elastikv.router.config import parse_config
     from elastikv.router.router import Router
 
     monkeypatch.setattr(supervisor, "HEALTH_EVERY_S", 0.3)
     monkeypatch.setattr(supervisor, "HEALTH_TIMEOUT_S", 0.5)
-    make_model(tmp_path / "m", size="tiny")
-    text = (f"env: {{ELASTIKV_BACKEND: host, ELASTIKV_HOST_MEMORY: 256MiB, ELASTIKV_LEDGER_DIR: {tmp_path / 'l'}}}\n"
-            "models: [{name: m, model: ./m, idle: never, args: [--dtype, float32]}]\n")  # fmt: skip
-    config = parse_config(text, fmt="yaml", source=tmp_path / "router.yaml")
+    config = one_tiny_model(tmp_path, "ELASTIKV_HOST_MEMORY: 256MiB")
 
     async def scenario() -> dict[str, Any]:
         router = Router(config, log_dir=tmp_path / "logs")
@@ -691,16 +698,10 @@ def test_an_engine_killed_while_it_goes_to_sleep_or_sleeps_is_restarted(tmp_path
     """Issue 20, item 10: SIGKILL of the engine while the router puts it to sleep, and again while it sleeps. The
     model never stays down: the sleep says what happened (a 503 with the reason, not a bare 500), the router
     restarts the engine, and the next request is answered."""
-    from elastikv.bench.models import make_model
-    from elastikv.router.config import parse_config
     from elastikv.router.router import Router
     from elastikv.router.states import State, Unavailable
 
-    make_model(tmp_path / "m", size="tiny")
-    text = (f"env: {{ELASTIKV_BACKEND: host, ELASTIKV_HOST_MEMORY: 512MiB, ELASTIKV_RESERVE: 8MiB, "
-            f"ELASTIKV_LEDGER_DIR: {tmp_path / 'l'}}}\n"
-            "models: [{name: m, model: ./m, idle: never, args: [--dtype, float32]}]\n")  # fmt: skip
-    config = parse_config(text, fmt="yaml", source=tmp_path / "router.yaml")
+    config = one_tiny_model(tmp_path, "ELASTIKV_HOST_MEMORY: 512MiB, ELASTIKV_RESERVE: 8MiB")
 
     async def answered(m: Any) -> float:
         t0 = time.monotonic()
@@ -834,16 +835,10 @@ def test_an_engine_that_dies_while_room_is_made_for_its_wake_is_restarted_not_wo
     """Seen in CI's router storm: the engine was SIGKILLed while a request waited for room to wake it; the watcher
     scheduled a restart, and the request then started the engine itself, counted as a wake, and the restart never
     happened (restarts stayed 0). The request must be refused (restarting) and the restart bring the engine back."""
-    from elastikv.bench.models import make_model
-    from elastikv.router.config import parse_config
     from elastikv.router.router import Router
     from elastikv.router.states import State, Unavailable
 
-    make_model(tmp_path / "m", size="tiny")
-    text = (f"env: {{ELASTIKV_BACKEND: host, ELASTIKV_HOST_MEMORY: 512MiB, ELASTIKV_RESERVE: 8MiB, "
-            f"ELASTIKV_LEDGER_DIR: {tmp_path / 'l'}}}\n"
-            "models: [{name: m, model: ./m, idle: never, args: [--dtype, float32]}]\n")  # fmt: skip
-    config = parse_config(text, fmt="yaml", source=tmp_path / "router.yaml")
+    config = one_tiny_model(tmp_path, "ELASTIKV_HOST_MEMORY: 512MiB, ELASTIKV_RESERVE: 8MiB")
 
     async def scenario() -> dict[str, Any]:
         router = Router(config, log_dir=tmp_path / "logs")
