@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -604,22 +605,29 @@ def test_a_hung_engine_is_killed_and_restarted(tmp_path: Path, monkeypatch: pyte
 
 def test_an_engine_that_cannot_start_stops_the_router_with_its_log(tmp_path: Path) -> None:
     """A `command` engine that exits at once: `elastikv serve` does not serve half its config; it stops the engines
-    it started and exits with the failed engine's exit code and the end of its log, within seconds."""
+    it started and exits with the failed engine's exit code and the end of its log, within seconds. The log's
+    first exception comes first when the end is only its consequence (as vLLM's API server logs "Engine core
+    initialization failed. See root cause above", the cause far above)."""
     from elastikv.bench.models import make_model
     from elastikv.ports import free_port
 
     make_model(tmp_path / "ok", size="tiny")
-    broken = 'import sys, time; time.sleep(1); print("boom"); sys.exit(3)'
+    (tmp_path / "broken.py").write_text(
+        "import sys, time, traceback\ntime.sleep(1)\ntry:\n    raise MemoryError('the cause: no room')\n"
+        "except MemoryError:\n    traceback.print_exc()\nfor i in range(40):\n    print('noise', i, file=sys.stderr)\n"
+        "print('boom: see root cause above', file=sys.stderr)\nsys.exit(3)\n"
+    )
     text = (f"env: {{ELASTIKV_BACKEND: host, ELASTIKV_HOST_MEMORY: 256MiB, ELASTIKV_LEDGER_DIR: {tmp_path / 'l'}}}\n"
             "models:\n  - {name: ok, model: ./ok, idle: never, args: [--dtype, float32]}\n"
             f"  - name: broken\n    engine: command\n    idle: never\n    port: {free_port()}\n"
-            f"    command: [{sys.executable!r}, -c, '{broken}']\n")  # fmt: skip
+            f"    command: [{sys.executable!r}, {str(tmp_path / 'broken.py')!r}]\n")  # fmt: skip
     (tmp_path / "r.yaml").write_text(text)
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "elastikv.cli", "serve", str(tmp_path / "r.yaml"), "--log-dir",
                         str(tmp_path / "logs")], capture_output=True, text=True, timeout=180)  # fmt: skip
     assert r.returncode == 5, r.stderr[-3000:]
     assert "broken: the engine exited with code 3 while starting" in r.stderr and "boom" in r.stderr, r.stderr
+    assert re.search(r"the first error in the log \(line \d+\): MemoryError: the cause: no room\n", r.stderr), r.stderr
     assert "serving" not in r.stderr and time.monotonic() - t0 < 120
     ok_log = (tmp_path / "logs" / "ok.log").read_text()
     assert "elastikv engine: loading" in ok_log  # it was started, and stopped with the router: nothing left

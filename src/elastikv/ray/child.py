@@ -35,6 +35,7 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 from elastikv import children, ports
 from elastikv.errors import ElastikvError, EngineStartFailed
 from elastikv.ray.stats import ReplicaStats
+from elastikv.router.engine_process import log_tail
 
 log = logging.getLogger("elastikv.ray")
 
@@ -133,10 +134,7 @@ class ChildRouter:
             self._poller.join(5)
 
     def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, n)
 
     # -- state --------------------------------------------------------------------------------------------------
     def poke(self) -> None:

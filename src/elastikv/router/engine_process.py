@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import secrets
 import signal
 from pathlib import Path
@@ -149,10 +150,27 @@ class EngineProcess:
         await proc.wait()
 
 
+# The line that names an exception at the end of a traceback ("RuntimeError: ...", "torch.OutOfMemoryError: ..."),
+# behind any prefix a logger puts on it ("(EngineCore_DP0 pid=7) ERROR 12-06 17:20:01 [core.py:708] ").
+_EXCEPTION_LINE = re.compile(r"(?:^|\s)(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)(?::\s.*)?$")
+
+
 def log_tail(path: Path, lines: int = 20) -> str:
-    """The last ``lines`` of an engine's log, for error messages."""
+    """The last ``lines`` of an engine's log, for error messages, after the first traceback's exception line when
+    that lies before them. Why: an engine's end is often a consequence, its cause far above; vLLM's API server
+    ends with "Engine core initialization failed. See root cause above", the cause being its engine core's
+    exception (an out-of-memory, a refused patch) some hundred lines earlier."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return "(no log)"
-    return "\n".join(text.splitlines()[-lines:])
+    all_lines = text.splitlines()
+    tail = "\n".join(all_lines[-lines:])
+    head = all_lines[:-lines]
+    start = next((i for i, line in enumerate(head) if "Traceback (most recent call last)" in line), None)
+    if start is None:
+        return tail
+    cause = next((i for i in range(start + 1, len(head)) if _EXCEPTION_LINE.search(head[i].rstrip())), None)
+    if cause is None:
+        return tail
+    return f"the first error in the log (line {cause + 1}): {head[cause].strip()}\n...\n{tail}"
