@@ -239,4 +239,17 @@ def test_a_mode_that_fails_is_a_result_and_the_other_modes_still_run(tmp_path: P
     assert run["modes"]["static"]["all"]["completed"] == run["requests"] > 0
     assert run["modes"]["elastic"]["all"]["completed"] == 0 and run["modes"]["elastic"]["all"]["failed"] > 0
     assert list(report["failed_modes"]) == ["elastic"] and "max-kv-tokens" in report["failed_modes"]["elastic"]
-    assert "**elastic failed**" in markdown(report)
+    assert "max-kv-tokens" in markdown(report).split("**elastic failed**")[1], "the Markdown says why"
+
+
+def test_a_failed_modes_summary_keeps_each_engines_first_error_however_long_the_logs() -> None:
+    """kvcached's failed start on the H100 (2026-12-06) was saved as its API server's last lines only; the summary
+    in the report names each engine's first logged error (once) before the reason's end."""
+    from elastikv.bench.report import failure_summary
+
+    engine = "m{}: the engine exited with code 1 while starting; its log's end:\n{}\n...\n" + "noise\n" * 200
+    first = "the first error in the log (line 9): torch.OutOfMemoryError: CUDA out of memory"
+    end = "RuntimeError: see root cause above"
+    why = "EngineStartFailed: " + "".join(engine.format(i, first) for i in range(3)) + end
+    short = failure_summary(why)
+    assert short.count(first) == 1 and short.endswith(end) and len(short) < 800

@@ -39,7 +39,7 @@ from rich.console import Console
 from elastikv.bench.modes import mode_setup, model_dirs
 from elastikv.bench.plan import BenchPlan
 from elastikv.bench.replay import Replayed, replay_through_router
-from elastikv.bench.report import plot, print_report, results_stem, save
+from elastikv.bench.report import failure_summary, plot, print_report, results_stem, save
 from elastikv.bench.results import RunResult
 from elastikv.bench.stats import summarize
 from elastikv.bench.workload import Arrival, Outcome, chat_lengths, intermittent, load_trace, peak_rate, save_trace
@@ -109,8 +109,8 @@ def run_bench(
         except (EngineStartFailed, EngineDied, OSError, TimeoutError, ConfigError) as exc:
             # A mode that fails is a result, not the end of the run: every request of it counts as failed, with why.
             reason = f"{type(exc).__name__}: {exc}"
-            console.print(f"[red]{mode} failed[/]: {reason[-2000:]}")
-            failed[mode] = reason[-4000:]
+            console.print(f"[red]{mode} failed[/]: {failure_summary(reason, 2000)}")
+            failed[mode] = reason[:20000]  # every engine's first error and log end (20 lines each)
             results[mode] = [Replayed(outcomes=[Outcome(a, error=f"{mode} failed: {reason[:300]}") for a in t])
                              for t in traces]  # fmt: skip
             states[mode] = {}

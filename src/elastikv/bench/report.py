@@ -64,7 +64,7 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
             console.print(f"rate {run['rate']:g}: {mode} / {base} TTFT mean {r['ttft_mean']:.2f}, p50 "
                           f"{r['ttft_p50']:.2f}, p99 {r['ttft_p99']:.2f}; TPOT {r['tpot_mean']:.2f}")  # fmt: skip
     for mode, why in report.get("failed_modes", {}).items():
-        console.print(f"[red]{mode} failed[/] (its requests count as failed): {why[-600:]}")
+        console.print(f"[red]{mode} failed[/] (its requests count as failed): {failure_summary(why)}")
     if "peak_p99_ttft_kvcached_over_elastic" in report:
         console.print(f"at {report['best_peak_rate']:g} req/s kvcached's p99 TTFT is "
                       f"[bold]{report['peak_p99_ttft_kvcached_over_elastic']:.2f}x[/] elastic's")  # fmt: skip
@@ -131,7 +131,7 @@ def markdown(report: dict[str, Any]) -> str:
             if "peak_p99_ttft_kvcached_over_elastic" in report
             else []
         ),
-        *(f"- **{mode} failed**: {why[-600:]}" for mode, why in report.get("failed_modes", {}).items()),
+        *(f"- **{mode} failed**: {failure_summary(why)}" for mode, why in report.get("failed_modes", {}).items()),
         "",
         "Per model:",
         "",
@@ -210,6 +210,13 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def failure_summary(why: str, tail: int = 600) -> str:
+    """A failed mode's reason, short: each engine's first logged error (where its start failure names one) and
+    the reason's last ``tail`` characters."""
+    firsts = [line.strip() for line in why.splitlines() if line.startswith("the first error in the log")]
+    return "\n".join([*dict.fromkeys(firsts), why[-tail:]])
 
 
 def results_stem(out: Path, device: str, name: str = "multi-model") -> Path:
