@@ -151,8 +151,9 @@ class EngineProcess:
 
 
 # The line that names an exception at the end of a traceback ("RuntimeError: ...", "torch.OutOfMemoryError: ..."),
-# behind any prefix a logger puts on it ("(EngineCore_DP0 pid=7) ERROR 12-06 17:20:01 [core.py:708] ").
-_EXCEPTION_LINE = re.compile(r"(?:^|\s)(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)(?::\s.*)?$")
+# behind any prefix a logger puts on it ("(EngineCore_DP0 pid=7) ERROR 12-06 17:20:01 [core.py:708] "); not a
+# frame's source line ("    raise NotImplementedError").
+_EXCEPTION_LINE = re.compile(r"(?<!raise)(?:^|\s)(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)(?::\s.*)?$")
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
