@@ -19,6 +19,7 @@ from rich.table import Table
 
 from elastikv.bench.stats import best_peak
 from elastikv.config import format_bytes
+from elastikv.router.engine_process import FIRST_ERROR
 
 GiB = 1024**3
 COLORS = {"static": "tab:red", "elastic": "tab:blue", "kvcached": "tab:green", "elastic-v2": "tab:purple"}
@@ -215,7 +216,7 @@ def plot(path: Path, report: dict[str, Any]) -> None:
 def failure_summary(why: str, tail: int = 600) -> str:
     """A failed mode's reason, short: each engine's first logged error (where its start failure names one) and
     the reason's last ``tail`` characters."""
-    firsts = [line.strip() for line in why.splitlines() if line.startswith("the first error in the log")]
+    firsts = [line.strip() for line in why.splitlines() if line.startswith(FIRST_ERROR)]
     return "\n".join([*dict.fromkeys(firsts), why[-tail:]])
 
 

@@ -153,6 +153,7 @@ class EngineProcess:
 # The line that names an exception at the end of a traceback ("RuntimeError: ...", "torch.OutOfMemoryError: ..."),
 # behind any prefix a logger puts on it ("(EngineCore_DP0 pid=7) ERROR 12-06 17:20:01 [core.py:708] "); not a
 # frame's source line ("    raise NotImplementedError").
+FIRST_ERROR = "the first error in the log"  # how log_tail introduces it (bench/report.py finds it by this)
 _EXCEPTION_LINE = re.compile(r"(?<!raise)(?:^|\s)(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception)(?::\s.*)?$")
 
 
@@ -174,4 +175,4 @@ def log_tail(path: Path, lines: int = 20) -> str:
     cause = next((i for i in range(start + 1, len(head)) if _EXCEPTION_LINE.search(head[i].rstrip())), None)
     if cause is None:
         return tail
-    return f"the first error in the log (line {cause + 1}): {head[cause].strip()}\n...\n{tail}"
+    return f"{FIRST_ERROR} (line {cause + 1}): {head[cause].strip()}\n...\n{tail}"

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from elastikv.config import Settings, format_bytes, parse_size
+from elastikv.config import Settings, format_bytes
 from elastikv.ledger_rows import DeviceSummary
 from elastikv.router.states import State, Unavailable
 
@@ -68,8 +68,8 @@ class Room:
         without it, a fleet of engines that each keep a reserve fills the budget and the next start is refused."""
         if model.spec.engine == "command":
             return 0  # elastikv is not active in it
-        raw = model.launch.env.get("ELASTIKV_RESERVE")
-        return (parse_size(raw, what="ELASTIKV_RESERVE") if raw else Settings().reserve).resolve(total_bytes)
+        env = {k: v for k, v in model.launch.env.items() if k == "ELASTIKV_RESERVE"}  # read as the engine reads it
+        return Settings.from_env(env).reserve.resolve(total_bytes)
 
     def learn(self, summary: DeviceSummary) -> None:
         """Note each of our models' holdings (weights + other) as its footprint for the next wake."""
