@@ -21,6 +21,7 @@ pytest.importorskip("pydantic", reason="needs pydantic: pip install -e '.[serve]
 from elastikv.bench.merge import merge_and_save, merge_reports
 from elastikv.bench.plan import BenchPlan, plan_from_options
 from elastikv.bench.workload import intermittent, peak_rate, save_trace
+from elastikv.config import Settings
 from elastikv.errors import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -172,9 +173,22 @@ def test_every_vllm_mode_runs_the_same_flags_and_only_the_kv_owner_differs(tmp_p
     for mode in ("elastic", "elastic-v2"):
         spec = configs[mode].models[0]
         assert spec.engine == "vllm" and spec.env["ELASTIKV_DEVICE_BUDGET"] == str(6 * 1024**3)
+        # the budget is KV's, as static's shares are: on a GPU elastikv would book the weights in it by default (the
+        # H100 run of 2026-12-07 spent a 16 GiB budget on one 8B's weights and every elastic request timed out)
+        assert Settings.from_env(spec.env).book_weights == "off"
     with pytest.raises(ConfigError, match="mode 'lmcache'"):
         router_config("lmcache", paths, share=1, budget=1, env={}, dtype="bfloat16", max_model_len=1, extra_args=(),
                       start_timeout_s=1)  # fmt: skip
+
+
+def test_the_embedded_elastic_engines_spend_the_budget_on_kv_only(tmp_path: Path) -> None:
+    from elastikv.bench.modes import embedded_router_config
+
+    plan = BenchPlan(models=("a", "b"), kv_budget=64 * 1024**2)
+    cfg = embedded_router_config("elastic", plan, {"a": tmp_path, "b": tmp_path}, tmp_path, 64, 1024)
+    for spec in cfg.models:
+        settings = Settings.from_env(spec.env)
+        assert settings.book_weights == "off" and spec.env["ELASTIKV_DEVICE_BUDGET"] == str(64 * 1024**2)
 
 
 def test_what_a_kvcached_server_holds_is_read_from_its_segment() -> None:

@@ -16,6 +16,7 @@ from rich.console import Console
 
 from elastikv.bench.plan import BenchPlan, GiB
 from elastikv.bench.replay import Held, embedded_config, held_kv
+from elastikv.bench.vllm import KV_ONLY
 from elastikv.bench.workload import Arrival
 from elastikv.errors import ConfigError
 from elastikv.router.config import RouterConfig
@@ -101,6 +102,7 @@ def embedded_router_config(
     env = {
         "ELASTIKV_LEDGER_DIR": str(work / "ledger"),  # the benchmark's own book: other elastikv users are left alone
         "ELASTIKV_DEVICE_BUDGET": str(plan.kv_budget),
+        **KV_ONLY,  # the budget is for KV only, as static's shares are
         "ELASTIKV_PREFIX_CACHE": "0",  # the trace's prompts share nothing
     }
     if plan.reserve is not None:

@@ -36,6 +36,11 @@ VLLM_MODES = ("static", "kvcached", "elastic", "elastic-v2")
 SERVER = ("{python}", "-m", "vllm.entrypoints.openai.api_server", "--model", "{model}", "--served-model-name",
           "{name}", "--host", "{host}", "--port", "{port}")  # fmt: skip
 LIBSTDCXX = Path("/usr/lib/x86_64-linux-gnu/libstdc++.so.6")  # kvcached's extension crashed without it (H100 image)
+# The budget every mode shares is for KV: static's shares and kvcached's limits hold KV only, weights stay resident
+# outside them. elastikv books an engine's weights in the ledger on a GPU by default, which here would spend the KV
+# budget on the first engine's weights (8B: 15 of 16 GiB) and leave the others' requests waiting for ever (H100,
+# 2026-12-07: every elastic request timed out, each engine stuck at its reserve).
+KV_ONLY: dict[str, str] = {"ELASTIKV_BOOK_WEIGHTS": "off"}
 MARGIN = 1024**3  # free memory the ballast leaves beside the budget: allocations outside the KV cache
 
 
@@ -81,6 +86,7 @@ def router_config(
                 menv["LD_PRELOAD"] = str(LIBSTDCXX)
         else:
             menv["ELASTIKV_DEVICE_BUDGET"] = str(budget)
+            menv.update(KV_ONLY)
         engine = "vllm" if mode.startswith("elastic") else "command"
         command = tuple(sys.executable if p == "{python}" else p for p in SERVER) if engine == "command" else None
         specs.append(
