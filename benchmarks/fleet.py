@@ -81,7 +81,7 @@ def trace(names: list[str], rounds: int, gap: float, requests: int) -> list[Arri
 
 
 def fleet_config(mode: str, engine: str, model: Path, n: int, budget: int, env: dict[str, str], gap: float,
-                 on_gpu: bool) -> RouterConfig:  # fmt: skip
+                 on_gpu: bool, start: str = "lazy") -> RouterConfig:  # fmt: skip
     from elastikv.router.router import free_port
 
     menv = dict(env)
@@ -106,7 +106,7 @@ def fleet_config(mode: str, engine: str, model: Path, n: int, budget: int, env: 
     specs = tuple(
         ModelSpec(name=f"m{i}", engine=engine, model=str(model), command=None, args=tuple(args), env=menv,
                   limit=None, idle_s=idle_s, sleep_level=1, port=free_port(), health_path="/health",
-                  start_timeout_s=900.0, start="lazy")
+                  start_timeout_s=900.0, start=start)
         for i in range(n)
     )  # fmt: skip
     return RouterConfig(host="127.0.0.1", port=free_port(), admin_token=None, models=specs, source=None)
@@ -138,6 +138,10 @@ def main() -> None:
     ap.add_argument("--modes", default="elastic,own")
     ap.add_argument("--host-memory", default="4GiB", help="on a CPU: the host backend's memory (a smoke run)")
     ap.add_argument("--model-cache", default=os.environ.get("EKV_MODEL_CACHE", ".models"))
+    ap.add_argument("--start", default="lazy", choices=["lazy", "asleep"],
+                    help="lazy: the first round's visits are cold starts; asleep: every model is loaded at the "
+                         "router's start (one at a time, room made for each) and put to sleep, so every visit "
+                         "of the trace finds its model asleep or awake, never unloaded")  # fmt: skip
     args = ap.parse_args()
     import torch
 
@@ -159,7 +163,7 @@ def main() -> None:
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix="elastikv-fleet-") as d:
             menv = env | {"ELASTIKV_LEDGER_DIR": str(Path(d) / "ledger")}
-            config = fleet_config(mode, args.engine, model, args.models, budget, menv, args.gap, on_gpu)
+            config = fleet_config(mode, args.engine, model, args.models, budget, menv, args.gap, on_gpu, args.start)
             t0 = time.monotonic()
             with DeviceSampler() as sampler:
                 replayed, states = asyncio.run(replay_through_router(
@@ -177,9 +181,10 @@ def main() -> None:
             }
     lines = [
         f"{args.models} x {args.size} ({args.engine} engine) on {device}: {args.rounds} rounds of visits {args.gap} s "
-        f"apart, {args.requests} requests each; budget {format_bytes(budget)} of {format_bytes(total)}",
+        f"apart, {args.requests} requests each; budget {format_bytes(budget)} of {format_bytes(total)}; models "
+        f"start {args.start} (first round: {'cold starts' if args.start == 'lazy' else 'wakes'})",
         "",
-        "| mode | answered | return visits: TTFT p50 / p99 / max (s) | cold starts: TTFT p50 (s) | wakes | sleeps "
+        "| mode | answered | return visits: TTFT p50 / p99 / max (s) | first round: TTFT p50 (s) | wakes | sleeps "
         "| restarts | device peak | OOM lines |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -197,7 +202,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     data = {**environment(device), "engine": args.engine, "models": args.models, "size": args.size,
-            "budget_bytes": budget, "total_bytes": total, "results": results}  # fmt: skip
+            "budget_bytes": budget, "total_bytes": total, "start": args.start, "results": results}  # fmt: skip
     print("saved", save("fleet", device, data, text))
 
 
