@@ -486,3 +486,47 @@ def test_a_busy_ledger_is_reported_as_busy_naming_the_holder_never_as_corrupt(
     budget.book(8 * MiB)  # the holder is gone: its transaction rolled back, booking works again
     assert [r.mapped_bytes for r in ledger.instances()] == [8 * MiB]
     ledger.close()
+
+
+def test_an_engine_the_budget_can_never_give_one_request_is_refused_at_start_saying_why(tmp_path: Path) -> None:
+    """Seen on the H100 (2026-12-07): a 16 GiB budget meant for KV took one 8B engine's 15 GiB of weights, every
+    engine stayed at its reserve and every request waited for ever. The room an instance could ever get is the
+    budget less every engine's holdings and the others' reserves (what they map beyond that is elastic); an
+    engine checks one request against it at start and refuses with the figures and the ways out."""
+    from tests.conftest import SMALL
+
+    from elastikv.config import Settings
+    from elastikv.instance import open_instance
+    from elastikv.memory import open_backend
+
+    ledger = make_ledger(tmp_path)  # 64 MiB
+    LedgerBudget.register(ledger, "a", engine="test", limit=40 * MiB, capacity=512 * MiB)
+    LedgerBudget.register(ledger, "b", engine="test", limit=512 * MiB, capacity=512 * MiB)
+    ledger.publish("b", in_use=0, reserve=6 * MiB, active=True)
+    ledger.hold("b", weights=20 * MiB, other=2 * MiB)
+    summary = ledger.summary()
+    assert summary.kv_room("b") == 64 * MiB - 22 * MiB  # its own reserve is its KV: not subtracted
+    assert summary.kv_room("a") == min(40 * MiB, 64 * MiB - 22 * MiB - 6 * MiB)  # within its own limit
+    assert summary.kv_room("new") == 64 * MiB - 22 * MiB - 6 * MiB
+    ledger.close()
+
+    host = open_backend("host", host_memory=1024 * MiB)
+    cfg = Settings.from_env({"ELASTIKV_LEDGER_DIR": str(tmp_path / "host-ledger"), "ELASTIKV_RESERVE": "0",
+                             "ELASTIKV_DEVICE_BUDGET": "64MiB"})  # fmt: skip
+    with open_instance(SMALL, engine="test", name="c", backend=host, settings=cfg, num_blocks=1024) as inst:
+        inst.ledger.hold("c", weights=28 * MiB, other=0)  # what an engine books once its weights are loaded
+        inst.require_room(30 * MiB, what="one 4096-token request", fix="lower --max-model-len")  # 36 MiB free
+        with pytest.raises(ConfigError) as refused:
+            inst.require_room(40 * MiB, what="one 4096-token request", fix="lower --max-model-len")
+        assert inst.allocator.allocate(1), "a refusal changes nothing: the instance still serves"
+    message = str(refused.value)
+    for part in (
+        "c could never hold one 4096-token request (40 MiB of KV)",
+        "64 MiB, leaves it 36 MiB",
+        "booked: c 28 MiB",
+        "ELASTIKV_DEVICE_BUDGET",
+        "lower --max-model-len",
+        "ELASTIKV_BOOK_WEIGHTS=off",
+    ):
+        assert part in message, (part, message)  # fmt: skip
+    host.close()

@@ -206,6 +206,26 @@ def test_two_engines_share_a_small_budget(model: Path, tmp_path: Path, static: A
     assert budget - PAGE < peak_total <= budget  # the budget was full, and never overrun
 
 
+def test_an_engine_whose_budget_can_never_hold_one_request_stops_at_start_saying_why(tmp_path: Path) -> None:
+    """Its weights booked (as on a GPU), a budget that leaves less KV than one max-length request (8192 tokens,
+    8 MiB) would leave every such request waiting for ever: vLLM under elastikv refuses at start instead, as vLLM
+    does when its own cache cannot hold max_model_len, naming the figures and the ways out."""
+    long_model = build_tiny_llama(tmp_path / "long", max_position_embeddings=16384)
+    weights = sum(f.stat().st_size for f in long_model.glob("*.safetensors"))
+    budget = weights + PAGE + MIB  # the weights and the null block's page fit; one 8 MiB request beside them not
+    env = engine_env(tmp_path, elastic=True, multiprocess=False, ELASTIKV_BOOK_WEIGHTS="on", ELASTIKV_RESERVE="0",
+                     ELASTIKV_DEVICE_BUDGET=str(budget), ELASTIKV_NAME="small")  # fmt: skip
+    engine = Engine(long_model, env, max_model_len=8192)
+    try:
+        with pytest.raises(AssertionError, match="the engine exited"):
+            engine.wait_ready()
+        log = "\n".join(engine.log)
+        assert "small could never hold one 8192-token request (8 MiB of KV)" in log, engine.tail()
+        assert "ELASTIKV_BOOK_WEIGHTS=off" in log and "lower --max-model-len" in log
+    finally:
+        engine.close()
+
+
 def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
     req = urllib.request.Request(url, json.dumps(body).encode(), {"content-type": "application/json"})

@@ -62,11 +62,13 @@ class Engine:
         util: float = 0.5,
         sleep_mode: bool = False,
         tp: int = 1,
+        max_model_len: int | None = None,
     ) -> None:
         args = [sys.executable, str(RUNNER), str(model)] + (["--prefix-caching"] if prefix_caching else [])
         args += ["--gpu", f"--util={util}"] if gpu else []
         args += ["--sleep-mode"] if sleep_mode else []
         args += [f"--tp={tp}"] if tp > 1 else []
+        args += [f"--max-model-len={max_model_len}"] if max_model_len else []
         self.proc = children.popen(
             args,
             env=dict(env),

@@ -1,6 +1,7 @@
 """A real vLLM engine in its own process, driven by the tests over stdin/stdout (one JSON object per line).
 
     python tests/vllm_runner.py MODEL_DIR [--prefix-caching] [--gpu [--util=0.5]] [--sleep-mode] [--tp=2]
+                                [--max-model-len=N]
 
 Replies are printed on lines starting with ``RESULT `` (vLLM logs to stdout too). Commands:
 
@@ -66,6 +67,9 @@ def main() -> None:
     else:
         options = dict(dtype="float32", enforce_eager=True, max_model_len=2048, max_num_batched_tokens=2048,
                        gpu_memory_utilization=0.2)  # fmt: skip  # the CPU start-up check only
+    for a in sys.argv:
+        if a.startswith("--max-model-len="):
+            options["max_model_len"] = int(a.split("=", 1)[1])
     # elastikv sizes its KV cache itself (gpu_memory_utilization sizes the plain baseline's static cache)
     tp = next((int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--tp=")), 1)
     if tp > 1:  # one worker process per rank (vLLM's multiprocessing executor), as on a multi-GPU machine

@@ -96,6 +96,22 @@ class Booked:
     def _release(self) -> None:
         pass
 
+    def require_room(self, need: int, *, what: str, fix: str) -> None:
+        """Refuse to serve (``ConfigError``) when the device budget can never give this instance ``need`` bytes
+        of KV (``what``: "one 4096-token request"), rather than let such requests wait for ever. Called once
+        the engine's weights are booked; ``fix`` names the engine's own way out (a flag to lower)."""
+        summary = self.ledger.summary()
+        room = summary.kv_room(self.name)
+        if room >= need:
+            return
+        held = ", ".join(f"{h.name} {format_bytes(h.held_bytes)}" for h in summary.holdings) or "none"
+        raise ConfigError(
+            f"elastikv: {self.name} could never hold {what} ({format_bytes(need)} of KV): the device budget of "
+            f"{summary.device_label}, {format_bytes(summary.budget_bytes)}, leaves it {format_bytes(room)} after "
+            f"what engines hold besides KV (booked: {held}) and the other engines' KV reserves. Raise "
+            f"ELASTIKV_DEVICE_BUDGET, {fix}, or keep weights out of the budget with ELASTIKV_BOOK_WEIGHTS=off"
+        )
+
     def __enter__(self) -> Booked:
         return self
 

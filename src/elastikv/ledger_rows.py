@@ -124,6 +124,15 @@ class DeviceSummary:
     def holding_of(self, name: str) -> HoldingRow | None:
         return next((h for h in self.holdings if h.name == name), None)
 
+    def kv_room(self, name: str) -> int:
+        """The most KV instance ``name`` could ever map here: the budget less every engine's holdings (weights,
+        other) and the other instances' reserves (the free KV each keeps mapped, which no pressure takes back),
+        within ``name``'s own limit. What others map beyond their reserves is elastic, so not counted."""
+        others = sum(r.reserve_bytes for r in self.instances if r.name != name)
+        room = self.budget_bytes - sum(h.held_bytes for h in self.holdings) - others
+        own = next((r.limit_bytes for r in self.instances if r.name == name), room)
+        return max(0, min(room, own))
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -111,11 +111,26 @@ def _wrap_initialize_kv_caches(original: Callable[..., Any]) -> Callable[..., An
         block_pool.pending.append(_open_instance(list(endpoints), vllm_config))
         self._elastikv = block_pool.pending[0]
         self.collective_rpc(vllm_worker.book_weights, args=(self._elastikv.name,))  # beside the KV, per rank
+        _require_one_request(self._elastikv, vllm_config)
         if getattr(vllm_config.model_config, "enable_sleep_mode", False):  # its first sleep as fast as the later
             self.collective_rpc(pinned.prepare_first_sleep)
         return kv_cache_config
 
     return _initialize_kv_caches
+
+
+def _require_one_request(inst: block_pool.VllmInstance, vllm_config: Any) -> None:
+    """vLLM refuses to start when its KV cache cannot hold one request of ``max_model_len``; under elastikv the
+    same bound is the device budget less what engines hold besides KV: a request larger than that would wait in
+    the queue for ever (seen on the H100 when 8B weights were booked in a 16 GiB budget meant for KV)."""
+    tokens = int(vllm_config.model_config.max_model_len)
+    blocks = -(-tokens // int(vllm_config.cache_config.block_size))
+    block_bytes = inst.pages.page_bytes // inst.pages.blocks_per_page
+    try:
+        inst.require_room(blocks * block_bytes, what=f"one {tokens}-token request", fix="lower --max-model-len")
+    except BaseException:
+        inst.close()
+        raise
 
 
 def _wrap_shutdown(original: Callable[..., Any]) -> Callable[..., Any]:
