@@ -219,6 +219,21 @@ def test_a_request_larger_than_the_whole_budget_gets_a_clear_error(model: Any, e
     assert "needs 254 blocks" in outs[0].error
 
 
+def test_a_request_the_device_budget_can_never_hold_gets_a_clear_error_not_a_wait(model: Any, elastic: Any) -> None:
+    """Within the instance's limit but more than the device budget could ever give it (found with 8B weights booked
+    in a budget meant for KV, on the H100: such requests waited for ever): it fails at once, saying why."""
+    prompts = _prompts(1, [100], seed=5)
+    done: list[Any] = []
+    run = threading.Thread(target=lambda: done.append(elastic(prompts, 8000, ELASTIKV_DEVICE_BUDGET="6MiB")[0]),
+                           daemon=True)  # fmt: skip
+    run.start()
+    run.join(120)
+    assert done, "the request is still waiting for memory the budget can never give"
+    error = done[0][0].error
+    assert error is not None and "device budget can never give this engine" in error, error
+    assert "needs 254 blocks" in error and "ELASTIKV_DEVICE_BUDGET" in error
+
+
 def test_an_unsupported_transformers_version_is_refused() -> None:
     from elastikv.engines.transformers import check_version
 

@@ -19,7 +19,7 @@ from elastikv import lifecycle
 from elastikv.allocator import BlockAllocator
 from elastikv.budget import LedgerBudget
 from elastikv.config import LayoutName, Settings, format_bytes
-from elastikv.errors import ConfigError, LimitExceeded
+from elastikv.errors import ConfigError, LedgerError, LimitExceeded
 from elastikv.ledger import Ledger
 from elastikv.memory import MemoryBackend, open_backend, physical_memory
 from elastikv.memory.host import available_memory
@@ -95,6 +95,15 @@ class Booked:
 
     def _release(self) -> None:
         pass
+
+    def kv_room(self) -> int | None:
+        """The most KV this instance could ever map (``DeviceSummary.kv_room``), or None when the ledger cannot
+        be read now (busy, gone): callers then skip their check rather than fail a request on it."""
+        try:
+            return self.ledger.summary().kv_room(self.name)
+        except LedgerError as exc:
+            log.debug("elastikv: %s: no ledger figures for the room check: %s", self.name, exc)
+            return None
 
     def require_room(self, need: int, *, what: str, fix: str) -> None:
         """Refuse to serve (``ConfigError``) when the device budget can never give this instance ``need`` bytes

@@ -83,7 +83,8 @@ def _wrap_add_waiting_request(original: Callable[..., None]) -> Callable[..., No
             alloc, bs = cache.elastic.allocator, cache.block_size
             tokens = len(state.initial_tokens) + int(state.max_new_tokens)
             need = -(-tokens // bs)
-            can = min(alloc.limit // (alloc.page_bytes // alloc.blocks_per_page) - NULL_BLOCKS, alloc.num_blocks)
+            block_bytes = alloc.page_bytes // alloc.blocks_per_page
+            can = min(alloc.limit // block_bytes - NULL_BLOCKS, alloc.num_blocks)
             if need > can:
                 raise LimitExceeded(
                     f"request {state.request_id} needs {need} blocks ({tokens} tokens: its prompt plus "
@@ -91,6 +92,20 @@ def _wrap_add_waiting_request(original: Callable[..., None]) -> Callable[..., No
                     "raise the limit (ELASTIKV_LIMIT, elastikv limit NAME SIZE) or ask for fewer tokens",
                     requested=need,
                     available=can,
+                )
+            # Within the limit, but more than the device budget could ever give this engine (its weights or
+            # others' booked in it): it would wait for memory that never comes, so it fails now, saying why.
+            room = cache.elastic.kv_room()
+            room_blocks = None if room is None else room // alloc.page_bytes * alloc.blocks_per_page - NULL_BLOCKS
+            if room is not None and room_blocks is not None and need > room_blocks:
+                raise LimitExceeded(
+                    f"request {state.request_id} needs {need} blocks ({tokens} tokens: its prompt plus "
+                    f"max_new_tokens) but the device budget can never give this engine more than {room_blocks} "
+                    f"({format_bytes(room)} of KV: the budget less what engines hold besides KV and the others' "
+                    "reserves; elastikv status shows them); raise ELASTIKV_DEVICE_BUDGET, keep weights out of it "
+                    "(ELASTIKV_BOOK_WEIGHTS=off) or ask for fewer tokens",
+                    requested=need,
+                    available=max(0, room_blocks),
                 )
         original(self, state)
 
