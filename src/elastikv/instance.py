@@ -110,7 +110,8 @@ class Booked:
         of KV (``what``: "one 4096-token request"), rather than let such requests wait for ever. Called once
         the engine's weights are booked; ``fix`` names the engine's own way out (a flag to lower)."""
         summary = self.ledger.summary()
-        room = summary.kv_room(self.name)
+        page = self.allocator.page_bytes
+        room = summary.kv_room(self.name) // page * page  # memory is mapped in whole pages
         if room >= need:
             return
         held = ", ".join(f"{h.name} {format_bytes(h.held_bytes)}" for h in summary.holdings) or "none"

@@ -73,3 +73,30 @@ def test_elastic_sglang_matches_static_and_memory_follows_load(model: Path, tmp_
     # SGLang's model holds (its rotary cache among them): 2.26 MB for 1.71 MB of files here.
     files = sum(f.stat().st_size for f in model.glob("*.safetensors"))
     assert len(result["weights"]) == 1 and files <= result["weights"][0] <= 2 * files, (result, files)
+
+
+def test_a_budget_that_can_never_hold_one_request_stops_sglang_at_start_saying_why(tmp_path: Path) -> None:
+    """Weights booked (as on a GPU) in a budget that leaves less KV than one request of the model's context length
+    (32,768 tokens, 32 MiB here): such requests would wait for ever, so the scheduler refuses to start, naming the
+    figures and the ways out (as vLLM does for its own cache and elastikv's vLLM adapter for the budget)."""
+    from tiny_models import build_tiny_llama
+
+    model = build_tiny_llama(tmp_path / "long", max_position_embeddings=32768)
+    weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIKV")}
+    env.update(
+        ELASTIKV="1",
+        ELASTIKV_LEDGER_DIR=str(tmp_path / "ledger"),
+        ELASTIKV_HOST_MEMORY="512MiB",
+        ELASTIKV_RESERVE="0",
+        ELASTIKV_BOOK_WEIGHTS="on",
+        ELASTIKV_NAME="small",
+        ELASTIKV_DEVICE_BUDGET=str(2 * weights + 10 * MIB),
+    )  # weights (and buffers) and the null page fit
+    proc = subprocess.run([sys.executable, str(SCRIPT), "16", str(model)], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    served = any(line.startswith("RESULT ") for line in proc.stdout.splitlines())
+    assert proc.returncode != 0 and not served, out[-3000:]
+    assert "small could never hold one 32768-token request (32 MiB of KV)" in out, out[-6000:]
+    assert "lower --context-length" in out and "ELASTIKV_BOOK_WEIGHTS=off" in out

@@ -50,13 +50,16 @@ def wrap_profile_available_bytes(original: Callable[..., int]) -> Callable[..., 
 
 def wrap_alloc_memory_pool(original: Callable[..., Any]) -> Callable[..., Any]:
     """``ModelRunner.alloc_memory_pool``: remember the runner's forward stream (an unmap waits for it); once the
-    pools (and so the instance) exist, book the model's weights beside its KV (``ELASTIKV_BOOK_WEIGHTS``)."""
+    pools (and so the instance) exist, book the model's weights beside its KV (``ELASTIKV_BOOK_WEIGHTS``) and check
+    that the budget leaves room for one request of the model's context length."""
 
     def alloc_memory_pool(self: Any, *args: Any, **kwargs: Any) -> Any:
         proc = process.for_device(self.device)
         proc.forward_stream = getattr(self, "forward_stream", None)
         result = original(self, *args, **kwargs)
         _book_weights(proc, self)
+        if proc.instances:
+            _require_one_request(proc.instances[0], self)
         return result
 
     return alloc_memory_pool
@@ -73,6 +76,17 @@ def _book_weights(proc: process.SchedulerProcess, runner: Any) -> None:
     if proc.holding is None:
         return
     proc.holding.book_held(weights=weight_bytes(model))
+
+
+def _require_one_request(inst: Instance, runner: Any) -> None:
+    """As vLLM's adapter does: a budget that, less what engines hold besides KV, could never give this engine one
+    request of the model's context length stops the start, saying why, rather than leave such requests waiting."""
+    tokens = int(getattr(getattr(runner, "model_config", None), "context_len", 0) or 0)
+    if tokens <= 0:
+        return
+    blocks = -(-tokens // inst.space.geometry.block_shape[0])  # a block is one SGLang page of tokens
+    need = blocks * (inst.allocator.page_bytes // inst.allocator.blocks_per_page)
+    inst.require_room(need, what=f"one {tokens}-token request", fix="lower --context-length")
 
 
 def _refuse_custom_mem_pool(pool: Any) -> None:
