@@ -256,6 +256,28 @@ def test_a_mode_that_fails_is_a_result_and_the_other_modes_still_run(tmp_path: P
     assert "max-kv-tokens" in markdown(report).split("**elastic failed**")[1], "the Markdown says why"
 
 
+def test_why_requests_failed_in_a_mode_that_ran_is_in_the_results_and_the_report() -> None:
+    """The H100 run of 2026-12-07 saved elastic's 0/56 with no word of why; a mode that runs but whose requests
+    fail keeps their most common errors (JSON) and the report gives them per rate and mode."""
+    from elastikv.bench.replay import Replayed
+    from elastikv.bench.report import request_failures
+    from elastikv.bench.results import RunResult
+    from elastikv.bench.workload import Arrival, Outcome
+
+    trace = [Arrival(float(i), "a", 8, 4) for i in range(4)]
+    stalled = "stalled: no token from any of the 3 requests in flight for 120 s"
+    good = [Outcome(a, status=200, ttft=0.1, latency=0.4, tokens=4) for a in trace]
+    bad = [good[0], Outcome(trace[1], error=stalled), Outcome(trace[2], error=stalled), Outcome(trace[3], status=503)]
+    run = RunResult.of(4.0, trace, {"static": Replayed(good), "elastic": Replayed(bad)}, ["a"])
+    assert run.modes["static"].errors == {}
+    assert run.modes["elastic"].errors == {stalled: 2, "HTTP 503, no token": 1}
+    report = {"plan": {"modes": ["static", "elastic"]}, "runs": [json.loads(json.dumps(run.as_json()))]}
+    assert request_failures(report) == [
+        f"rate 4, elastic: 3 of 4 requests failed: {stalled} (x2); HTTP 503, no token (x1)"]  # fmt: skip
+    report["failed_modes"] = {"elastic": "EngineStartFailed: ..."}  # said apart, not twice
+    assert request_failures(report) == []
+
+
 def test_a_failed_modes_summary_keeps_each_engines_first_error_however_long_the_logs() -> None:
     """kvcached's failed start on the H100 (2026-12-06) was saved as its API server's last lines only; the summary
     in the report names each engine's first logged error (once) before the reason's end."""

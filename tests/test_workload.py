@@ -92,3 +92,59 @@ def test_percentiles_and_the_summary() -> None:
     assert (s["requests"], s["completed"], s["failed"]) == (11, 10, 1)
     assert s["ttft_mean"] == pytest.approx(0.55) and s["ttft_p50"] == pytest.approx(0.55)
     assert s["tpot_mean"] == pytest.approx(0.1)  # 0.3 s over the 3 tokens after the first
+
+
+def test_a_replay_that_stalls_ends_after_the_stall_bound_saying_so() -> None:
+    """Engines that accept requests and never answer (seen on the H100: every request waiting for KV memory the
+    budget never had) must not hold a benchmark for every request's timeout: with ``stall_s``, a run with requests
+    in flight and no token from any of them for that long ends, each unanswered request failing with the reason.
+    A server that is slow but streams (a token every 0.3 s) is not a stall."""
+    import asyncio
+    import socket
+    import threading
+    import time
+    from collections.abc import AsyncIterator
+
+    uvicorn = pytest.importorskip("uvicorn", reason="needs uvicorn: pip install -e '.[serve]'")
+    fastapi = pytest.importorskip("fastapi", reason="needs FastAPI: pip install -e '.[serve]'")
+    from fastapi.responses import StreamingResponse
+
+    from elastikv.bench.workload import replay
+
+    app = fastapi.FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(body: dict) -> StreamingResponse:  # type: ignore[type-arg]
+        async def stream() -> AsyncIterator[str]:
+            if body["model"] == "stuck":
+                await asyncio.sleep(3600)  # accepted, never answered
+            for _ in range(body["max_tokens"]):
+                await asyncio.sleep(0.3)
+                yield 'data: {"choices": [{"text": "x"}]}\n\n'
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        slow = asyncio.run(replay(url, [Arrival(0.0, "slow", 4, 8)], stall_s=1.0))
+        assert slow[0].ok and slow[0].tokens == 8, slow[0]  # 2.4 s of streaming, never 1 s without a token
+        trace = [Arrival(0.0, "stuck", 4, 4), Arrival(0.1, "stuck", 4, 4), Arrival(60.0, "stuck", 4, 4)]
+        t0 = time.monotonic()
+        stuck = asyncio.run(replay(url, trace, stall_s=1.0, timeout=600))
+        assert time.monotonic() - t0 < 10
+        assert [o.error for o in stuck] == [
+            "stalled: no token from any of the 2 requests in flight for 1 s",
+            "stalled: no token from any of the 2 requests in flight for 1 s",
+            "not sent: stalled: no token from any of the 2 requests in flight for 1 s",
+        ]
+        assert not any(o.ok for o in stuck)
+    finally:
+        server.should_exit = True

@@ -42,7 +42,16 @@ from elastikv.bench.replay import Replayed, replay_through_router
 from elastikv.bench.report import failure_summary, plot, print_report, results_stem, save
 from elastikv.bench.results import RunResult
 from elastikv.bench.stats import summarize
-from elastikv.bench.workload import Arrival, Outcome, chat_lengths, intermittent, load_trace, peak_rate, save_trace
+from elastikv.bench.workload import (
+    STALL_S,
+    Arrival,
+    Outcome,
+    chat_lengths,
+    intermittent,
+    load_trace,
+    peak_rate,
+    save_trace,
+)
 from elastikv.config import format_bytes
 from elastikv.errors import ConfigError, EngineDied, EngineStartFailed
 from elastikv.serving.kv_size import kv_bytes_per_token
@@ -104,6 +113,7 @@ def run_bench(
                     label=mode,
                     between=between,
                     after_start=setup.after_start,
+                    stall_s=STALL_S,  # engines are up before the trace: two minutes without a token is a stall
                 )
             )
         except (EngineStartFailed, EngineDied, OSError, TimeoutError, ConfigError) as exc:

@@ -88,11 +88,12 @@ async def replay_through_router(
     label: str,
     between: Callable[[int], None] | None = None,
     after_start: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    stall_s: float | None = None,
 ) -> tuple[list[Replayed], dict[str, dict[str, Any]]]:
     """Start the router and its engines, replay each trace in turn, stop everything. Returns each trace's
     :class:`Replayed` and every model's final status (wakes, sleeps, restarts). ``between(i)`` runs before trace
     ``i`` is sent (e.g. to print what comes); ``after_start()`` is entered once every engine is up and left before
-    they stop (e.g. a device ballast, or limits set in the engines)."""
+    they stop (e.g. a device ballast, or limits set in the engines). ``stall_s``: ``workload.replay``'s."""
     from elastikv import ports
     from elastikv.router.router import Router
     from elastikv.router.run import serve
@@ -116,7 +117,7 @@ async def replay_through_router(
             for i, trace in enumerate(traces):
                 if between is not None:
                     between(i)
-                replaying = _replay_one(router, config, list(trace), held, console, label)
+                replaying = _replay_one(router, config, list(trace), held, console, label, stall_s)
                 out.append(await _until_stopped(replaying, serving))
     finally:
         states = {name: m.status() for name, m in router.models.items()}
@@ -142,7 +143,13 @@ async def _until_stopped(work: Any, serving: asyncio.Task[None]) -> Any:
 
 
 async def _replay_one(
-    router: Any, config: RouterConfig, trace: list[Arrival], held: Held, console: Console, label: str
+    router: Any,
+    config: RouterConfig,
+    trace: list[Arrival],
+    held: Held,
+    console: Console,
+    label: str,
+    stall_s: float | None,
 ) -> Replayed:
     result = Replayed(outcomes=[])
     stop = threading.Event()
@@ -169,7 +176,8 @@ async def _replay_one(
                 note = "  ".join(f"{n}: {format_bytes(b)}" for n, b in now.items())
                 progress.update(task, advance=1, note=note + (f"  [red]{failed} failed[/]" if failed else ""))
 
-            result.outcomes = await replay(f"http://{config.host}:{config.port}", trace, on_done=done)
+            result.outcomes = await replay(f"http://{config.host}:{config.port}", trace, on_done=done,
+                                           stall_s=stall_s)  # fmt: skip
     finally:
         stop.set()
         sampler.join()

@@ -66,6 +66,8 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
                           f"{r['ttft_p50']:.2f}, p99 {r['ttft_p99']:.2f}; TPOT {r['tpot_mean']:.2f}")  # fmt: skip
     for mode, why in report.get("failed_modes", {}).items():
         console.print(f"[red]{mode} failed[/] (its requests count as failed): {failure_summary(why)}")
+    for line in request_failures(report):
+        console.print(f"[red]{line}[/]")
     if "peak_p99_ttft_kvcached_over_elastic" in report:
         console.print(f"at {report['best_peak_rate']:g} req/s kvcached's p99 TTFT is "
                       f"[bold]{report['peak_p99_ttft_kvcached_over_elastic']:.2f}x[/] elastic's")  # fmt: skip
@@ -133,6 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
             else []
         ),
         *(f"- **{mode} failed**: {failure_summary(why)}" for mode, why in report.get("failed_modes", {}).items()),
+        *(f"- {line}" for line in request_failures(report)),
         "",
         "Per model:",
         "",
@@ -211,6 +214,21 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def request_failures(report: dict[str, Any]) -> list[str]:
+    """Why requests failed in the modes that ran (a failed mode's reason is given apart): one line per rate and
+    mode with failures, their most common errors and counts."""
+    lines = []
+    for run in report["runs"]:
+        for mode in modes_of(report):
+            m = run["modes"][mode]
+            if mode in report.get("failed_modes", {}) or not m["all"]["failed"]:
+                continue
+            why = "; ".join(f"{error} (x{n})" for error, n in m.get("errors", {}).items())
+            lines.append(f"rate {run['rate']:g}, {mode}: {m['all']['failed']} of {m['all']['requests']} requests "
+                         f"failed: {why or 'no reason recorded'}")  # fmt: skip
+    return lines
 
 
 def failure_summary(why: str, tail: int = 600) -> str:

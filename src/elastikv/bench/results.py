@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from elastikv.bench.plan import comparisons
 from elastikv.bench.replay import Replayed
 from elastikv.bench.stats import ratio
-from elastikv.bench.workload import Arrival, summary
+from elastikv.bench.workload import Arrival, Outcome, summary
 
 RATIO_FIGURES = ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean")  # what ``<mode>_over_<baseline>`` compares
 
@@ -34,6 +35,7 @@ class ModeResult:
     peak_kv_bytes_per_model: dict[str, int]
     memory: list[tuple[float, dict[str, int]]]  # (seconds, KV bytes each model held), sampled
     engine_metrics: dict[str, dict[str, float]]  # cumulative per engine since its start (driver time...)
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)  # why requests failed: the 5 most common
 
     @classmethod
     def of(cls, r: Replayed, models: Sequence[str]) -> ModeResult:
@@ -50,10 +52,15 @@ class ModeResult:
             peak_kv_bytes_per_model={n: max((h.get(n, 0) for _, h in r.samples), default=0) for n in models},
             memory=[(round(t, 2), h) for t, h in r.samples],
             engine_metrics=r.engine_metrics,
+            errors=dict(Counter(_why(o) for o in r.outcomes if not o.ok).most_common(5)),
         )
 
     def as_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _why(o: Outcome) -> str:
+    return (o.error or f"HTTP {o.status}, no token")[:200]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,27 +158,41 @@ def prompt_ids(arrival: Arrival, index: int, vocab: int = 2000) -> list[int]:
     return [rng.randrange(10, vocab) for _ in range(arrival.prompt_tokens)]
 
 
+STALL_S = 120.0  # the multi-model benchmark's: no token from any request in flight this long, the run has stalled
+
+
 async def replay(
     url: str,
     trace: Sequence[Arrival],
     *,
     on_done: Callable[[Outcome], None] | None = None,
     timeout: float = 300.0,
+    stall_s: float | None = None,
 ) -> list[Outcome]:
-    """Send every request of ``trace`` at its time to ``url``'s ``/v1/completions`` (streamed) and wait for all."""
+    """Send every request of ``trace`` at its time to ``url``'s ``/v1/completions`` (streamed) and wait for all.
+
+    With ``stall_s``, a run that stalls (requests in flight and not one token from any of them for that long) ends
+    there: every request not yet answered fails with that reason, so a mode whose engines can never serve costs
+    ``stall_s``, not every request's ``timeout`` (seen on the H100: 56 requests waiting on KV memory the budget
+    never had). None where a wait that long is normal (cold starts of vLLM servers behind a lazy router)."""
     import httpx
 
     outcomes = [Outcome(a) for a in trace]
     t0 = time.monotonic()
+    progress, in_flight = t0, 0  # when any request last got a token (or ended); requests sent, not yet ended
+    stalled: str | None = None
 
     async def one(i: int, client: httpx.AsyncClient) -> None:
+        nonlocal progress, in_flight
         o = outcomes[i]
         a = o.arrival
-        await asyncio.sleep(max(0.0, t0 + a.at - time.monotonic()))
-        body = {"model": a.model, "prompt": prompt_ids(a, i), "max_tokens": a.output_tokens, "stream": True,
-                "temperature": 0, "ignore_eos": True}  # fmt: skip
-        sent = time.monotonic()
+        sending = False
         try:
+            await asyncio.sleep(max(0.0, t0 + a.at - time.monotonic()))
+            body = {"model": a.model, "prompt": prompt_ids(a, i), "max_tokens": a.output_tokens, "stream": True,
+                    "temperature": 0, "ignore_eos": True}  # fmt: skip
+            sent = time.monotonic()
+            sending, in_flight = True, in_flight + 1
             async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout) as r:
                 o.status = r.status_code
                 if r.status_code != 200:
@@ -187,8 +201,9 @@ async def replay(
                 async for line in r.aiter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
+                    progress = time.monotonic()
                     if o.ttft is None:
-                        o.ttft = time.monotonic() - sent
+                        o.ttft = progress - sent
                     chunk = json.loads(line[6:])
                     if "error" in chunk:
                         o.error = str(chunk["error"])
@@ -197,14 +212,39 @@ async def replay(
                 o.latency = time.monotonic() - sent
         except httpx.HTTPError as exc:
             o.error = f"{type(exc).__name__}: {exc}"
+        except asyncio.CancelledError:
+            if stalled is None:
+                raise  # the caller's cancellation (a signal): not ours to swallow
+            o.error = stalled if sending else f"not sent: {stalled}"
         finally:
+            if sending:
+                in_flight -= 1
+                progress = time.monotonic()
             if on_done is not None:
                 on_done(o)
+
+    async def watch(tasks: list[asyncio.Task[None]], stall_s: float) -> None:
+        nonlocal stalled
+        while True:
+            await asyncio.sleep(min(1.0, stall_s / 4))
+            if in_flight and time.monotonic() - progress > stall_s:
+                stalled = f"stalled: no token from any of the {in_flight} requests in flight for {stall_s:g} s"
+                for task in tasks:
+                    task.cancel()
+                return
 
     # keepalive_expiry below the server's (uvicorn: 5 s): never reuse a connection the server is closing.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=2.0)
     async with httpx.AsyncClient(limits=limits) as client:
-        await asyncio.gather(*(one(i, client) for i in range(len(trace))))
+        tasks = [asyncio.create_task(one(i, client)) for i in range(len(trace))]
+        watcher = asyncio.create_task(watch(tasks, stall_s)) if stall_s is not None else None
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            for task in tasks:
+                task.cancel()
     return outcomes
 
 
