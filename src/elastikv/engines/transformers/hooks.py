@@ -95,9 +95,9 @@ def _wrap_add_waiting_request(original: Callable[..., None]) -> Callable[..., No
                 )
             # Within the limit, but more than the device budget could ever give this engine (its weights or
             # others' booked in it): it would wait for memory that never comes, so it fails now, saying why.
-            room = cache.elastic.kv_room()
-            room_blocks = None if room is None else room // alloc.page_bytes * alloc.blocks_per_page - NULL_BLOCKS
-            if room is not None and room_blocks is not None and need > room_blocks:
+            room = cache.elastic.kv_room()  # None: the ledger could not be read now; no check then
+            room_blocks = -1 if room is None else room // alloc.page_bytes * alloc.blocks_per_page - NULL_BLOCKS
+            if room is not None and need > room_blocks:
                 raise LimitExceeded(
                     f"request {state.request_id} needs {need} blocks ({tokens} tokens: its prompt plus "
                     f"max_new_tokens) but the device budget can never give this engine more than {room_blocks} "
