@@ -515,9 +515,10 @@ def test_an_engine_the_budget_can_never_give_one_request_is_refused_at_start_say
                              "ELASTIKV_DEVICE_BUDGET": "64MiB"})  # fmt: skip
     with open_instance(SMALL, engine="test", name="c", backend=host, settings=cfg, num_blocks=1024) as inst:
         inst.ledger.hold("c", weights=28 * MiB, other=0)  # what an engine books once its weights are loaded
-        inst.require_room(30 * MiB, what="one 4096-token request", fix="lower --max-model-len")  # 36 MiB free
+        block = inst.allocator.page_bytes // inst.allocator.blocks_per_page
+        inst.require_room(30 * MiB // block, what="one 4096-token request", fix="lower --max-model-len")  # 36 free
         with pytest.raises(ConfigError) as refused:
-            inst.require_room(40 * MiB, what="one 4096-token request", fix="lower --max-model-len")
+            inst.require_room(40 * MiB // block, what="one 4096-token request", fix="lower --max-model-len")
         assert inst.allocator.allocate(1), "a refusal changes nothing: the instance still serves"
     message = str(refused.value)
     for part in (

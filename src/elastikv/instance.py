@@ -21,6 +21,7 @@ from elastikv.budget import LedgerBudget
 from elastikv.config import LayoutName, Settings, format_bytes
 from elastikv.errors import ConfigError, LedgerError, LimitExceeded
 from elastikv.ledger import Ledger
+from elastikv.ledger_rows import DeviceSummary
 from elastikv.memory import MemoryBackend, open_backend, physical_memory
 from elastikv.memory.host import available_memory
 from elastikv.page_plan import PagePlan
@@ -96,30 +97,35 @@ class Booked:
     def _release(self) -> None:
         pass
 
-    def kv_room(self) -> int | None:
-        """The most KV this instance could ever map (``DeviceSummary.kv_room``), or None when the ledger cannot
-        be read now (busy, gone): callers then skip their check rather than fail a request on it."""
+    def room_blocks(self) -> int | None:
+        """The most blocks this instance could ever hold (``DeviceSummary.kv_room``, in whole pages), or None when
+        the ledger cannot be read now (busy, gone): callers then skip their check rather than fail on it."""
         try:
-            return self.ledger.summary().kv_room(self.name)
+            summary = self.ledger.summary()
         except LedgerError as exc:
             log.debug("elastikv: %s: no ledger figures for the room check: %s", self.name, exc)
             return None
+        return self._room_blocks(summary)
 
-    def require_room(self, need: int, *, what: str, fix: str) -> None:
-        """Refuse to serve (``ConfigError``) when the device budget can never give this instance ``need`` bytes
+    def _room_blocks(self, summary: DeviceSummary) -> int:
+        return summary.kv_room(self.name) // self.allocator.page_bytes * self.allocator.blocks_per_page
+
+    def require_room(self, blocks: int, *, what: str, fix: str) -> None:
+        """Refuse to serve (``ConfigError``) when the device budget can never give this instance ``blocks`` blocks
         of KV (``what``: "one 4096-token request"), rather than let such requests wait for ever. Called once
         the engine's weights are booked; ``fix`` names the engine's own way out (a flag to lower)."""
         summary = self.ledger.summary()
-        page = self.allocator.page_bytes
-        room = summary.kv_room(self.name) // page * page  # memory is mapped in whole pages
-        if room >= need:
+        room = self._room_blocks(summary)
+        if room >= blocks:
             return
+        block_bytes = self.allocator.page_bytes // self.allocator.blocks_per_page
         held = ", ".join(f"{h.name} {format_bytes(h.held_bytes)}" for h in summary.holdings) or "none"
         raise ConfigError(
-            f"elastikv: {self.name} could never hold {what} ({format_bytes(need)} of KV): the device budget of "
-            f"{summary.device_label}, {format_bytes(summary.budget_bytes)}, leaves it {format_bytes(room)} after "
-            f"what engines hold besides KV (booked: {held}) and the other engines' KV reserves. Raise "
-            f"ELASTIKV_DEVICE_BUDGET, {fix}, or keep weights out of the budget with ELASTIKV_BOOK_WEIGHTS=off"
+            f"elastikv: {self.name} could never hold {what} ({format_bytes(blocks * block_bytes)} of KV): the "
+            f"device budget of {summary.device_label}, {format_bytes(summary.budget_bytes)}, leaves it "
+            f"{format_bytes(room * block_bytes)} after what engines hold besides KV (booked: {held}) and the other "
+            f"engines' KV reserves. Raise ELASTIKV_DEVICE_BUDGET, {fix}, or keep weights out of the budget with "
+            "ELASTIKV_BOOK_WEIGHTS=off"
         )
 
     def __enter__(self) -> Booked:

@@ -85,8 +85,7 @@ def _require_one_request(inst: Instance, runner: Any) -> None:
     if tokens <= 0:
         return
     blocks = -(-tokens // inst.space.geometry.block_shape[0])  # a block is one SGLang page of tokens
-    need = blocks * (inst.allocator.page_bytes // inst.allocator.blocks_per_page)
-    inst.require_room(need, what=f"one {tokens}-token request", fix="lower --context-length")
+    inst.require_room(blocks, what=f"one {tokens}-token request", fix="lower --context-length")
 
 
 def _refuse_custom_mem_pool(pool: Any) -> None:

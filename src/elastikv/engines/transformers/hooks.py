@@ -94,19 +94,21 @@ def _wrap_add_waiting_request(original: Callable[..., None]) -> Callable[..., No
                     available=can,
                 )
             # Within the limit, but more than the device budget could ever give this engine (its weights or
-            # others' booked in it): it would wait for memory that never comes, so it fails now, saying why.
-            room = cache.elastic.kv_room()  # None: the ledger could not be read now; no check then
-            room_blocks = -1 if room is None else room // alloc.page_bytes * alloc.blocks_per_page - NULL_BLOCKS
-            if room is not None and need > room_blocks:
-                raise LimitExceeded(
-                    f"request {state.request_id} needs {need} blocks ({tokens} tokens: its prompt plus "
-                    f"max_new_tokens) but the device budget can never give this engine more than {room_blocks} "
-                    f"({format_bytes(room)} of KV: the budget less what engines hold besides KV and the others' "
-                    "reserves; elastikv status shows them); raise ELASTIKV_DEVICE_BUDGET, keep weights out of it "
-                    "(ELASTIKV_BOOK_WEIGHTS=off) or ask for fewer tokens",
-                    requested=need,
-                    available=max(0, room_blocks),
-                )
+            # others' booked in it): it would wait for memory that never comes, so it fails now, saying why. What
+            # the engine has mapped is always within that room, so the ledger is read only for a larger request.
+            if need > alloc.stats().mapped_bytes // block_bytes - NULL_BLOCKS:
+                room = cache.elastic.room_blocks()  # None: the ledger could not be read now; no check then
+                if room is not None and need > room - NULL_BLOCKS:
+                    raise LimitExceeded(
+                        f"request {state.request_id} needs {need} blocks ({tokens} tokens: its prompt plus "
+                        f"max_new_tokens) but the device budget can never give this engine more than "
+                        f"{room - NULL_BLOCKS} ({format_bytes(room * block_bytes)} of KV: the budget less what "
+                        "engines hold besides KV and the others' reserves; elastikv status shows them); raise "
+                        "ELASTIKV_DEVICE_BUDGET, keep weights out of it (ELASTIKV_BOOK_WEIGHTS=off) or ask for "
+                        "fewer tokens",
+                        requested=need,
+                        available=max(0, room - NULL_BLOCKS),
+                    )
         original(self, state)
 
     return add_waiting_request

@@ -125,9 +125,8 @@ def _require_one_request(inst: block_pool.VllmInstance, vllm_config: Any) -> Non
     the queue for ever (seen on the H100 when 8B weights were booked in a 16 GiB budget meant for KV)."""
     tokens = int(vllm_config.model_config.max_model_len)
     blocks = -(-tokens // int(vllm_config.cache_config.block_size))
-    block_bytes = inst.pages.page_bytes // inst.pages.blocks_per_page
     try:
-        inst.require_room(blocks * block_bytes, what=f"one {tokens}-token request", fix="lower --max-model-len")
+        inst.require_room(blocks, what=f"one {tokens}-token request", fix="lower --max-model-len")
     except BaseException:
         inst.close()
         raise
