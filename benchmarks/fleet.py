@@ -19,7 +19,8 @@ apart. Modes, run one after the other in the same command:
 
 Printed and saved (benchmarks/results/fleet-*.json/.md): per mode, requests answered and failed, time to first
 token of requests that found their model asleep (p50, p99, max) and of cold starts, wakes, starts, evictions,
-the most device memory in use (sampled every 0.1 s) against the budget, and out-of-memory lines in engine logs.
+the most device memory the fleet held (sampled every 0.1 s, less what was in use before it started: this process's
+own CUDA context) against the budget, and out-of-memory lines in engine logs.
 """
 
 from __future__ import annotations
@@ -49,10 +50,14 @@ KV_PER_MODEL = 4 * 2**30  # what an `own` vLLM server is sized for beside its we
 
 
 class DeviceSampler:
-    """The device's memory in use (the driver's figure: every process), sampled in a thread; host: 0."""
+    """The device's memory in use (the driver's figure: every process), sampled in a thread; host: 0. ``base``:
+    what was in use when sampling began, before the fleet's engines started (this benchmark's own CUDA context,
+    ~0.5 GiB on an H100, and anything else on the device); ``fleet_peak``: the peak less that, what the fleet held
+    at most, which is what the budget bounds."""
 
     def __init__(self) -> None:
         self.peak = 0
+        self.base = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -61,13 +66,21 @@ class DeviceSampler:
 
         if not torch.cuda.is_available():
             return
+        free, total = torch.cuda.mem_get_info()
+        self.base = self.peak = total - free
         while not self._stop.is_set():
             free, total = torch.cuda.mem_get_info()
             self.peak = max(self.peak, total - free)
             self._stop.wait(0.1)
 
+    @property
+    def fleet_peak(self) -> int:
+        return max(0, self.peak - self.base)
+
     def __enter__(self) -> DeviceSampler:
         self._thread.start()
+        while self._thread.is_alive() and self.peak == 0:  # the base is read before any engine starts
+            time.sleep(0.01)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -177,6 +190,8 @@ def main() -> None:
                 "sleeps": sum(s["sleeps"] for s in states.values()),
                 "restarts": sum(s["restarts"] for s in states.values()),
                 "device_peak_bytes": sampler.peak,
+                "device_base_bytes": sampler.base,
+                "fleet_peak_bytes": sampler.fleet_peak,
                 "oom_lines": sum("out of memory" in line.lower() for line in logs.splitlines()),
             }
     lines = [
@@ -185,14 +200,15 @@ def main() -> None:
         f"start {args.start} (first round: {'cold starts' if args.start == 'lazy' else 'wakes'})",
         "",
         "| mode | answered | return visits: TTFT p50 / p99 / max (s) | first round: TTFT p50 (s) | wakes | sleeps "
-        "| restarts | device peak | OOM lines |",
+        "| restarts | fleet peak (device less before) | OOM lines |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for mode, r in results.items():
         lines.append(
             f"| {mode} | {r['answered']} of {r['requests']} | {r['return_ttft_p50_s']:.3f} / "
             f"{r['return_ttft_p99_s']:.3f} / {r['return_ttft_max_s']:.3f} | {r['cold_ttft_p50_s']:.2f} | "
-            f"{r['wakes']} | {r['sleeps']} | {r['restarts']} | {format_bytes(r['device_peak_bytes'])} | "
+            f"{r['wakes']} | {r['sleeps']} | {r['restarts']} | {format_bytes(r['fleet_peak_bytes'])} "
+            f"({format_bytes(r['device_peak_bytes'])} less {format_bytes(r['device_base_bytes'])}) | "
             f"{r['oom_lines']} |"
         )
         for e in r["errors"][:3]:

@@ -271,3 +271,61 @@ def test_a_starting_engine_waits_a_bounded_time_for_room_for_its_weights(tmp_pat
     finally:
         footprint.close()
         other.close()
+
+
+def test_an_asleep_engine_keeps_what_it_still_holds_booked_and_its_wake_needs_only_the_rest(tmp_path: Path) -> None:
+    """A sleeping engine still holds its CUDA context and graph pools (on the H100, five vLLM servers held 2.6 GiB
+    more than the ledger knew): it re-books that as ``other`` with no weights (``Holding.rest``). The router learns
+    footprints only from awake rows, and a wake needs its footprint less what it already holds booked."""
+    import asyncio
+    import dataclasses
+
+    import torch
+
+    from elastikv.config import Settings
+    from elastikv.instance import open_holding
+    from elastikv.ledger import summaries
+    from elastikv.router.config import ModelSpec
+    from elastikv.router.room import Room
+    from elastikv.router.states import State
+    from elastikv.router.supervisor import ManagedModel
+
+    settings = Settings.from_env({"ELASTIKV_BACKEND": "host", "ELASTIKV_HOST_MEMORY": "64MiB",
+                                  "ELASTIKV_BOOK_WEIGHTS": "on", "ELASTIKV_DEVICE_BUDGET": "10MiB",
+                                  "ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger")})  # fmt: skip
+    keeper = open_holding(torch.device("cpu"), settings, name="keeper")
+    sleeper = open_holding(torch.device("cpu"), settings, name="waking")
+    assert keeper is not None and sleeper is not None
+
+    def rows() -> dict[str, tuple[int, int]]:
+        (summary,) = summaries(tmp_path / "ledger")
+        return {h.name: (h.weights_bytes, h.other_bytes) for h in summary.holdings}
+
+    try:
+        keeper.book(weights=3 * MIB)
+        sleeper.book(weights=4 * MIB, other=2 * MIB)
+        sleeper.rest(2 * MIB)  # asleep: the weights are off the device, the context is not
+        assert rows() == {"keeper": (3 * MIB, 0), "waking": (0, 2 * MIB)}
+        base = ModelSpec(name="keeper", engine="elastikv", model=None, command=None, args=(),
+                         env={"ELASTIKV_RESERVE": "1MiB"}, limit=None, idle_s=None, sleep_level=1, port=None,
+                         health_path="/health", start_timeout_s=0.6, pin=True)  # fmt: skip
+
+        async def run() -> None:
+            async with httpx.AsyncClient() as client:
+                awake = ManagedModel(base, 40100, client, tmp_path)
+                waking = ManagedModel(dataclasses.replace(base, name="waking", pin=False), 40101, client, tmp_path)
+                awake.state = State.STARTING
+                awake.state = State.AWAKE
+                room = Room({"keeper": awake, "waking": waking}, lambda m: summaries(tmp_path / "ledger")[0])
+                room.footprint["waking"] = 6 * MIB  # learned when it was last awake
+                # 10 MiB budget, 5 MiB booked: the wake needs 6 - 2 (already booked) + 1 (KV reserve) = 5 MiB.
+                async with room.for_wake(waking):
+                    assert room.lock.locked()  # it fits: no eviction (the keeper is pinned), no wait
+                assert room.footprint["waking"] == 6 * MIB  # the asleep row (no weights) taught it nothing
+
+        asyncio.run(run())
+        sleeper.rest(0)  # nothing measurable left (no driver figure): the booking goes
+        assert rows() == {"keeper": (3 * MIB, 0)}
+    finally:
+        sleeper.close()
+        keeper.close()

@@ -99,3 +99,27 @@ def test_closing_a_space_waits_for_queued_work(cuda: MemoryBackend) -> None:
     alloc.close()
     space.close()
     torch.cuda.synchronize()  # would raise on an illegal address
+
+
+def test_the_drivers_count_of_this_process_sees_vmm_pages_and_what_torch_cannot(cuda: MemoryBackend) -> None:
+    """The figure an engine books as ``other`` (``memory/usage.py``): the driver's per-process count sees pages
+    mapped through VMM and the CUDA context, which PyTorch's allocator does not count."""
+    from elastikv.memory.usage import other_bytes, process_device_bytes
+
+    device = torch.device("cuda", 0)
+    before = process_device_bytes(device)
+    if before is None:
+        pytest.skip("NVML is not importable here (pip install nvidia-ml-py) or reports no per-process figure")
+    geometry = KVGeometry.for_attention(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16)
+    with KVSpace(cuda, geometry, layout="per-layer", num_blocks=4096) as space:
+        alloc = BlockAllocator(space, reserve_bytes=0, background=False)
+        alloc.allocate(2048)
+        mapped = space.mapped_bytes
+        assert mapped >= 64 * 2**20
+        held = process_device_bytes(device)
+        assert held is not None and held - before >= mapped  # VMM pages are in the driver's count
+        weights = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+        other = other_bytes(device, weights=weights.nbytes, kv=mapped)
+        # what is left besides weights and KV: the context (hundreds of MiB), beyond PyTorch's own count
+        assert other > torch.cuda.memory_reserved(device) - weights.nbytes + 64 * 2**20
+        alloc.close()

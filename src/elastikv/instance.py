@@ -24,6 +24,7 @@ from elastikv.ledger import Ledger
 from elastikv.ledger_rows import DeviceSummary
 from elastikv.memory import MemoryBackend, open_backend, physical_memory
 from elastikv.memory.host import available_memory
+from elastikv.memory.usage import other_bytes, resident_bytes
 from elastikv.page_plan import PagePlan
 from elastikv.space import KVGeometry, KVSpace, Pages
 
@@ -32,7 +33,8 @@ log = logging.getLogger("elastikv")
 # Engine adapters reach memory only through this module (the design's rule: space and allocator below it are the
 # only users of ``memory/``); the backend type and the host's memory figures are re-exported for them.
 __all__ = ["Booked", "DeviceFacts", "Holding", "Instance", "MemoryBackend", "available_memory", "backend_for", "book",
-           "host_memory", "ledger_for", "open_holding", "open_instance", "physical_memory", "weight_bytes"]  # fmt: skip
+           "host_memory", "ledger_for", "open_holding", "open_instance", "other_bytes", "physical_memory",
+           "resident_bytes", "weight_bytes"]  # fmt: skip
 
 
 def backend_for(device: torch.device, settings: Settings, *, holder: str) -> MemoryBackend:
@@ -228,10 +230,11 @@ def _open(
 
 @dataclass
 class Holding:
-    """What one engine process holds on a device besides its KV cache (weights; ``other``: activations, CUDA
-    graphs, the allocator's cache), booked in the device's ledger under the engine's name against the same budget
-    as KV. The engine books it *before* it puts weights on the device (a refusal means: do not load them) and
-    drops it once they are off (asleep). Owned by this process; gone with it."""
+    """What one engine process holds on a device besides its KV cache (weights; ``other``: its CUDA context,
+    activations, CUDA graphs, the allocator's cache; ``memory/usage.py``), booked in the device's ledger under the
+    engine's name against the same budget as KV. The engine books it *before* it puts weights on the device (a
+    refusal means: do not load them) and, once they are off (asleep), books only what it still holds
+    (``rest``). Owned by this process; gone with it."""
 
     name: str
     ledger: Ledger
@@ -255,6 +258,15 @@ class Holding:
                         self.name, exc)  # fmt: skip
             return False
         return True
+
+    def rest(self, resident: int) -> None:
+        """After the weights left the device (asleep): book what the process still holds there (``resident``: its
+        CUDA context, graph pools; ``memory/usage.py``) in place of weights and other, or drop the booking where
+        that is unknown (0). Shrinking a booking always fits; were the ledger to refuse, the larger one stays."""
+        if resident <= 0:
+            self.drop()
+        elif self.book_held(weights=0, other=resident):
+            log.debug("elastikv: %s asleep still holds %s", self.name, format_bytes(resident))
 
     def drop(self) -> None:
         self.ledger.drop_holding(self.name)

@@ -81,9 +81,10 @@ class AsleepRow:
 
 @dataclass(frozen=True)
 class HoldingRow:
-    """Device memory an engine process holds besides its KV cache (its weights; activations, CUDA graphs and the
-    allocator's cache as ``other``), booked against the same device budget. Owned by that process (``pid``,
-    ``start_time``); it books and drops it (gone when it sleeps), and it is reaped with the process."""
+    """Device memory an engine process holds besides its KV cache (its weights; its CUDA context, activations,
+    CUDA graphs and the allocator's cache as ``other``), booked against the same device budget. Owned by that
+    process (``pid``, ``start_time``); it books it, re-books it asleep as what it still holds (no weights, its
+    context as ``other``; dropped where that cannot be measured), and it is reaped with the process."""
 
     name: str
     pid: int

@@ -72,10 +72,17 @@ class Room:
         return Settings.from_env(env).reserve.resolve(total_bytes)
 
     def learn(self, summary: DeviceSummary) -> None:
-        """Note each of our models' holdings (weights + other) as its footprint for the next wake."""
+        """Note each of our awake models' holdings (weights + other) as its footprint for the next wake. An asleep
+        engine books only what it still holds (its context: no weights), which says nothing of its next wake."""
         for h in summary.holdings:
-            if h.name in self.models and h.held_bytes > 0:
+            if h.name in self.models and h.weights_bytes > 0:
                 self.footprint[h.name] = h.held_bytes
+
+    @staticmethod
+    def resident(model: ManagedModel, summary: DeviceSummary) -> int:
+        """What ``model`` holds booked while asleep (its engine's context and graph pools): its wake needs only
+        the rest of its footprint."""
+        return sum(h.held_bytes for h in summary.holdings if h.name == model.spec.name and h.weights_bytes == 0)
 
     @contextlib.asynccontextmanager
     async def for_wake(self, model: ManagedModel) -> AsyncIterator[None]:
@@ -110,7 +117,7 @@ class Room:
             footprint = self.footprint.get(model.spec.name) or self.estimate(model)
             if summary is None or footprint == 0:
                 return False  # no ledger yet, or nothing booked besides KV: nothing to count (KV grows elastically)
-            need = footprint + self.kv_floor(model, summary.total_bytes)
+            need = max(0, footprint - self.resident(model, summary)) + self.kv_floor(model, summary.total_bytes)
             free = summary.budget_bytes - summary.held_bytes
             if free >= need:
                 return True

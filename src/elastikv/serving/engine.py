@@ -187,7 +187,8 @@ class Engine:
             raise
         if warmup:
             self._warm_up()
-        self.footprint.measure_other()  # what serving needs beyond the weights, into the ledger too (on a GPU)
+        kv = self.instance.allocator.stats().mapped_bytes if self.instance is not None else 0
+        self.footprint.measure_other(kv)  # what serving holds beyond weights and KV, into the ledger (on a GPU)
         if self.stash is not None:
             self.stash.start()  # after the start, which a driver lock held while pinning could otherwise delay
 

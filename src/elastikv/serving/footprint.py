@@ -1,7 +1,9 @@
 """What the embedded engine holds on its device besides its KV cache, booked in the device's ledger.
 
 The engine's weights (every distinct storage of its parameters and buffers) and, once it has served, ``other``:
-what PyTorch's allocator holds beyond the weights (activations, workspaces, its cache) on a GPU. Booked through
+what the process holds on a GPU beyond the weights and KV (its CUDA context, activations, workspaces; by the
+driver's count where it can be read, ``memory/usage.py``). Asleep, what it still holds there (its context) stays
+booked in their place. Booked through
 :class:`~elastikv.instance.Holding` against the same budget as KV, so a router can tell whether a model fits
 before waking it (``router/room.py``), and ``elastikv status`` shows weights, KV and other per engine.
 
@@ -20,7 +22,7 @@ import torch
 
 from elastikv.config import Settings
 from elastikv.errors import LimitExceeded
-from elastikv.instance import Holding, open_holding, weight_bytes
+from elastikv.instance import Holding, open_holding, other_bytes, resident_bytes, weight_bytes
 
 log = logging.getLogger("elastikv")
 
@@ -58,19 +60,19 @@ class Footprint:
                     warned = True
                 time.sleep(ROOM_POLL_S)
 
-    def measure_other(self) -> None:
-        """After the engine served once: book what PyTorch holds beyond the weights too (on a GPU). A budget that
-        cannot take it is logged; the weights stay booked (the memory is already held)."""
+    def measure_other(self, kv: int) -> None:
+        """After the engine served once: book what it holds beyond the weights and its ``kv`` mapped bytes too (on
+        a GPU). A budget that cannot take it is logged; the weights stay booked (the memory is already held)."""
         if self.holding is None or self.device.type != "cuda":
             return
-        other = max(0, torch.cuda.memory_reserved(self.device) - self.weights)
+        other = other_bytes(self.device, weights=self.weights, kv=kv)
         if self.holding.book_held(weights=self.weights, other=other):
             self.other = other
 
     def drop(self) -> None:
-        """After the weights left the device (asleep)."""
+        """After the weights and KV left the device (asleep): what the process still holds there stays booked."""
         if self.holding is not None:
-            self.holding.drop()
+            self.holding.rest(resident_bytes(self.device, kv=0))
 
     def close(self) -> None:
         if self.holding is not None:

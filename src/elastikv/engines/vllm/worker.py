@@ -30,7 +30,15 @@ from elastikv import lifecycle
 from elastikv.config import Settings, format_bytes
 from elastikv.engines.patching import Target
 from elastikv.errors import UnsupportedEngine
-from elastikv.instance import Holding, MemoryBackend, backend_for, open_holding, weight_bytes
+from elastikv.instance import (
+    Holding,
+    MemoryBackend,
+    backend_for,
+    open_holding,
+    other_bytes,
+    resident_bytes,
+    weight_bytes,  # fmt: skip
+)
 from elastikv.page_plan import PagePlan
 from elastikv.peer_pages import PageServer
 from elastikv.space import KVGeometry, KVSpace
@@ -226,35 +234,50 @@ def endpoint(_worker_obj: Any = None) -> dict[str, Any] | None:
 
 # -- the weights in the ledger (run in every worker through collective_rpc by the engine core) ----------------
 _holding: Holding | None = None
+_device = torch.device("cpu")
 _weights = 0  # bytes of this rank's weights, measured once
+_other = 0  # what this rank holds awake besides weights and KV (context, activations, graphs), measured at start
+
+
+def _kv_mapped() -> int:
+    """Bytes of KV this worker has mapped now (its pages; the page server maps them for the engine core)."""
+    cache = _worker
+    return cache.space.mapped_bytes if cache is not None and cache.space is not None else 0
 
 
 def book_weights(worker_obj: Any, name: str) -> int:
-    """Book this rank's weights in its device's ledger beside the engine's KV (``ELASTIKV_BOOK_WEIGHTS``; rank
-    r > 0 as ``name.rankR``). vLLM loads them before elastikv's instance exists, so a budget that cannot take
-    them is logged, not refused (``Holding.book_held``): they are on the device already. Returns the bytes booked."""
-    global _holding, _weights
+    """Book this rank's weights and other memory in its device's ledger beside the engine's KV
+    (``ELASTIKV_BOOK_WEIGHTS``; rank r > 0 as ``name.rankR``). Called once vLLM has profiled, made its KV cache
+    and captured its CUDA graphs, so ``other`` (``memory/usage.py``: the driver's count of this process less
+    weights and KV, plus the activation peak) is what serving holds. vLLM loads the weights before elastikv's
+    instance exists, so a budget that cannot take them is logged, not refused (``Holding.book_held``): they are on
+    the device already. Returns the bytes booked."""
+    global _holding, _weights, _other, _device
     rank = int(getattr(worker_obj, "rank", 0) or 0)
     if _holding is None:
-        device = torch.device(getattr(worker_obj, "device", None) or "cpu")
-        _holding = open_holding(device, Settings.from_env(), name=name if rank == 0 else f"{name}.rank{rank}")
+        _device = torch.device(getattr(worker_obj, "device", None) or "cpu")
+        _holding = open_holding(_device, Settings.from_env(), name=name if rank == 0 else f"{name}.rank{rank}")
         if _holding is None:
             return 0
         runner = getattr(worker_obj, "model_runner", None)  # its storages exactly; else vLLM's own measure
         if runner is not None and hasattr(runner, "get_model"):
             _weights = weight_bytes(runner.get_model())
         _weights = _weights or int(getattr(runner, "model_memory_usage", 0) or 0)
-    return _weights if _holding.book_held(weights=_weights) else 0
+        _other = other_bytes(_device, weights=_weights, kv=_kv_mapped())
+        log.info("elastikv: rank %d holds %s of weights and %s of other memory besides KV", rank,
+                 format_bytes(_weights), format_bytes(_other))  # fmt: skip
+    return _weights + _other if _holding.book_held(weights=_weights, other=_other) else 0
 
 
 def drop_weights(_worker_obj: Any = None) -> None:
-    """After vLLM's sleep: the weights are off the device (level 1: in host memory; level 2: dropped)."""
+    """After vLLM's sleep: the weights are off the device (level 1: in host memory; level 2: dropped); what the
+    process still holds there (its context, graph pools) stays booked."""
     if _holding is not None:
-        _holding.drop()
+        _holding.rest(resident_bytes(_device, kv=_kv_mapped()))
 
 
 def rebook_weights(_worker_obj: Any = None) -> None:
-    """Before vLLM's wake: ``LimitExceeded`` if the budget cannot take the weights back (the wake is refused;
-    a router makes room first)."""
+    """Before vLLM's wake: ``LimitExceeded`` if the budget cannot take the weights and other memory back (the
+    wake is refused; a router makes room first)."""
     if _holding is not None:
-        _holding.book(weights=_weights)
+        _holding.book(weights=_weights, other=_other)
