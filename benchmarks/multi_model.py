@@ -14,8 +14,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from elastikv.cli import main
+from elastikv.cli import run
 
 if __name__ == "__main__":
     results = Path(__file__).resolve().parent / "results"
-    main(["bench", "multi-model", "--out", str(results), *sys.argv[1:]])
+    sys.argv[1:] = ["bench", "multi-model", "--out", str(results), *sys.argv[1:]]
+    run()  # as `elastikv` itself: an error is one line naming the problem and the fix, not a traceback

@@ -8,10 +8,10 @@ while the device held 73.9 GiB, 2026-12-07, H100), so each engine books this ``o
 
 PyTorch's counters miss the context and whatever is allocated beside its allocator; the driver's per-process figure
 (NVML's running compute processes) sees everything this process holds, pages mapped through the VMM API included,
-and reading it makes no CUDA context. NVML comes from ``nvidia-ml-py`` (the ``cuda`` extra) or the copy vLLM
-vendors. Where neither imports, or the driver reports no per-process figure (some containers, MIG), the figures
-fall back to PyTorch's allocator (its peak less the weights), which undercounts by the context; the first fallback
-is logged so the gap is never silent.
+and reading it makes no CUDA context. NVML comes from ``nvidia-ml-py`` (the ``cuda`` extra) or, inside vLLM, the
+copy vLLM vendors. Where neither imports, or the driver reports no per-process figure (some containers, MIG),
+the figures fall back to PyTorch's allocator (its peak less the weights), which undercounts by the context; the
+first fallback is logged so the gap is never silent.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import functools
 import importlib
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ log = logging.getLogger("elastikv")
 def _nvml() -> Any | None:
     """NVML, initialised once for the process's life (its per-call queries are then a millisecond), or None."""
     for module in ("pynvml", "vllm.third_party.pynvml"):
+        if module.startswith("vllm.") and "vllm" not in sys.modules:
+            continue  # vLLM's copy only inside vLLM: importing vLLM elsewhere costs seconds and sets its defaults
         try:
             nvml = importlib.import_module(module)
         except ImportError:
