@@ -13,11 +13,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from tests.test_router import wait_healthy
 
 from elastikv import children
+
+if TYPE_CHECKING:
+    from elastikv.router.supervisor import ManagedModel
 
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[serve]'")
 httpx = pytest.importorskip("httpx", reason="needs httpx: pip install -e '.[serve]'")
@@ -192,33 +196,41 @@ def test_room_puts_the_lowest_priority_then_least_recently_used_idle_model_to_sl
     asyncio.run(run())
 
 
+def _keeper_and_waking(client: httpx.AsyncClient, tmp_path: Path) -> tuple[ManagedModel, ManagedModel]:
+    """Two managed models for the room tests: ``keeper``, pinned and awake, and ``waking``, asleep. Each engine
+    keeps a 1 MiB KV reserve mapped as soon as it is up: room for a wake is its footprint + that reserve."""
+    import dataclasses
+
+    from elastikv.router.config import ModelSpec
+    from elastikv.router.states import State
+    from elastikv.router.supervisor import ManagedModel
+
+    base = ModelSpec(name="keeper", engine="elastikv", model=None, command=None, args=(),
+                     env={"ELASTIKV_RESERVE": "1MiB"}, limit=None, idle_s=None, sleep_level=1, port=None,
+                     health_path="/health", start_timeout_s=0.6, pin=True)  # fmt: skip
+    keeper = ManagedModel(base, 40100, client, tmp_path)
+    waking = ManagedModel(dataclasses.replace(base, name="waking", pin=False), 40101, client, tmp_path)
+    keeper.state = State.STARTING
+    keeper.state = State.AWAKE
+    return keeper, waking
+
+
 def test_no_room_is_a_clear_refusal_within_the_start_timeout_and_leaves_the_room_free(tmp_path: Path) -> None:
     """Every awake model pinned or busy: the wake waits (bounded by its start timeout), then is refused naming
     what holds the memory; the room's lock is free again for the next wake. Read from a real ledger."""
     import asyncio
-    import dataclasses
 
     from elastikv.config import Size
     from elastikv.ledger import Ledger
-    from elastikv.router.config import ModelSpec
     from elastikv.router.room import Room
-    from elastikv.router.states import State, Unavailable
-    from elastikv.router.supervisor import ManagedModel
+    from elastikv.router.states import Unavailable
 
     ledger = Ledger("fleet-test", total_bytes=100 * MIB, directory=tmp_path / "ledger", budget=Size(nbytes=10 * MIB))
     ledger.hold("keeper", weights=8 * MIB, other=0)
-    # Each engine keeps a 1 MiB KV reserve mapped as soon as it is up: room for a wake is footprint + reserve.
-    base = ModelSpec(name="keeper", engine="elastikv", model=None, command=None, args=(),
-                     env={"ELASTIKV_RESERVE": "1MiB"}, limit=None,
-                     idle_s=None, sleep_level=1, port=None, health_path="/health", start_timeout_s=0.6,
-                     pin=True)  # fmt: skip
 
     async def run() -> None:
         async with httpx.AsyncClient() as client:
-            keeper = ManagedModel(base, 40100, client, tmp_path)
-            waking = ManagedModel(dataclasses.replace(base, name="waking", pin=False), 40101, client, tmp_path)
-            keeper.state = State.STARTING
-            keeper.state = State.AWAKE
+            keeper, waking = _keeper_and_waking(client, tmp_path)
             room = Room({"keeper": keeper, "waking": waking}, lambda m: ledger.summary())
             room.footprint["waking"] = 4 * MIB
             t0 = time.monotonic()
@@ -278,17 +290,13 @@ def test_an_asleep_engine_keeps_what_it_still_holds_booked_and_its_wake_needs_on
     more than the ledger knew): it re-books that as ``other`` with no weights (``Holding.rest``). The router learns
     footprints only from awake rows, and a wake needs its footprint less what it already holds booked."""
     import asyncio
-    import dataclasses
 
     import torch
 
     from elastikv.config import Settings
     from elastikv.instance import open_holding
     from elastikv.ledger import summaries
-    from elastikv.router.config import ModelSpec
     from elastikv.router.room import Room
-    from elastikv.router.states import State
-    from elastikv.router.supervisor import ManagedModel
 
     settings = Settings.from_env({"ELASTIKV_BACKEND": "host", "ELASTIKV_HOST_MEMORY": "64MiB",
                                   "ELASTIKV_BOOK_WEIGHTS": "on", "ELASTIKV_DEVICE_BUDGET": "10MiB",
@@ -306,16 +314,10 @@ def test_an_asleep_engine_keeps_what_it_still_holds_booked_and_its_wake_needs_on
         sleeper.book(weights=4 * MIB, other=2 * MIB)
         sleeper.rest(2 * MIB)  # asleep: the weights are off the device, the context is not
         assert rows() == {"keeper": (3 * MIB, 0), "waking": (0, 2 * MIB)}
-        base = ModelSpec(name="keeper", engine="elastikv", model=None, command=None, args=(),
-                         env={"ELASTIKV_RESERVE": "1MiB"}, limit=None, idle_s=None, sleep_level=1, port=None,
-                         health_path="/health", start_timeout_s=0.6, pin=True)  # fmt: skip
 
         async def run() -> None:
             async with httpx.AsyncClient() as client:
-                awake = ManagedModel(base, 40100, client, tmp_path)
-                waking = ManagedModel(dataclasses.replace(base, name="waking", pin=False), 40101, client, tmp_path)
-                awake.state = State.STARTING
-                awake.state = State.AWAKE
+                awake, waking = _keeper_and_waking(client, tmp_path)
                 room = Room({"keeper": awake, "waking": waking}, lambda m: summaries(tmp_path / "ledger")[0])
                 room.footprint["waking"] = 6 * MIB  # learned when it was last awake
                 # 10 MiB budget, 5 MiB booked: the wake needs 6 - 2 (already booked) + 1 (KV reserve) = 5 MiB.
