@@ -18,7 +18,9 @@ apart. Modes, run one after the other in the same command:
   server sized by ``--gpu-memory-utilization`` to its weights + 4 GiB of KV;
 - ``elastic-idle``: ``elastic`` with ``own``'s idle timer, so that the two differ only in the engine's memory
   management (a visit in turn finds its model asleep, never waiting for another's eviction: on the H100 elastic's
-  return visits took 0.72 s, a sleep and a wake, against own's 0.38 s, a wake).
+  return visits took 0.72 s, a sleep and a wake, against own's 0.38 s, a wake);
+- ``elastic-ahead``: ``elastic`` with the router's ``room_ahead`` of ``gap / 2``: no idle timer, models stay awake
+  while the budget holds them, and room for the next wake is made before it comes (``router/room.py``).
 
 Printed and saved (benchmarks/results/fleet-*.json/.md): per mode, requests answered and failed, time to first
 token of requests that found their model asleep (p50, p99, max) and of cold starts, wakes, starts, evictions,
@@ -118,14 +120,15 @@ def fleet_config(mode: str, engine: str, model: Path, n: int, budget: int, env: 
         weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         total = torch.cuda.mem_get_info()[1] if on_gpu else 2**40
         args += ["--gpu-memory-utilization", f"{(weights + KV_PER_MODEL + 2 * 2**30) / total:.3f}"]
-    idle_s = None if mode == "elastic" else gap / 2  # elastic-idle: the same idle timer as own
+    idle_s = None if mode in ("elastic", "elastic-ahead") else gap / 2  # elastic-idle: the same idle timer as own
     specs = tuple(
         ModelSpec(name=f"m{i}", engine=engine, model=str(model), command=None, args=tuple(args), env=menv,
                   limit=None, idle_s=idle_s, sleep_level=1, port=free_port(), health_path="/health",
                   start_timeout_s=900.0, start=start)
         for i in range(n)
     )  # fmt: skip
-    return RouterConfig(host="127.0.0.1", port=free_port(), admin_token=None, models=specs, source=None)
+    return RouterConfig(host="127.0.0.1", port=free_port(), admin_token=None, models=specs, source=None,
+                        room_ahead_s=gap / 2 if mode == "elastic-ahead" else None)  # fmt: skip
 
 
 def figures(outcomes: list[Outcome], first_round: int) -> dict[str, Any]:
@@ -173,9 +176,9 @@ def main() -> None:
     env = {} if on_gpu else {"ELASTIKV_BACKEND": "host", "ELASTIKV_HOST_MEMORY": args.host_memory}
     names = [f"m{i}" for i in range(args.models)]
     arrivals = trace(names, args.rounds, args.gap, args.requests)
-    unknown = sorted(set(args.modes.split(",")) - {"elastic", "elastic-idle", "own"})
+    unknown = sorted(set(args.modes.split(",")) - {"elastic", "elastic-ahead", "elastic-idle", "own"})
     if unknown:
-        sys.exit(f"fleet.py: unknown mode(s) {', '.join(unknown)}: use elastic, elastic-idle or own")
+        sys.exit(f"fleet.py: unknown mode(s) {', '.join(unknown)}: use elastic, elastic-ahead, elastic-idle or own")
     modes = [m for m in args.modes.split(",") if m.startswith("elastic") or args.engine == "vllm"]
     console = Console()
     results: dict[str, Any] = {}

@@ -44,6 +44,33 @@ def _weights(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def _engine_env(budget: int, ledger_dir: Path) -> dict[str, str]:
+    """Every engine on the host backend, booking its weights against ``budget`` in one ledger."""
+    return {"ELASTIKV_BACKEND": "host", "ELASTIKV_HOST_MEMORY": "512MiB", "ELASTIKV_RESERVE": "0",
+            "ELASTIKV_DEVICE_BUDGET": str(budget), "ELASTIKV_BOOK_WEIGHTS": "on",
+            "ELASTIKV_LEDGER_DIR": str(ledger_dir)}  # fmt: skip
+
+
+def _serve(tmp_path: Path, config: dict[str, object]) -> tuple[subprocess.Popen[bytes], Path]:
+    """``elastikv serve`` on ``config`` (written as router.yaml), in its own process group; its log."""
+    (tmp_path / "router.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIKV")}
+    log = tmp_path / "router.log"
+    command = [sys.executable, "-m", "elastikv.cli", "serve", str(tmp_path / "router.yaml"), "--log-dir",
+               str(tmp_path / "logs")]  # fmt: skip
+    return children.popen(command, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT), log
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_fleet_larger_than_the_budget_answers_every_request_and_never_evicts_the_pinned_model(
     tmp_path: Path,
 ) -> None:
@@ -61,14 +88,7 @@ def test_a_fleet_larger_than_the_budget_answers_every_request_and_never_evicts_t
     config = {
         "listen": f"127.0.0.1:{port}",
         "admin_token": TOKEN,
-        "env": {
-            "ELASTIKV_BACKEND": "host",
-            "ELASTIKV_HOST_MEMORY": "512MiB",
-            "ELASTIKV_RESERVE": "0",
-            "ELASTIKV_DEVICE_BUDGET": str(budget),
-            "ELASTIKV_BOOK_WEIGHTS": "on",
-            "ELASTIKV_LEDGER_DIR": str(ledger_dir),
-        },
+        "env": _engine_env(budget, ledger_dir),
         "models": [
             {
                 "name": name,
@@ -82,23 +102,7 @@ def test_a_fleet_larger_than_the_budget_answers_every_request_and_never_evicts_t
             for name in MODELS
         ],
     }
-    (tmp_path / "router.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ELASTIKV")}
-    log = tmp_path / "router.log"
-    proc = children.popen(
-        [
-            sys.executable,
-            "-m",
-            "elastikv.cli",
-            "serve",
-            str(tmp_path / "router.yaml"),
-            "--log-dir",
-            str(tmp_path / "logs"),
-        ],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    proc, log = _serve(tmp_path, config)
     url = f"http://127.0.0.1:{port}"
     held: list[tuple[int, int]] = []  # (held, budget) sampled from the ledger while the trace runs
     stop = threading.Event()
@@ -139,13 +143,57 @@ def test_a_fleet_larger_than_the_budget_answers_every_request_and_never_evicts_t
         assert max(h for h, _ in held) > weights  # weights really were booked
     finally:
         stop.set()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc)
+
+
+def test_room_ahead_puts_an_idle_model_to_sleep_before_the_next_wake_needs_it(tmp_path: Path) -> None:
+    """``room_ahead``: room for one model; ``a`` is served, then idle. Before any request for the asleep ``b``
+    comes, the router puts ``a`` to sleep for it, so ``b``'s wake waits for no other model's sleep: the only
+    on-demand eviction is the one at start (``b`` loaded, then put to sleep)."""
+    from elastikv.bench.models import make_model
+    from elastikv.ports import free_port
+
+    for seed, name in enumerate(("a", "b")):
+        make_model(tmp_path / name, size="tiny", seed=seed)
+    budget = _weights(tmp_path / "a") + 6 * MIB  # one model and a little KV
+    port = free_port()
+    models = [{"name": n, "model": f"./{n}", "idle": "never", "args": ["--dtype", "float32"],
+               **({"start": "asleep"} if n == "b" else {})} for n in ("a", "b")]  # fmt: skip
+    # A 2 MiB reserve: the room a wake needs counts it (room.kv_floor), so it also covers the page of null blocks
+    # every engine maps at start, which the router does not know of.
+    env = _engine_env(budget, tmp_path / "ledger") | {"ELASTIKV_RESERVE": "2MiB"}
+    config = {"listen": f"127.0.0.1:{port}", "admin_token": TOKEN, "room_ahead": "0.5s", "env": env,
+              "models": models}  # fmt: skip
+    proc, log = _serve(tmp_path, config)
+    url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def states() -> dict[str, str]:
+        rows = httpx.get(f"{url}/admin/status", headers=auth, timeout=10).json()["models"]
+        return {row["model"]: row["state"] for row in rows}
+
+    def evictions() -> dict[str, float]:
+        lines = httpx.get(f"{url}/metrics", timeout=10).text.splitlines()
+        return {line.split("{", 1)[1].split("}", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in lines if line.startswith("elastikv_router_evictions{")}  # fmt: skip
+
+    try:
+        wait_healthy(proc, url, log)
+        assert states() == {"a": "asleep", "b": "asleep"}  # b's start put a to sleep, then b slept
+        r = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": "Once", "max_tokens": 2}, timeout=120)
+        assert r.status_code == 200, (r.text, log.read_text()[-3000:])
+        deadline = time.monotonic() + 30
+        while states()["a"] != "asleep":  # idle 0.5 s, then put to sleep ahead of b's wake (the watch: each 1 s)
+            assert time.monotonic() < deadline, (states(), log.read_text()[-3000:])
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "b", "prompt": "Once", "max_tokens": 2}, timeout=120)
+        assert r.status_code == 200, (r.text, log.read_text()[-3000:])
+        assert states() == {"a": "asleep", "b": "awake"}  # and a stays asleep: no model asleep lacks room now
+        counts = evictions()
+        assert counts.get('model="a",reason="room ahead"') == 1.0, counts
+        assert sum(n for k, n in counts.items() if k.endswith('reason="room"')) == 1.0, counts  # the start's only
+    finally:
+        _stop(proc)
 
 
 def test_room_puts_the_lowest_priority_then_least_recently_used_idle_model_to_sleep_never_a_pinned_or_busy_one(
@@ -331,3 +379,36 @@ def test_an_asleep_engine_keeps_what_it_still_holds_booked_and_its_wake_needs_on
     finally:
         sleeper.close()
         keeper.close()
+
+
+def test_room_ahead_on_an_unreadable_ledger_logs_and_returns_with_the_room_free(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fault while making room ahead (here the ledger cannot be read) ends that round with a warning: nothing
+    raised into the router's watch, nothing put to sleep, the room's lock free for the next wake."""
+    import asyncio
+    import dataclasses
+
+    from elastikv.errors import LedgerError
+    from elastikv.router.room import Room
+    from elastikv.router.states import State
+
+    def unreadable(_model: object) -> None:
+        raise LedgerError("the ledger is busy: held by pid 1 (a test)")
+
+    async def run() -> None:
+        async with httpx.AsyncClient() as client:
+            idle, waiting = _keeper_and_waking(client, tmp_path)
+            idle.spec = dataclasses.replace(idle.spec, pin=False)
+            idle.last_used -= 60.0  # idle for a minute
+            for state in (State.STARTING, State.AWAKE, State.DRAINING, State.SLEEPING, State.ASLEEP):
+                waiting.state = state
+            room = Room({"keeper": idle, "waking": waiting}, unreadable)
+            room.footprint["waking"] = 4 * MIB
+            await asyncio.wait_for(room.make_room_ahead(1.0), timeout=5)
+            assert not room.lock.locked()
+            assert idle.state is State.AWAKE and not room.evictions
+
+    with caplog.at_level("WARNING", logger="elastikv.router"):
+        asyncio.run(run())
+    assert "room ahead: the ledger is busy" in caplog.text

@@ -262,11 +262,14 @@ M = "models:\n  - name: a\n    model: ./models/a\n"  # a valid first model, line
 YAML_ERRORS = [
     pytest.param("", 1, r"the file is empty", id="empty"),
     pytest.param("# nothing but a comment\n", 1, r"the file is empty", id="only-comments"),
-    pytest.param("- a\n- b\n", 1, r"expected a mapping with listen, admin_token, env, models; got a list", id="list"),
+    pytest.param(
+        "- a\n- b\n", 1, r"expected a mapping with listen, admin_token, env, room_ahead, models; got a list", id="list"
+    ),
     pytest.param(
         "listen: 8000\nlisen: 9000\n" + M,
         2,
-        r": unknown key 'lisen' \(did you mean 'listen'\?\); the file takes: listen, admin_token, env, models$",
+        r": unknown key 'lisen' \(did you mean 'listen'\?\); the file takes: listen, admin_token, env, room_ahead, "
+        r"models$",
         id="unknown-top-key",
     ),
     pytest.param(
@@ -357,6 +360,12 @@ YAML_ERRORS = [
         id="bad-idle",
     ),
     pytest.param(M + "    idle: 0\n", 4, r": models\[0\]\.idle: 0 must be more than zero", id="zero-idle"),
+    pytest.param(
+        M + "room_ahead: soon\n",
+        4,
+        r"^\S+:4: room_ahead: 'soon' is not a duration; write 30s, 5m, 1h or never$",
+        id="bad-room-ahead",
+    ),
     pytest.param(
         M + "    start_timeout: never\n",
         4,
@@ -603,6 +612,17 @@ def test_the_result_is_plain_frozen_data(models: Path) -> None:
     assert isinstance(config, RouterConfig)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.port = 1  # type: ignore[misc]
+
+
+def test_room_ahead_is_a_duration_or_never_and_never_by_default(tmp_path: Path) -> None:
+    (tmp_path / "models" / "a").mkdir(parents=True)
+    (tmp_path / "models" / "a" / "config.json").write_text("{}")
+    src = tmp_path / "r.yaml"
+    assert parse_config(M, fmt="yaml", source=src, environ={}).room_ahead_s is None
+    assert parse_config("room_ahead: 2s\n" + M, fmt="yaml", source=src, environ={}).room_ahead_s == 2.0
+    assert parse_config("room_ahead: never\n" + M, fmt="yaml", source=src, environ={}).room_ahead_s is None
+    toml = 'room_ahead = "500ms"\n[[models]]\nname = "a"\nmodel = "./models/a"\n'
+    assert parse_config(toml, fmt="toml", source=src, environ={}).room_ahead_s == 0.5
 
 
 @pytest.mark.parametrize(

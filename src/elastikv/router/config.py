@@ -7,6 +7,7 @@ A complete example (YAML; every key but ``models`` and each model's ``name`` and
                                          # without one the admin endpoints refuse everything
     env:                                 # environment for every engine; ELASTIKV_* variables are checked here
       ELASTIKV_DEVICE_BUDGET: 90%
+    room_ahead: 2s                       # after a wake, sleep models idle 2 s+ until the next wake fits; default never
     models:
       - name: llama-a                    # what clients send as "model": letters, digits, '.', '_', '-'
         engine: elastikv                 # elastikv (default) | vllm | sglang | command
@@ -32,17 +33,8 @@ Placeholders in ``command``: ``{port}`` ``{host}`` ``{model}`` ``{name}``. Defau
 1 (``stop`` for ``command``); ``start_timeout`` 180s (900s for vllm and sglang, which load slowly); ``health``
 /health. A key with an empty value (``env:`` with every entry commented out) counts as not given.
 
-TOML has the same structure::
-
-    listen = "127.0.0.1:8000"
-    [env]
-    ELASTIKV_DEVICE_BUDGET = "90%"
-    [[models]]
-    name = "llama-a"
-    model = "./models/a"
-    idle = "30s"
-    [models.env]
-    ELASTIKV_RESERVE = "8MiB"
+TOML has the same structure (``listen = "127.0.0.1:8000"``, ``[env]``, ``[[models]]`` tables each with
+``name = "llama-a"`` ..., ``[models.env]``; docs/router.md shows a whole file).
 
 Every error names the file, the line and the value: ``router.yaml:7: models[1].idle: '5x' is not a duration; ...``.
 
@@ -111,6 +103,7 @@ class RouterConfig:
     models: tuple[ModelSpec, ...]
     source: Path | None  # the file it came from
     env: dict[str, str] = field(default_factory=dict)  # the global env: models added at run time get it too
+    room_ahead_s: float | None = None  # after a wake, models idle this long sleep until the next wake fits (room.py)
 
 
 def load_config(path: str | Path) -> RouterConfig:
@@ -152,7 +145,7 @@ def parse_config(
     host, port = checked.listen
     models = tuple(_model_spec(entry, checked.env) for entry in checked.models or ())
     return RouterConfig(host=host, port=port, admin_token=checked.admin_token, models=models, source=source,
-                        env=checked.env)  # fmt: skip
+                        env=checked.env, room_ahead_s=checked.room_ahead_s)  # fmt: skip
 
 
 def parse_model(

@@ -340,12 +340,14 @@ class RouterFile(BaseModel):
     listen: Annotated[tuple[str, int], PlainValidator(_listen)] = (DEFAULT_HOST, 8000)
     admin_token: Annotated[str | None, PlainValidator(_admin_token)] = Field(None, validate_default=True)
     env: Annotated[dict[str, str], PlainValidator(_env)] = Field(default_factory=dict)
+    # None (never): room for a wake is made when the wake comes; else idle models asleep ahead (room.py)
+    room_ahead_s: Annotated[float | None, PlainValidator(_seconds), Field(alias="room_ahead")] = None
     models: Annotated[tuple[ModelEntry, ...] | None, BeforeValidator(_model_list)] = None
 
     @model_validator(mode="before")
     @classmethod
     def _mapping(cls, data: object) -> dict[str, object]:
-        return _given(data, cls, "listen, admin_token, env, models", "the file")
+        return _given(data, cls, "listen, admin_token, env, room_ahead, models", "the file")
 
     @model_validator(mode="after")
     def _apart(self) -> RouterFile:

@@ -11,6 +11,12 @@ router puts idle models to sleep first, one at a time, until it does:
   ``start_timeout``), then refuse the request with ``Unavailable`` naming what holds the memory: never a wake that
   the ledger would refuse half way, never a driver out-of-memory.
 
+With ``room_ahead`` in the config, room is also made *before* a wake needs it (``make_room_ahead``, from the
+router's watch): while the asleep model that needs the most could not wake now, a model idle at least that long
+is put to sleep, in the same order. A request that finds its model asleep then waits for its wake only, not for
+another model's sleep first (on the H100, vLLM 8B: 0.37 s instead of 0.72 s); the price is a model put to sleep
+that might have been asked for again.
+
 Who owns what: the ``Room`` owns one lock, held from the check through the wake (or start) that follows, so two
 models waking at once never both count the same free bytes; it owns the footprints it learned. It never changes a
 model's state itself: it asks the model to ``sleep()`` like an admin would, so every invariant of
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from elastikv.config import Settings, format_bytes
+from elastikv.errors import ElastikvError
 from elastikv.ledger_rows import DeviceSummary
 from elastikv.router.states import State, Unavailable
 
@@ -138,14 +145,49 @@ class Room:
                 log.warning("%s: could not be put to sleep for room: %s", victim.spec.name, exc)
                 await asyncio.sleep(POLL_S)
 
-    def pick(self, *, exclude: ManagedModel) -> ManagedModel | None:
-        """The model to put to sleep next: awake, idle, not pinned; lowest priority, then least recently used."""
+    def pick(self, *, exclude: ManagedModel | None, idle_s: float = 0.0) -> ManagedModel | None:
+        """The model to put to sleep next: awake, idle (for ``idle_s`` at least), not pinned; lowest priority, then
+        least recently used."""
         idle = [
             m
             for m in self.models.values()
             if m is not exclude and not m.spec.pin and m.state is State.AWAKE and m.active == 0
-        ]
+            and m.idle_for() >= idle_s
+        ]  # fmt: skip
         return min(idle, key=lambda m: (m.spec.priority, m.last_used), default=None)
+
+    async def make_room_ahead(self, idle_s: float) -> None:
+        """Put models idle for ``idle_s`` to sleep, one at a time, until every asleep model could wake without
+        waiting for room (``room_ahead``). Does nothing while a wake holds the room (it makes its own), and holds
+        it while it works, so a wake that comes meanwhile waits for this sleep instead of starting one of its
+        own. A sleep that fails ends the round (the watch tries again later): it never spins."""
+        if self.lock.locked() or self.pick(exclude=None, idle_s=idle_s) is None:
+            return  # nothing to do without reading the ledger
+        async with self.lock:
+            try:
+                await self._sleep_ahead(idle_s)
+            except ElastikvError as exc:  # an unreadable ledger, a sleep that failed: the next round tries again
+                log.warning("room ahead: %s", exc)
+
+    async def _sleep_ahead(self, idle_s: float) -> None:
+        """``make_room_ahead``'s rounds; the room's lock held."""
+        while (victim := self.pick(exclude=None, idle_s=idle_s)) is not None:
+            short: list[tuple[int, ManagedModel]] = []
+            for m in [m for m in self.models.values() if m.state is State.ASLEEP]:
+                summary = await self._summary(m)
+                footprint = self.footprint.get(m.spec.name) or self.estimate(m)
+                if summary is None or footprint == 0:
+                    continue
+                need = max(0, footprint - self.resident(m, summary)) + self.kv_floor(m, summary.total_bytes)
+                if need > summary.budget_bytes - summary.held_bytes:
+                    short.append((need, m))
+            if not short:
+                return
+            waiting = max(short, key=lambda s: s[0])[1]
+            log.info("%s: put to sleep ahead of a wake of %s (idle %.0f s)", victim.spec.name,
+                     waiting.spec.name, victim.idle_for())  # fmt: skip
+            self.evictions[(victim.spec.name, "room ahead")] += 1
+            await victim.sleep(reason=f"room ahead for {waiting.spec.name}")
 
     def _no_room(self, model: ManagedModel, need: int, free: int, summary: DeviceSummary) -> str:
         holders = sorted(((h.held_bytes, h.name) for h in summary.holdings), reverse=True)

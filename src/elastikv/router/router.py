@@ -37,6 +37,7 @@ from elastikv.router.supervisor import DRAIN_TIMEOUT_S, PORT_FIX, ManagedModel
 log = logging.getLogger("elastikv.router")
 
 WATCH_EVERY_S = 0.25
+AHEAD_EVERY_S = 1.0  # how often the watch looks for room to make ahead of a wake (a ledger read when it could)
 
 
 free_port = ports.free_port
@@ -59,6 +60,8 @@ class Router:
         for spec in config.models:
             self.models[spec.name] = self._managed(spec)
         self._watch_task: asyncio.Task[None] | None = None
+        self._ahead_task: asyncio.Task[None] | None = None  # room.make_room_ahead, one at a time (room_ahead)
+        self._ahead_at = 0.0  # when the watch last started it
         self._ledger_of: dict[str, Path] = {}  # the ledger file each model's instance row was last seen in
         self._changing: dict[str, ManagedModel] = {}  # models being added or removed at run time (admin)
 
@@ -174,10 +177,11 @@ class Router:
             del self._changing[name]
 
     async def stop(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+        for task in (self._watch_task, self._ahead_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         changing = [m for m in self._changing.values() if m not in self.models.values()]  # being added
         await asyncio.gather(*(m.close() for m in [*self.models.values(), *changing]), return_exceptions=True)
         await self.client.aclose()
@@ -202,6 +206,17 @@ class Router:
             for m in self.models.values():
                 m.maybe_sleep_when_idle()
                 m.maybe_check_health()
+            self._maybe_make_room_ahead()
+
+    def _maybe_make_room_ahead(self) -> None:
+        """With ``room_ahead``: at most once a second, and one at a time, make room before a wake needs it."""
+        ahead = self.config.room_ahead_s
+        now = time.monotonic()
+        if ahead is None or now - self._ahead_at < AHEAD_EVERY_S:
+            return
+        if self._ahead_task is None or self._ahead_task.done():
+            self._ahead_at = now
+            self._ahead_task = asyncio.get_running_loop().create_task(self.room.make_room_ahead(ahead))
 
     def ledger_dirs(self) -> list[str | None]:
         """The ledger directories the engines book in (their ELASTIKV_LEDGER_DIR, else the default)."""
