@@ -76,6 +76,21 @@ def test_the_benchmark_runs_both_modes_over_the_rates_and_a_split_sweep_merges(t
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match="prompt_tokens"):
         merge_and_save([path, tmp_path / "other.json"], tmp_path / "merged")
+    # Runs of more modes than others (a mode added later, as elastic-v2 was on the H100) merge: each rate shows the
+    # modes it ran. The second half here carries its elastic figures again under a third mode's name.
+    fast = json.loads(halves[1].read_text())
+    fast["plan"]["modes"] = [*fast["plan"]["modes"], "elastic-v2"]
+    fast["runs"][0]["modes"]["elastic-v2"] = fast["runs"][0]["modes"]["elastic"]
+    halves[1].write_text(json.dumps(fast))
+    mixed = merge_and_save(halves, tmp_path / "mixed")
+    assert mixed["plan"]["modes"] == [*report["plan"]["modes"], "elastic-v2"]
+    (md,) = (tmp_path / "mixed").glob("multi-model-sweep-*.md")
+    assert "| 30 | elastic-v2 |" in md.read_text() and "| 2 | elastic-v2 |" not in md.read_text()
+    assert mixed["peak_p99_ttft_static_over_elastic"] == report["peak_p99_ttft_static_over_elastic"]
+    no_elastic = dict(report, plan=dict(report["plan"], modes=["static", "kvcached"]))
+    (tmp_path / "no-elastic.json").write_text(json.dumps(no_elastic))
+    with pytest.raises(ConfigError, match="without both static and elastic"):
+        merge_reports([path, tmp_path / "no-elastic.json"])
 
 
 def test_a_trace_replays_in_either_order_and_is_placed_by_its_peak_rate(tmp_path: Path) -> None:

@@ -29,6 +29,11 @@ def modes_of(report: dict[str, Any]) -> list[str]:
     return list(report["plan"].get("modes", ("static", "elastic")))
 
 
+def run_modes(report: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """The modes ``run`` has, in the report's order (a merged sweep may hold runs of fewer modes than others)."""
+    return [mode for mode in modes_of(report) if mode in run["modes"]]
+
+
 def _ratio_keys(run: dict[str, Any]) -> list[tuple[str, tuple[str, str]]]:
     """The run's ``<mode>_over_<baseline>`` entries, as (key, (mode, baseline)), static baselines first."""
     keys = [k for k in run if k.endswith(("_over_static", "_over_kvcached"))]
@@ -49,14 +54,14 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     for col in ("rate", "mode", "done", "TTFT mean", "p50", "p99", "TPOT mean", "out tok/s", "prompt tok/s", "KV peak"):
         table.add_column(col, justify="left" if col in ("mode",) else "right")
     for run in report["runs"]:
-        for mode in modes_of(report):
+        for mode in run_modes(report, run):
             m = run["modes"][mode]
             s = m["all"]
             table.add_row(
                 f"{run['rate']:g}", mode, f"{s['completed']}/{s['requests']}",
                 *(_ms(s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean")),
                 f"{m['output_tokens_per_s']:.0f}", f"{m['prompt_tokens_per_s']:.0f}", format_bytes(m["peak_kv_bytes"]),
-                end_section=mode == modes_of(report)[-1],
+                end_section=mode == run_modes(report, run)[-1],
             )  # fmt: skip
     console.print(table)
     for run in report["runs"]:
@@ -104,7 +109,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in report["runs"]:
-        for mode in modes_of(report):
+        for mode in run_modes(report, run):
             m = run["modes"][mode]
             s = m["all"]
             times = " | ".join(_ms(s[k]) for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean"))
@@ -144,7 +149,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for run in report["runs"]:
         for name in p["models"]:
-            for mode in modes_of(report):
+            for mode in run_modes(report, run):
                 m = run["modes"][mode]
                 s = m["models"][name]
                 lines.append(f"| {run['rate']:g} | {name} | {mode} | {s['completed']}/{s['requests']} | "
@@ -175,16 +180,17 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     plan, device, runs = report["plan"], report["device"], report["runs"]
     models, budget = plan["models"], plan["kv_budget"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
-    rates = sorted({r["rate"] for r in runs})  # a rate run more than once: each run a point, the line their mean
-    for mode in modes_of(report):
+    for mode in modes_of(report):  # a rate run more than once: each run a point, the line their mean
         color = COLORS.get(mode, "tab:gray")
-        if all(math.isnan(r["modes"][mode]["all"]["ttft_mean"]) for r in runs):
+        ran = [r for r in runs if mode in r["modes"]]  # a merged sweep: some runs may lack a mode
+        if all(math.isnan(r["modes"][mode]["all"]["ttft_mean"]) for r in ran):
             continue  # a mode that failed, or answered nothing: nothing to draw (the tables say why)
+        mode_rates = sorted({r["rate"] for r in ran})
         for key, style in (("ttft_p99", "-o"), ("ttft_mean", "--s")):
-            values = [[r["modes"][mode]["all"][key] for r in runs if r["rate"] == rate] for rate in rates]
-            top.plot(rates, [sum(v) / len(v) for v in values], style, color=color,
+            values = [[r["modes"][mode]["all"][key] for r in ran if r["rate"] == rate] for rate in mode_rates]
+            top.plot(mode_rates, [sum(v) / len(v) for v in values], style, color=color,
                      label=f"{mode} {key.replace('ttft_', 'TTFT ')}")  # fmt: skip
-            top.plot([r["rate"] for r in runs], [r["modes"][mode]["all"][key] for r in runs], style[-1], color=color,
+            top.plot([r["rate"] for r in ran], [r["modes"][mode]["all"][key] for r in ran], style[-1], color=color,
                      alpha=0.4)  # fmt: skip
     top.set_xscale("log")
     top.set_yscale("log")
@@ -221,7 +227,7 @@ def request_failures(report: dict[str, Any]) -> list[str]:
     mode with failures, their most common errors and counts."""
     lines = []
     for run in report["runs"]:
-        for mode in modes_of(report):
+        for mode in run_modes(report, run):
             m = run["modes"][mode]
             if mode in report.get("failed_modes", {}) or not m["all"]["failed"]:
                 continue
