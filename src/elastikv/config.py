@@ -147,6 +147,9 @@ class Settings:
     # on the host backend weights are not device memory), on (also on the host backend, as if they were: tests
     # of a fleet on a CPU), off.
     book_weights: str = "auto"
+    # vLLM's wake with each weight copy queued on a side stream as soon as its memory is mapped (on), or vLLM's own
+    # map-then-copy, one allocation after another (off). engines/vllm/wake.py
+    vllm_overlap_wake: str = "off"
 
     @property
     def min_chunk_bytes(self) -> int | None:
@@ -241,4 +244,5 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     "ELASTIKV_START_TOKEN": ("start_token", lambda raw, var: raw),
     "ELASTIKV_CONTROL_TOKEN": ("control_token", lambda raw, var: raw),
     "ELASTIKV_BOOK_WEIGHTS": ("book_weights", lambda raw, var: check_choice(raw, ("auto", "on", "off"), var)),
+    "ELASTIKV_VLLM_OVERLAP_WAKE": ("vllm_overlap_wake", lambda raw, var: check_choice(raw, ("on", "off"), var)),
 }

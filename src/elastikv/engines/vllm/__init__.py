@@ -1,7 +1,7 @@
 """vLLM adapter: an unchanged vLLM (v1 engine; 0.26, 0.32, 0.33 and 0.34) with an elastic KV cache.
 
 Applied at start-up by vLLM's own plugin mechanism (``engines/autopatch.py``) in every vLLM process when
-``ELASTIKV=1``. The adapter is four parts, each in its own module:
+``ELASTIKV=1``. The adapter is these parts, each in its own module:
 
 - ``worker.py``: the workers' side common to every release: the virtual capacity vLLM sizes its blocks from,
   which allocation is the real one, the page server (and the ordering of unmaps against GPU work);
@@ -11,7 +11,9 @@ Applied at start-up by vLLM's own plugin mechanism (``engines/autopatch.py``) in
 - ``scheduler.py``: the engine core's side, shared by every release: the ledger row, the allocator over the
   workers' pages, exact admission;
 - ``block_pool.py``: ``ElasticBlockPool``, the scheduler's block pool over that allocator (a mixin, bound to
-  vLLM's ``BlockPool`` on first use).
+  vLLM's ``BlockPool`` on first use);
+- ``pinned.py`` and ``wake.py``: sleep mode, its first sleep as fast as the later ones and (opt-in) its wake's
+  copies overlapped with its mapping.
 
 Every name the adapter patches or calls for a release is listed in its targets (:func:`targets_for`);
 :func:`apply` checks them all before touching anything, and ``scripts/vllm-contract VERSION`` checks any release's
@@ -24,8 +26,9 @@ import logging
 import os
 from types import ModuleType
 
+from elastikv.config import Settings
 from elastikv.engines.patching import Patches, Target, refuse_problems, runtime_problems
-from elastikv.engines.vllm import kv_extensible, kv_split, kv_unified, scheduler, worker
+from elastikv.engines.vllm import kv_extensible, kv_split, kv_unified, scheduler, wake, worker
 from elastikv.engines.vllm.worker import endpoint
 from elastikv.errors import UnsupportedEngine
 
@@ -52,6 +55,7 @@ def targets_for(tup: tuple[int, ...], *, cpu: bool = True) -> tuple[Target, ...]
         *(worker.CPU_TARGETS if cpu else ()),
         *generation(tup).TARGETS,
         *scheduler.TARGETS,
+        *wake.TARGETS,
     )
 
 
@@ -100,6 +104,8 @@ def apply() -> None:
         worker.install(_patches.patch)
         kv.install(_patches.patch)
         scheduler.install(_patches.patch)
+        if Settings.from_env().vllm_overlap_wake == "on":
+            wake.install(_patches.patch)
         log.info("elastikv: vLLM %s patched in process %d (elastic KV cache, %s)", text, os.getpid(), kv.__name__)
 
 
