@@ -37,7 +37,7 @@ from elastikv.instance import (
     open_holding,
     other_bytes,
     resident_bytes,
-    weight_bytes,  # fmt: skip
+    weight_bytes,
 )
 from elastikv.page_plan import PagePlan
 from elastikv.peer_pages import PageServer
