@@ -116,6 +116,7 @@ class BlockAllocator(Maintainer):
         self.space = space
         bpp = self.blocks_per_page = space.blocks_per_page
         self.page_bytes = space.page_bytes
+        self.block_bytes = space.page_bytes // bpp  # device memory one block takes, every layer and buffer
         self.capacity_bytes = space.num_pages * space.page_bytes
         if budget is None:
             budget = LocalBudget(self.capacity_bytes if limit is None else self._clamp_limit(limit))

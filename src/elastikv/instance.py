@@ -120,7 +120,7 @@ class Booked:
         room = self._room_blocks(summary)
         if room >= blocks:
             return
-        block_bytes = self.allocator.page_bytes // self.allocator.blocks_per_page
+        block_bytes = self.allocator.block_bytes
         held = ", ".join(f"{h.name} {format_bytes(h.held_bytes)}" for h in summary.holdings) or "none"
         raise ConfigError(
             f"elastikv: {self.name} could never hold {what} ({format_bytes(blocks * block_bytes)} of KV): the "

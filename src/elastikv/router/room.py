@@ -85,11 +85,16 @@ class Room:
             if h.name in self.models and h.weights_bytes > 0:
                 self.footprint[h.name] = h.held_bytes
 
-    @staticmethod
-    def resident(model: ManagedModel, summary: DeviceSummary) -> int:
-        """What ``model`` holds booked while asleep (its engine's context and graph pools): its wake needs only
-        the rest of its footprint."""
-        return sum(h.held_bytes for h in summary.holdings if h.name == model.spec.name and h.weights_bytes == 0)
+    def wake_need(self, model: ManagedModel, summary: DeviceSummary) -> int | None:
+        """Bytes ``model``'s wake (or start) adds to what is booked: its footprint less what it holds booked
+        asleep (its engine's context and graph pools), plus its KV reserve. None where there is nothing to count
+        (never seen awake and no weight files: KV grows elastically)."""
+        footprint = self.footprint.get(model.spec.name) or self.estimate(model)
+        if footprint == 0:
+            return None
+        held = summary.holding_of(model.spec.name)
+        resident = held.held_bytes if held is not None and held.weights_bytes == 0 else 0
+        return max(0, footprint - resident) + self.kv_floor(model, summary.total_bytes)
 
     @contextlib.asynccontextmanager
     async def for_wake(self, model: ManagedModel) -> AsyncIterator[None]:
@@ -121,10 +126,9 @@ class Room:
         deadline = time.monotonic() + model.spec.start_timeout_s
         while True:
             summary = await self._summary(model)
-            footprint = self.footprint.get(model.spec.name) or self.estimate(model)
-            if summary is None or footprint == 0:
+            need = None if summary is None else self.wake_need(model, summary)
+            if summary is None or need is None:
                 return False  # no ledger yet, or nothing booked besides KV: nothing to count (KV grows elastically)
-            need = max(0, footprint - self.resident(model, summary)) + self.kv_floor(model, summary.total_bytes)
             free = summary.budget_bytes - summary.held_bytes
             if free >= need:
                 return True
@@ -175,11 +179,8 @@ class Room:
             short: list[tuple[int, ManagedModel]] = []
             for m in [m for m in self.models.values() if m.state is State.ASLEEP]:
                 summary = await self._summary(m)
-                footprint = self.footprint.get(m.spec.name) or self.estimate(m)
-                if summary is None or footprint == 0:
-                    continue
-                need = max(0, footprint - self.resident(m, summary)) + self.kv_floor(m, summary.total_bytes)
-                if need > summary.budget_bytes - summary.held_bytes:
+                need = None if summary is None else self.wake_need(m, summary)
+                if summary is not None and need is not None and need > summary.budget_bytes - summary.held_bytes:
                     short.append((need, m))
             if not short:
                 return

@@ -83,7 +83,7 @@ def _wrap_add_waiting_request(original: Callable[..., None]) -> Callable[..., No
             alloc, bs = cache.elastic.allocator, cache.block_size
             tokens = len(state.initial_tokens) + int(state.max_new_tokens)
             need = -(-tokens // bs)
-            block_bytes = alloc.page_bytes // alloc.blocks_per_page
+            block_bytes = alloc.block_bytes
             can = min(alloc.limit // block_bytes - NULL_BLOCKS, alloc.num_blocks)
             if need > can:
                 raise LimitExceeded(

@@ -123,7 +123,7 @@ class ElasticBlockPoolMixin(_BlockPool):  # type: ignore[misc]
         for b in self.blocks:  # vLLM linked them all into its queue; ours starts empty
             b.prev_free_block = b.next_free_block = None
         self.free_block_queue = self._free_queue_class([])
-        self._block_bytes = self._alloc.page_bytes // self._alloc.blocks_per_page
+        self._block_bytes = self._alloc.block_bytes
 
     # -- admission ----------------------------------------------------------------------------------------
     def begin_admission(self, extra: int = 0) -> None:

@@ -18,6 +18,7 @@ while the copy still reads it).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from collections.abc import Callable
@@ -69,8 +70,6 @@ def _address(pointer: Any) -> int:
 
 def wrap_wake_up(original: Callable[..., Any]) -> Callable[..., Any]:
     def wake_up(self: Any, tags: list[str] | None = None) -> Any:
-        import importlib
-
         cumem: Any = importlib.import_module(MODULE)
         real = cumem.libcudart
         if real is None or not torch.cuda.is_available():
