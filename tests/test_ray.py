@@ -261,10 +261,11 @@ def test_a_hot_model_spreads_to_a_new_replica_and_the_cluster_shrinks_when_it_co
         for c in burst:
             c.start()
         # The policy on the replicas' real figures under this burst wants one more replica, and Serve starts one.
+        # 90 s: on CI's two loaded cores the first streams wait for "hot" to wake and for the ingress's handle.
         hot = wait_for(lambda: (s := list(stats_by_node().values())) and sum(r["in_flight"] for r in s) >= 5 and s,
-                       30, "the burst in flight")  # fmt: skip
+                       90, "the burst in flight")  # fmt: skip
         assert _policy_on(hot, 2) == 3, hot
-        wait_for(lambda: len(deploy.replica_stats()) == 3, 30, "Serve starting a third replica")
+        wait_for(lambda: len(deploy.replica_stats()) == 3, 60, "Serve starting a third replica")
         t_up = time.monotonic()
         print(f"scale-up asked {t_up - t0:.1f} s into the burst")
         # Two CPU cores: the burst would starve the new replica's start. A trickle keeps the count wanted at 3.
@@ -301,7 +302,8 @@ def test_a_hot_model_spreads_to_a_new_replica_and_the_cluster_shrinks_when_it_co
         stop.set()
         trickle_stop.set()
         for c in burst + trickle:
-            c.join(60)
+            if c.ident is not None:  # a failure before the trickle started leaves it unstarted: not joinable
+                c.join(60)
     assert set(codes) == {200}, codes
     # Cool: the hot model sleeps after its idle time (2 s) wherever it woke; a replica with nothing awake and
     # nothing in flight is cold, and the policy gives one back. Serve picks which (docs/ray.md, "Limits").

@@ -48,6 +48,12 @@ def _ledger_rows(ledger_dir: Path) -> list[str]:
     return [row.name for s in summaries(ledger_dir) for row in s.instances]  # reading reaps dead processes' rows
 
 
+def _mapped(ledger_dir: Path) -> int:
+    from elastikv.ledger import summaries
+
+    return sum(row.mapped_bytes for s in summaries(ledger_dir) for row in s.instances)
+
+
 def test_tp2_with_elastikv_answers_as_plain_tp2_and_a_killed_worker_leaves_nothing(model: Path, tmp_path: Path) -> None:
     """Greedy tokens equal plain TP=2; one instance whose allocator spans both ranks, each serving its own KV space;
     then rank 1 killed mid-generation: the engine ends with a reason (not a hang), no worker outlives it, and the
@@ -68,12 +74,25 @@ def test_tp2_with_elastikv_answers_as_plain_tp2_and_a_killed_worker_leaves_nothi
         assert "ranks=2" in log, log[-3000:]  # one instance, its allocator over both ranks
         assert sorted(ranks) == [0, 1], log[-3000:]  # each rank made and served its own KV space
         assert len(rows) == 1, rows
+        # Kill mid-generation, known from the ledger: the long requests map pages beyond what the short ones
+        # left (a fixed sleep lost the race on CI's loaded cores: the whole generation ran before the kill).
+        before = _mapped(ledger)
         engine.send(op="generate", prompts=prompts(16, 300, seed=21), max_tokens=1600)  # busy on both ranks
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while _mapped(ledger) <= before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _mapped(ledger) > before, "the long generation never mapped a page"
         t0 = time.monotonic()
         os.kill(ranks[1], signal.SIGKILL)
-        with pytest.raises(AssertionError, match="the engine exited"):  # an end with a reason, not a hang
-            engine.receive(timeout=90)
+        try:
+            reply = engine.receive(timeout=90)
+        except AssertionError as exc:  # an end with a reason, not a hang
+            assert "the engine exited" in str(exc), str(exc)[-3000:]
+        else:
+            pytest.fail(
+                f"answered after rank 1 was killed: finish {reply['finish']}, lengths "
+                f"{[len(t) for t in reply['tokens']]}, {reply['seconds']:.1f} s; log:\n{engine.tail(80)}"
+            )
         ended_in = time.monotonic() - t0
     finally:
         if engine.proc.poll() is None:

@@ -129,6 +129,7 @@ def generate(llm: Any, cmd: dict[str, Any], SamplingParams: Any, TokensPrompt: A
     stats = inst.allocator.stats() if inst is not None else None
     return {
         "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "finish": [str(o.outputs[0].finish_reason) for o in outs],  # "length", or "abort" when vLLM ended them
         "cached": [int(o.num_cached_tokens or 0) for o in outs],
         "seconds": seconds,
         "before": before,
