@@ -116,6 +116,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256 if gpu else 64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sleeps", type=int, default=4, help="sleep/wake cycles (the first sleep is reported apart)")
+    ap.add_argument(
+        "--wake-chunk",
+        default=None,
+        metavar="SIZE",
+        help="ELASTIKV_WAKE_CHUNK: most bytes per device allocation of a wake (default: one per dtype)",
+    )
     ap.add_argument("--model-dir", default=None, help="reuse a model made earlier")
     args = ap.parse_args()
     device = torch.cuda.get_device_name() if gpu else "CPU (host backend)"
@@ -135,9 +141,9 @@ def main() -> None:
         from transformers.generation.continuous_batching import continuous_api
 
         static_cache = continuous_api.PagedAttentionCache
-        settings = Settings.from_env({"ELASTIKV_RESERVE": "256MiB", "ELASTIKV_PREFIX_CACHE": "0"} if gpu else
-                                     {"ELASTIKV_HOST_MEMORY": "2GiB", "ELASTIKV_RESERVE": "8MiB",
-                                      "ELASTIKV_PREFIX_CACHE": "0"})  # fmt: skip
+        env = ({"ELASTIKV_RESERVE": "256MiB", "ELASTIKV_PREFIX_CACHE": "0"} if gpu else
+               {"ELASTIKV_HOST_MEMORY": "2GiB", "ELASTIKV_RESERVE": "8MiB", "ELASTIKV_PREFIX_CACHE": "0"})  # fmt: skip
+        settings = Settings.from_env(env | ({"ELASTIKV_WAKE_CHUNK": args.wake_chunk} if args.wake_chunk else {}))
         engine = Engine(path, name="bench", settings=settings, dtype=str(dtype).removeprefix("torch."),
                         max_batch_tokens=512, max_kv_tokens=args.requests * (128 + args.new_tokens) + 1024,
                         stash_weights=True)  # fmt: skip
@@ -212,7 +218,8 @@ def main() -> None:
         f"| decode throughput, elastikv (tok/s) | {statistics.median(elastic):.0f} |",
         f"| elastic / static | {ratio:.3f} |",
         f"| weights stashed | {stash.nbytes / 2**20:.0f} MiB, {'pinned' if pinned else 'not pinned'}, made in "
-        f"{'-' if pinned_in is None else f'{pinned_in:.2f}'} s in the background |",
+        f"{'-' if pinned_in is None else f'{pinned_in:.2f}'} s in the background; a wake makes {stash.pieces} "
+        f"device allocation(s) (ELASTIKV_WAKE_CHUNK {args.wake_chunk or 'unset'}) |",
         f"| copy floor: bytes / {'pinned H2D' if gpu else 'host'} bandwidth ({bandwidth / 1e9:.1f} GB/s), s | "
         f"{floor:.3f} |",
         f"| sleep level {level} (level used: {slept_at}), first (s) | {vs_floor(first_sleep)} |",
@@ -235,7 +242,8 @@ def main() -> None:
                             "stash_bytes": stash.nbytes, "stash_pinned": pinned, "stash_made_s": pinned_in,
                             "copy_bandwidth_bytes_s": bandwidth, "copy_floor_s": floor,
                             "released_bytes": released, "weights_bytes": weights, "kv_bytes": kv,
-                            "identical_after_wake": identical, "level": level}, text)  # fmt: skip
+                            "identical_after_wake": identical, "level": level, "wake_chunk": args.wake_chunk,
+                            "wake_pieces": stash.pieces}, text)  # fmt: skip
     if not identical:
         sys.exit(1)
 

@@ -62,10 +62,12 @@ async def _ask(engine: Any, prompt: list[int], n: int = 8) -> tuple[list[int], f
     return last, first or 0.0
 
 
-def test_sleep_and_wake_through_pinned_buffers_answer_the_same(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wake_chunk", [None, "16MiB"], ids=["one-buffer", "pieces"])
+def test_sleep_and_wake_through_pinned_buffers_answer_the_same(tmp_path: Path, wake_chunk: str | None) -> None:
     from elastikv.serving.engine import Engine
 
-    settings = Settings.from_env({"ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger"), "ELASTIKV_RESERVE": "64MiB"})
+    env = {"ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger"), "ELASTIKV_RESERVE": "64MiB"}
+    settings = Settings.from_env(env | ({"ELASTIKV_WAKE_CHUNK": wake_chunk} if wake_chunk else {}))
     engine = Engine(_model_dir(tmp_path), name="small", settings=settings, device="cuda", dtype="bfloat16")
     try:
         stash = engine.stash
@@ -92,11 +94,13 @@ def test_sleep_and_wake_through_pinned_buffers_answer_the_same(tmp_path: Path) -
             t_wake = time.perf_counter() - t0
             answer, ttft = asyncio.run(_ask(engine, prompts[0]))
             t_first = t_wake + ttft
+            assert len({p.untyped_storage().data_ptr() for p in engine.model.parameters()}) == len(stash._pieces)
             assert answer == before[0][0]
             assert asyncio.run(_ask(engine, prompts[1]))[0] == before[1][0]
             rows.append((i, t_sleep, t_wake, t_first))
         floor = nbytes / pinned_h2d_bandwidth()
-        print(f"\n{torch.cuda.get_device_name()}: {nbytes / 2**20:.0f} MiB of bf16 weights; PyTorch sees the "
+        print(f"\n{torch.cuda.get_device_name()} ({len(stash._pieces)} wake allocations): "
+              f"{nbytes / 2**20:.0f} MiB of bf16 weights; PyTorch sees the "
               f"buffer pinned: {host.is_pinned()}; pinned in "
               f"{stash.prepare_seconds:.2f} s (background); copy floor {floor * 1e3:.1f} ms; warm TTFT "
               f"{warm_ttft * 1e3:.1f} ms")  # fmt: skip

@@ -7,6 +7,7 @@ there). Expected answers are the engine's own before it slept.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,6 +120,44 @@ def test_one_buffer_per_dtype(tmp_path: Path) -> None:
     assert len(_storages(model)) == 2
     assert all(torch.equal(p, w) and p.dtype == w.dtype for p, w in zip(model.parameters(), want, strict=True))
     stash.close()
+
+
+def test_a_wake_in_pieces_gives_the_same_model_each_piece_within_the_chunk(tmp_path: Path) -> None:
+    """ELASTIKV_WAKE_CHUNK: the buffer comes back as several device allocations, each at most the chunk (or one
+    slot larger than it alone), cut at slot starts; tied weights stay tied; the next sleep copies whole pieces."""
+    model = _llama(tmp_path / "m", tie_word_embeddings=True)
+    model.register_parameter("bf16_extra", torch.nn.Parameter(torch.randn(64, 8).to(torch.bfloat16)))
+    want, half = _logits(model), model.get_parameter("bf16_extra").detach().clone()
+    sizes = sorted(p.numel() * p.element_size() for p in model.parameters() if p.dtype == torch.float32)
+    chunk = sizes[-2] + 1  # the largest slot alone is over it
+    stash = WeightStash(model, CPU, chunk_bytes=chunk)
+    stash.prepare()
+    pieces = stash._pieces
+    assert len([p for p in pieces if p.dtype == torch.float32]) >= 3 and [p.dtype for p in pieces].count(
+        torch.bfloat16) == 1  # fmt: skip
+    starts = {s.start for s in stash._slots}
+    for p in pieces:  # a partition of each dtype's buffer, cut where slots start
+        assert p.lo in starts and (p.hi - p.lo) * p.dtype.itemsize <= max(chunk, sizes[-1] + ALIGN)
+    for dtype in (torch.float32, torch.bfloat16):
+        mine = [p for p in pieces if p.dtype == dtype]
+        assert mine[0].lo == 0 and mine[-1].hi == stash._sizes[dtype]
+        assert all(a.hi == b.lo for a, b in itertools.pairwise(mine))
+    for _ in range(2):
+        stash.stash()
+        stash.wake()
+        assert len(_storages(model)) == len(pieces)  # one device allocation per piece
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        torch.testing.assert_close(_logits(model), want, rtol=0, atol=0)
+        assert torch.equal(model.get_parameter("bf16_extra"), half)
+        assert stash._device_buffers() is not None  # the next sleep copies whole pieces
+    stash.close()
+
+
+def test_the_wake_chunk_setting_reaches_the_stash() -> None:
+    assert Settings.from_env({"ELASTIKV_WAKE_CHUNK": "1GiB"}).wake_chunk.resolve(0) == 2**30  # type: ignore[union-attr]
+    assert Settings.from_env({}).wake_chunk is None
+    with pytest.raises(ElastikvError, match="ELASTIKV_WAKE_CHUNK"):
+        Settings.from_env({"ELASTIKV_WAKE_CHUNK": "10%"})
 
 
 def test_a_storage_seen_as_two_dtypes_is_refused_with_the_way_out() -> None:

@@ -133,6 +133,8 @@ class Settings:
     # of the host's physical memory. Per engine: each engine on a host pins its own. 0: never pin (sleep level 1
     # becomes level 2).
     pin_budget: Size = Size(fraction=0.5)
+    # The most bytes one device allocation of a wake brings back (serving/weights.py); None: one per dtype.
+    wake_chunk: Size | None = None
     log_level: str = "INFO"
     name: str | None = None
     device_budget: Size | None = None  # None: keep what the device's ledger has (95% when new)
@@ -233,6 +235,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
         lambda raw, var: parse_size(raw, what=var, allow_percent=True, allow_zero=False),
     ),
     "ELASTIKV_PIN_BUDGET": ("pin_budget", lambda raw, var: parse_size(raw, what=var, allow_percent=True)),
+    "ELASTIKV_WAKE_CHUNK": ("wake_chunk", lambda raw, var: parse_size(raw, what=var, allow_percent=False)),
     "ELASTIKV_LOG_LEVEL": ("log_level", _log_level),
     "ELASTIKV_NAME": ("name", lambda raw, var: check_name(raw, var)),
     "ELASTIKV_DEVICE_BUDGET": ("device_budget", lambda raw, var: parse_size(raw, what=var, allow_zero=False)),

@@ -162,7 +162,8 @@ class Engine:
         self.no_stash: str | None = None  # why a level 1 sleep is done as level 2, when it always is
         if self.device.type == "cuda" if stash_weights is None else stash_weights:
             try:
-                stash = WeightStash(self.model, self.device)
+                chunk = self.settings.wake_chunk.resolve(0) if self.settings.wake_chunk is not None else 0
+                stash = WeightStash(self.model, self.device, chunk_bytes=chunk)
                 self.no_stash = over_budget(stash.nbytes, self.settings)
             except ElastikvError as exc:  # a layout it cannot keep
                 self.no_stash = str(exc)

@@ -14,15 +14,20 @@ Who owns what. A :class:`WeightStash` belongs to one engine (``serving/engine.py
   so tied weights come back tied (one ``Parameter`` object under two names, as transformers ties embeddings, is
   one parameter here).
 
-The model owns its parameters; the stash only re-points their ``.data``. After :meth:`WeightStash.wake` the
-device buffers (one flat tensor per dtype) are owned by the parameters that view them: the stash keeps only their
-addresses, so dropping the parameters' data (sleep level 2) frees them.
+The model owns its parameters; the stash only re-points their ``.data``. A wake brings the weights back in
+*pieces*: consecutive slots of one dtype, one device allocation and one copy each. By default one piece per dtype
+(one ``cudaMalloc`` of the whole 15 GiB, then its copy); with ``ELASTIKV_WAKE_CHUNK`` pieces of at most that many
+bytes (a slot larger than that is a piece alone), each copy queued as soon as its piece is allocated, so that
+allocating the next overlaps it (``benchmarks/wake_parts.py`` measures both). After :meth:`WeightStash.wake` the
+device pieces are owned by the parameters that view them: the stash keeps only their addresses, so dropping the
+parameters' data (sleep level 2) frees them.
 
 Invariants:
 
 - the host buffers are never made again: every sleep writes the same memory (the same ``data_ptr``);
-- after :meth:`WeightStash.wake` every parameter is a view of its dtype's device buffer at its slot, so the next
-  :meth:`WeightStash.copy_out` copies one whole buffer per dtype; before the first wake, or after the weights
+- the pieces partition each dtype's buffer, fixed at construction: every slot lies in exactly one;
+- after :meth:`WeightStash.wake` every parameter is a view of its piece's device buffer at its slot, so the next
+  :meth:`WeightStash.copy_out` copies one whole buffer per piece; before the first wake, or after the weights
   were reloaded from files, it copies parameter by parameter into the same slots;
 - from :meth:`WeightStash.free_device` to :meth:`WeightStash.wake` every parameter is an empty tensor on the
   device and the host buffers hold the only copy of the weights.
@@ -123,6 +128,31 @@ def _layout(model: torch.nn.Module) -> tuple[list[_Slot], dict[torch.dtype, int]
     return slots, sizes
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """Elements ``[lo, hi)`` of one dtype's buffer: what one wake allocation and one copy bring back."""
+
+    dtype: torch.dtype
+    lo: int
+    hi: int
+
+
+def _pieces(slots: list[_Slot], sizes: dict[torch.dtype, int], chunk_bytes: int) -> list[_Piece]:
+    """Each dtype's buffer cut at slot starts into pieces of at most ``chunk_bytes`` (0: one piece per dtype),
+    in the order the model named its parameters' storages (so layer by layer, as a forward pass reads them)."""
+    out: list[_Piece] = []
+    for dtype, n in sizes.items():
+        starts = sorted({s.start for s in slots if s.dtype == dtype})  # each storage's slot (the first at 0)
+        most = n if chunk_bytes <= 0 else max(1, chunk_bytes // dtype.itemsize)
+        lo = 0
+        for start, end in zip(starts, [*starts[1:], n], strict=True):  # each slot's extent, up to the next slot
+            if start > lo and end - lo > most:
+                out.append(_Piece(dtype, lo, start))
+                lo = start
+        out.append(_Piece(dtype, lo, n))
+    return out
+
+
 def _cudart() -> Any:
     return torch.cuda.cudart()  # type: ignore[no-untyped-call]
 
@@ -148,17 +178,20 @@ class WeightStash:
     thread-safe for :meth:`copy_out`, :meth:`free_device` and :meth:`wake` (the engine serialises sleep and wake);
     :meth:`prepare` may run on another thread meanwhile."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, *, chunk_bytes: int = 0) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             # "cuda" alone means the caller's current device; the pinning thread must name it (set_device
             # refuses a device without an index, and a new thread's current device is device 0)
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._slots, self._sizes = _layout(model)
+        self._pieces = _pieces(self._slots, self._sizes, chunk_bytes)
+        self._piece_of = [next(i for i, p in enumerate(self._pieces) if p.dtype == s.dtype and p.lo <= s.start < p.hi)
+                          for s in self._slots]  # fmt: skip
         self._host: dict[torch.dtype, torch.Tensor] = {}
         self._maps: list[mmap.mmap] = []
         self._pinned: list[int] = []  # addresses registered with CUDA
-        self._live: dict[torch.dtype, int] = {}  # after wake: each dtype's device buffer address
+        self._live: list[int] = []  # after wake: each piece's device buffer address
         self._lock = threading.Lock()
         self._done = threading.Event()  # prepare finished, made or failed
         self._thread: threading.Thread | None = None
@@ -173,6 +206,11 @@ class WeightStash:
     def nbytes(self) -> int:
         """Host bytes the buffers take (the parameters' storages, each slot aligned)."""
         return sum(n * dtype.itemsize for dtype, n in self._sizes.items())
+
+    @property
+    def pieces(self) -> int:
+        """Device allocations (and copies) a wake makes: one per dtype, or more with ``ELASTIKV_WAKE_CHUNK``."""
+        return len(self._pieces)
 
     @property
     def pinned(self) -> bool:
@@ -265,9 +303,9 @@ class WeightStash:
         if self.asleep:
             raise ElastikvError("the weights are stashed already (wake before stashing again)")
         whole = self._device_buffers()
-        if whole is not None:  # after a wake from the stash: one copy per dtype
-            for dtype, flat in whole.items():
-                self._host[dtype].copy_(flat, non_blocking=True)
+        if whole is not None:  # after a wake from the stash: one copy per piece
+            for piece, flat in zip(self._pieces, whole, strict=True):
+                self._host[piece.dtype][piece.lo : piece.hi].copy_(flat, non_blocking=True)
             return
         for s in self._slots:
             data = s.param.data
@@ -282,7 +320,7 @@ class WeightStash:
         self.synchronize()
         for s in self._slots:
             s.param.data = torch.empty(0, dtype=s.dtype, device=self.device)
-        self._live = {}
+        self._live = []
         self.asleep = True
 
     def stash(self) -> None:
@@ -291,19 +329,19 @@ class WeightStash:
         self.free_device()
 
     def wake(self, *, sync: bool = True) -> None:
-        """Bring the weights back: one device buffer and one copy per dtype, every parameter re-pointed at its
-        slot. With ``sync=False`` the copies may still run on return (stream-ordered): call :meth:`synchronize`
-        before any other stream reads the weights."""
+        """Bring the weights back: one device allocation and one copy per piece, each copy queued before the next
+        piece is allocated, every parameter re-pointed at its slot. With ``sync=False`` the copies may still run on
+        return (stream-ordered): call :meth:`synchronize` before any other stream reads the weights."""
         if not self.asleep:
             raise ElastikvError("the weights are not stashed")
-        device: dict[torch.dtype, torch.Tensor] = {}
-        for dtype, host in self._host.items():
-            flat = torch.empty(host.numel(), dtype=dtype, device=self.device)
-            flat.copy_(host, non_blocking=True)
-            device[dtype] = flat
-        for s in self._slots:
-            s.param.data = device[s.dtype].as_strided(s.shape, s.stride, s.at)
-        self._live = {dtype: flat.untyped_storage().data_ptr() for dtype, flat in device.items()}
+        device: list[torch.Tensor] = []
+        for piece in self._pieces:
+            flat = torch.empty(piece.hi - piece.lo, dtype=piece.dtype, device=self.device)
+            flat.copy_(self._host[piece.dtype][piece.lo : piece.hi], non_blocking=True)
+            device.append(flat)
+        for s, i in zip(self._slots, self._piece_of, strict=True):
+            s.param.data = device[i].as_strided(s.shape, s.stride, s.at - self._pieces[i].lo)
+        self._live = [flat.untyped_storage().data_ptr() for flat in device]
         self.asleep = False
         if sync:
             self.synchronize()
@@ -312,21 +350,21 @@ class WeightStash:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _device_buffers(self) -> dict[torch.dtype, torch.Tensor] | None:
-        """Each dtype's whole device buffer, if every parameter is still the view :meth:`wake` made; else None."""
+    def _device_buffers(self) -> list[torch.Tensor] | None:
+        """Each piece's whole device buffer, if every parameter is still the view :meth:`wake` made; else None."""
         if not self._live:
             return None
-        first: dict[torch.dtype, Any] = {}
-        for s in self._slots:
+        first: dict[int, torch.Tensor] = {}
+        for s, i in zip(self._slots, self._piece_of, strict=True):
             data = s.param.data
             if (  # (an address is unique across host and devices: CUDA's unified addressing)
                 not s.matches(data)
-                or data.untyped_storage().data_ptr() != self._live.get(s.dtype)
-                or data.storage_offset() != s.at
+                or data.untyped_storage().data_ptr() != self._live[i]
+                or data.storage_offset() != s.at - self._pieces[i].lo
             ):
                 return None
-            first.setdefault(s.dtype, data)
-        return {dtype: data.as_strided((self._sizes[dtype],), (1,), 0) for dtype, data in first.items()}
+            first.setdefault(i, data)
+        return [first[i].as_strided((p.hi - p.lo,), (1,), 0) for i, p in enumerate(self._pieces)]
 
     def close(self) -> None:
         """Unpin and drop the host buffers (waits for a :meth:`prepare` still running). Weights stashed are lost."""
