@@ -108,6 +108,25 @@ def timed_ask(engine: Any, prompt: list[int]) -> tuple[list[int], float, float]:
     return tokens, first - t0, end - t0
 
 
+def _variant(text: str) -> tuple[str, int, bool]:
+    """``CHUNK/EARLY`` -> (its name, bytes per wake allocation (0: one per dtype), early)."""
+    from elastikv.config import parse_size
+
+    chunk, _, early = text.strip().partition("/")
+    if early not in ("on", "off"):
+        sys.exit(f"--wake {text!r}: write CHUNK/EARLY, CHUNK a size or 'whole', EARLY on or off")
+    nbytes = 0 if chunk == "whole" else parse_size(chunk, what="--wake", allow_percent=False).resolve(0)
+    return text.strip(), nbytes, early == "on"
+
+
+def _variant_row(name: str, rows: list[dict[str, Any]], base: list[dict[str, Any]], floor: float) -> str:
+    wake = statistics.median(r["wake_s"] for r in rows)
+    first = statistics.median(r["wake_to_first_token_s"] for r in rows)
+    base_first = statistics.median(r["wake_to_first_token_s"] for r in base)
+    return (f"| {name} | {rows[0]['pieces']} | {wake:.3f} | {first:.3f} | {first / floor:.2f}x | "
+            f"{first / base_first:.3f} | {all(r['same_answer'] for r in rows)} |")  # fmt: skip
+
+
 def main() -> None:
     gpu = torch.cuda.is_available()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -116,12 +135,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256 if gpu else 64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sleeps", type=int, default=4, help="sleep/wake cycles (the first sleep is reported apart)")
-    ap.add_argument(
-        "--wake-chunk",
-        default=None,
-        metavar="SIZE",
-        help="ELASTIKV_WAKE_CHUNK: most bytes per device allocation of a wake (default: one per dtype)",
-    )
+    ap.add_argument("--wake", default="whole/off", metavar="CHUNK/EARLY,...",
+                    help="wake variants, each run for --sleeps cycles in this one process, the first the baseline: "
+                         "CHUNK the most bytes per device allocation (ELASTIKV_WAKE_CHUNK; whole: one per dtype), "
+                         "EARLY on/off (ELASTIKV_WAKE_EARLY); e.g. whole/off,1GiB/off,1GiB/on")  # fmt: skip
     ap.add_argument("--model-dir", default=None, help="reuse a model made earlier")
     args = ap.parse_args()
     device = torch.cuda.get_device_name() if gpu else "CPU (host backend)"
@@ -143,7 +160,8 @@ def main() -> None:
         static_cache = continuous_api.PagedAttentionCache
         env = ({"ELASTIKV_RESERVE": "256MiB", "ELASTIKV_PREFIX_CACHE": "0"} if gpu else
                {"ELASTIKV_HOST_MEMORY": "2GiB", "ELASTIKV_RESERVE": "8MiB", "ELASTIKV_PREFIX_CACHE": "0"})  # fmt: skip
-        settings = Settings.from_env(env | ({"ELASTIKV_WAKE_CHUNK": args.wake_chunk} if args.wake_chunk else {}))
+        settings = Settings.from_env(env)
+        variants = [_variant(v) for v in args.wake.split(",")]
         engine = Engine(path, name="bench", settings=settings, dtype=str(dtype).removeprefix("torch."),
                         max_batch_tokens=512, max_kv_tokens=args.requests * (128 + args.new_tokens) + 1024,
                         stash_weights=True)  # fmt: skip
@@ -176,23 +194,32 @@ def main() -> None:
         cycles: list[dict[str, Any]] = []
         identical = True
         released = 0
-        for i in range(args.sleeps):
-            if gpu:
-                torch.cuda.synchronize()
-            free0 = device_free()
-            slept = engine.sleep(level)
-            free1 = device_free()
-            if i == 0:
-                weights_asleep = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-                kv_asleep = engine.instance.allocator.stats().mapped_bytes if engine.instance is not None else 0
-                released = free1 - free0 if gpu else (kv - kv_asleep) + (weights - weights_asleep)  # CPU: counted
-            t0 = time.perf_counter()
-            woke = engine.wake_up()
-            t1 = time.perf_counter()
-            after, first, end = asyncio.run(ask(engine, prompt))
-            identical = identical and after == before
-            cycles.append({"sleep": slept, "wake": woke, "wake_s": woke["seconds"], "wake_to_first_token_s": first - t0,
-                           "wake_to_answer_s": end - t0, "ttft_s": first - t1, "answer_s": end - t1})  # fmt: skip
+        by_variant: dict[str, list[dict[str, Any]]] = {}
+        for name, chunk, early in variants:
+            stash.set_chunk(chunk)
+            engine.wake_early = early
+            mine = by_variant.setdefault(name, [])
+            for _ in range(args.sleeps):
+                if gpu:
+                    torch.cuda.synchronize()
+                free0 = device_free()
+                slept = engine.sleep(level)
+                free1 = device_free()
+                if not cycles:
+                    weights_asleep = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+                    kv_asleep = engine.instance.allocator.stats().mapped_bytes if engine.instance is not None else 0
+                    released = free1 - free0 if gpu else (kv - kv_asleep) + (weights - weights_asleep)  # CPU: counted
+                t0 = time.perf_counter()
+                woke = engine.wake_up()
+                t1 = time.perf_counter()
+                after, first, end = asyncio.run(ask(engine, prompt))
+                identical = identical and after == before
+                row = {"variant": name, "pieces": stash.pieces, "sleep": slept, "wake": woke, "wake_s": woke["seconds"],
+                       "wake_to_first_token_s": first - t0, "wake_to_answer_s": end - t0, "ttft_s": first - t1,
+                       "answer_s": end - t1, "same_answer": after == before}  # fmt: skip
+                mine.append(row)
+                if name == variants[0][0]:
+                    cycles.append(row)
         engine.close()
         bandwidth = copy_bandwidth(gpu)
 
@@ -218,8 +245,7 @@ def main() -> None:
         f"| decode throughput, elastikv (tok/s) | {statistics.median(elastic):.0f} |",
         f"| elastic / static | {ratio:.3f} |",
         f"| weights stashed | {stash.nbytes / 2**20:.0f} MiB, {'pinned' if pinned else 'not pinned'}, made in "
-        f"{'-' if pinned_in is None else f'{pinned_in:.2f}'} s in the background; a wake makes {stash.pieces} "
-        f"device allocation(s) (ELASTIKV_WAKE_CHUNK {args.wake_chunk or 'unset'}) |",
+        f"{'-' if pinned_in is None else f'{pinned_in:.2f}'} s in the background |",
         f"| copy floor: bytes / {'pinned H2D' if gpu else 'host'} bandwidth ({bandwidth / 1e9:.1f} GB/s), s | "
         f"{floor:.3f} |",
         f"| sleep level {level} (level used: {slept_at}), first (s) | {vs_floor(first_sleep)} |",
@@ -231,6 +257,12 @@ def main() -> None:
         f"| same request's TTFT when warm (s) | {warm_ttft:.3f} |",
         f"| wake_up to the 16-token answer, median (s) | {to_answer:.3f} (warm answer: {warm_answer:.3f}) |",
         f"| answers after every wake identical | {identical} |",
+        "",
+        f"Wake variants ({args.sleeps} cycles each, medians; the first is the baseline and the table above):",
+        "",
+        "| wake (chunk/early) | allocations | wake_up (s) | wake to first token (s) | / floor | / baseline | same |",
+        "|---|---|---|---|---|---|---|",
+        *(_variant_row(name, rows, by_variant[variants[0][0]], floor) for name, rows in by_variant.items()),
     ]
     text = "\n".join(lines) + "\n"
     print(text)
@@ -242,8 +274,8 @@ def main() -> None:
                             "stash_bytes": stash.nbytes, "stash_pinned": pinned, "stash_made_s": pinned_in,
                             "copy_bandwidth_bytes_s": bandwidth, "copy_floor_s": floor,
                             "released_bytes": released, "weights_bytes": weights, "kv_bytes": kv,
-                            "identical_after_wake": identical, "level": level, "wake_chunk": args.wake_chunk,
-                            "wake_pieces": stash.pieces}, text)  # fmt: skip
+                            "identical_after_wake": identical, "level": level,
+                            "wake_variants": by_variant}, text)  # fmt: skip
     if not identical:
         sys.exit(1)
 

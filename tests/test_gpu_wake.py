@@ -62,11 +62,15 @@ async def _ask(engine: Any, prompt: list[int], n: int = 8) -> tuple[list[int], f
     return last, first or 0.0
 
 
-@pytest.mark.parametrize("wake_chunk", [None, "16MiB"], ids=["one-buffer", "pieces"])
-def test_sleep_and_wake_through_pinned_buffers_answer_the_same(tmp_path: Path, wake_chunk: str | None) -> None:
+@pytest.mark.parametrize(("wake_chunk", "early"), [(None, "off"), ("16MiB", "off"), ("16MiB", "on")],
+                         ids=["one-buffer", "pieces", "pieces-early"])  # fmt: skip
+def test_sleep_and_wake_through_pinned_buffers_answer_the_same(tmp_path: Path, wake_chunk: str | None,
+                                                              early: str) -> None:  # fmt: skip
+    """ELASTIKV_WAKE_CHUNK (the wake in pieces) and ELASTIKV_WAKE_EARLY (requests taken while the copies run, the
+    forward waiting for them on the GPU) give the same answers as the one-buffer wake."""
     from elastikv.serving.engine import Engine
 
-    env = {"ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger"), "ELASTIKV_RESERVE": "64MiB"}
+    env = {"ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger"), "ELASTIKV_RESERVE": "64MiB", "ELASTIKV_WAKE_EARLY": early}
     settings = Settings.from_env(env | ({"ELASTIKV_WAKE_CHUNK": wake_chunk} if wake_chunk else {}))
     engine = Engine(_model_dir(tmp_path), name="small", settings=settings, device="cuda", dtype="bfloat16")
     try:

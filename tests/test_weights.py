@@ -153,11 +153,15 @@ def test_a_wake_in_pieces_gives_the_same_model_each_piece_within_the_chunk(tmp_p
     stash.close()
 
 
-def test_the_wake_chunk_setting_reaches_the_stash() -> None:
+def test_the_wake_settings_are_read_and_checked() -> None:
     assert Settings.from_env({"ELASTIKV_WAKE_CHUNK": "1GiB"}).wake_chunk.resolve(0) == 2**30  # type: ignore[union-attr]
     assert Settings.from_env({}).wake_chunk is None
     with pytest.raises(ElastikvError, match="ELASTIKV_WAKE_CHUNK"):
         Settings.from_env({"ELASTIKV_WAKE_CHUNK": "10%"})
+    assert Settings.from_env({"ELASTIKV_WAKE_EARLY": "on"}).wake_early == "on"
+    assert Settings.from_env({}).wake_early == "off"
+    with pytest.raises(ElastikvError, match="ELASTIKV_WAKE_EARLY"):
+        Settings.from_env({"ELASTIKV_WAKE_EARLY": "yes"})
 
 
 def test_a_storage_seen_as_two_dtypes_is_refused_with_the_way_out() -> None:
@@ -247,6 +251,25 @@ def test_the_engine_answers_the_same_after_every_wake(engine: Any) -> None:
         timings.append((t1 - t0, woke, answers[0][1]))
     each = (f"sleep {s * 1e3:.1f} ms, wake {w * 1e3:.1f} ms, first token after {f * 1e3:.1f} ms" for s, w, f in timings)
     print("\nCPU, tiny Llama, stash on: " + "; ".join(each))
+
+
+def test_a_wake_in_pieces_taking_requests_early_answers_the_same(tmp_path: Path, model_dir: Path) -> None:
+    """ELASTIKV_WAKE_CHUNK and ELASTIKV_WAKE_EARLY through the engine: several allocations per wake, no host wait
+    for the copies in wake_up (each forward's stream waits instead: a no-op on a CPU, whose copies are done on
+    return), the same answers after every wake. tests/test_gpu_wake.py runs it where the copies are asynchronous."""
+    engine = _engine(tmp_path, model_dir, ELASTIKV_WAKE_CHUNK="64KiB", ELASTIKV_WAKE_EARLY="on")
+    try:
+        before = [asyncio.run(_ask(engine, p))[0] for p in PROMPTS]
+        stash = engine.stash
+        assert stash is not None and stash.wait(30) and stash.pieces > 4 and engine.wake_early
+        assert engine._await_weights in engine.model._forward_pre_hooks.values()
+        for _ in range(3):
+            assert engine.sleep(1)["sleeping"] == 1
+            engine.wake_up()
+            assert len({p.untyped_storage().data_ptr() for p in engine.model.parameters()}) == stash.pieces
+            assert [asyncio.run(_ask(engine, p))[0] for p in PROMPTS] == before
+    finally:
+        engine.close()
 
 
 def test_level_1_over_the_pin_budget_sleeps_at_level_2_and_says_so(tmp_path: Path, model_dir: Path) -> None:

@@ -135,6 +135,9 @@ class Settings:
     pin_budget: Size = Size(fraction=0.5)
     # The most bytes one device allocation of a wake brings back (serving/weights.py); None: one per dtype.
     wake_chunk: Size | None = None
+    # on: the embedded engine takes requests while a wake's copies still run (the forward waits for them on the
+    # GPU, not the host); off: the wake returns once the weights are back.
+    wake_early: str = "off"
     log_level: str = "INFO"
     name: str | None = None
     device_budget: Size | None = None  # None: keep what the device's ledger has (95% when new)
@@ -236,6 +239,7 @@ ENV_VARS: dict[str, tuple[str, Callable[[str, str], object]]] = {
     ),
     "ELASTIKV_PIN_BUDGET": ("pin_budget", lambda raw, var: parse_size(raw, what=var, allow_percent=True)),
     "ELASTIKV_WAKE_CHUNK": ("wake_chunk", lambda raw, var: parse_size(raw, what=var, allow_percent=False)),
+    "ELASTIKV_WAKE_EARLY": ("wake_early", lambda raw, var: check_choice(raw, ("on", "off"), var)),
     "ELASTIKV_LOG_LEVEL": ("log_level", _log_level),
     "ELASTIKV_NAME": ("name", lambda raw, var: check_name(raw, var)),
     "ELASTIKV_DEVICE_BUDGET": ("device_budget", lambda raw, var: parse_size(raw, what=var, allow_zero=False)),

@@ -159,6 +159,7 @@ class Engine:
         self._manager: Any = None
         self._asleep: int = 0  # 0 awake, else the level
         self.stash: WeightStash | None = None  # where level 1 puts the weights; None: they stay put, or level 2
+        self.wake_early = self.settings.wake_early == "on"  # take requests while a wake's copies run
         self.no_stash: str | None = None  # why a level 1 sleep is done as level 2, when it always is
         if self.device.type == "cuda" if stash_weights is None else stash_weights:
             try:
@@ -169,6 +170,7 @@ class Engine:
                 self.no_stash = str(exc)
             if self.no_stash is None:
                 self.stash = stash  # pinned once the engine serves (below); the first sleep waits (PIN_WAIT_S)
+                self.model.register_forward_pre_hook(self._await_weights)  # (ELASTIKV_WAKE_EARLY)
             else:
                 log.warning("%s: %s: sleep level 1 will be level 2 (weights reloaded from %s at wake)",
                             self.name, self.no_stash, self.path)  # fmt: skip
@@ -358,12 +360,18 @@ class Engine:
                 self.died = str(exc)  # unhealthy from now on: the router restarts the engine
                 raise
             finally:
-                if copying:
+                if copying and not self.wake_early:
                     assert self.stash is not None
                     self.stash.synchronize()  # before any request: the batching thread computes on its own stream
             self._asleep = 0
             self.wakes += 1
             return {"sleeping": 0, "seconds": time.perf_counter() - t0}
+
+    def _await_weights(self, _module: Any, _args: Any) -> None:
+        """Before each forward: with ``wake_early`` its stream waits on the GPU for the wake's copies, so that the
+        first request is scheduled and launched while they run (no wait after they are done)."""
+        if self.wake_early and self.stash is not None:
+            self.stash.await_copies()
 
     def _reload_weights(self) -> None:
         from safetensors.torch import load_file

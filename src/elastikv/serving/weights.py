@@ -185,13 +185,12 @@ class WeightStash:
             # refuses a device without an index, and a new thread's current device is device 0)
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._slots, self._sizes = _layout(model)
-        self._pieces = _pieces(self._slots, self._sizes, chunk_bytes)
-        self._piece_of = [next(i for i, p in enumerate(self._pieces) if p.dtype == s.dtype and p.lo <= s.start < p.hi)
-                          for s in self._slots]  # fmt: skip
         self._host: dict[torch.dtype, torch.Tensor] = {}
         self._maps: list[mmap.mmap] = []
         self._pinned: list[int] = []  # addresses registered with CUDA
         self._live: list[int] = []  # after wake: each piece's device buffer address
+        self._copied: Any = None  # after a wake on CUDA: an event recorded behind its copies (await_copies)
+        self.set_chunk(chunk_bytes)  # the pieces a wake brings back
         self._lock = threading.Lock()
         self._done = threading.Event()  # prepare finished, made or failed
         self._thread: threading.Thread | None = None
@@ -321,6 +320,7 @@ class WeightStash:
         for s in self._slots:
             s.param.data = torch.empty(0, dtype=s.dtype, device=self.device)
         self._live = []
+        self._copied = None
         self.asleep = True
 
     def stash(self) -> None:
@@ -342,9 +342,29 @@ class WeightStash:
         for s, i in zip(self._slots, self._piece_of, strict=True):
             s.param.data = device[i].as_strided(s.shape, s.stride, s.at - self._pieces[i].lo)
         self._live = [flat.untyped_storage().data_ptr() for flat in device]
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._copied.record()  # on this thread's current stream, behind the copies
         self.asleep = False
         if sync:
             self.synchronize()
+
+    def await_copies(self) -> None:
+        """Make the calling thread's current stream wait, on the device, for the last wake's copies (the host does
+        not wait). For a forward that may start while a wake's copies still run (``ELASTIKV_WAKE_EARLY``); a
+        no-op off CUDA, after the copies were waited for, and while a CUDA graph is being captured (the warm-up
+        forward before a capture has waited on the same stream)."""
+        copied = self._copied
+        if copied is not None and not torch.cuda.is_current_stream_capturing():
+            torch.cuda.current_stream(self.device).wait_event(copied)
+
+    def set_chunk(self, chunk_bytes: int) -> None:
+        """Cut the buffers into pieces of at most ``chunk_bytes`` from the next wake on (0: one per dtype). Awake,
+        the next sleep then copies parameter by parameter (the device buffers were cut the old way)."""
+        self._pieces = _pieces(self._slots, self._sizes, chunk_bytes)
+        self._piece_of = [next(i for i, p in enumerate(self._pieces) if p.dtype == s.dtype and p.lo <= s.start < p.hi)
+                          for s in self._slots]  # fmt: skip
+        self._live = []
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
