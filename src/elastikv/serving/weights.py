@@ -25,12 +25,15 @@ parameters' data (sleep level 2) frees them.
 Invariants:
 
 - the host buffers are never made again: every sleep writes the same memory (the same ``data_ptr``);
-- the pieces partition each dtype's buffer, fixed at construction: every slot lies in exactly one;
+- the pieces partition each dtype's buffer (cut at construction, or again by :meth:`WeightStash.set_chunk`):
+  every slot lies in exactly one;
 - after :meth:`WeightStash.wake` every parameter is a view of its piece's device buffer at its slot, so the next
   :meth:`WeightStash.copy_out` copies one whole buffer per piece; before the first wake, or after the weights
   were reloaded from files, it copies parameter by parameter into the same slots;
 - from :meth:`WeightStash.free_device` to :meth:`WeightStash.wake` every parameter is an empty tensor on the
-  device and the host buffers hold the only copy of the weights.
+  device and the host buffers hold the only copy of the weights;
+- after a wake on CUDA, a stream that ran :meth:`WeightStash.await_copies` reads the weights only after the
+  wake's copies (the engine's ``ELASTIKV_WAKE_EARLY`` takes requests before they end on that basis).
 
 Module buffers (``register_buffer``: rotary frequencies and the like) are not moved: they are small and stay.
 
@@ -344,7 +347,7 @@ class WeightStash:
         self._live = [flat.untyped_storage().data_ptr() for flat in device]
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._copied.record()  # on this thread's current stream, behind the copies
+            self._copied.record(torch.cuda.current_stream(self.device))  # behind the copies, on their stream
         self.asleep = False
         if sync:
             self.synchronize()
