@@ -289,6 +289,54 @@ def test_level_1_over_the_pin_budget_sleeps_at_level_2_and_says_so(tmp_path: Pat
         engine.close()
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_a_wake_that_fails_bringing_the_weights_back_leaves_the_engine_asleep_holding_no_more(
+    tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch, level: int
+) -> None:
+    """A driver out-of-memory while the weights come back (injected: the third device allocation of a wake in
+    pieces, or of a level 2 reload, fails): wake_up raises an error that names it and says the engine is still
+    asleep; nothing of the weights stays allocated; the ledger books what it booked asleep, not the weights; the
+    next wake brings the same model back."""
+    engine = _engine(tmp_path, model_dir, ELASTIKV_WAKE_CHUNK="64KiB", ELASTIKV_BOOK_WEIGHTS="on")
+    try:
+        before = asyncio.run(_ask(engine, PROMPTS[0]))[0]
+        assert engine.stash is not None and engine.stash.wait(30)
+        booked = engine.footprint.holding.ledger.summary  # type: ignore[union-attr]
+        assert engine.sleep(level)["sleeping"] == level
+        asleep = {h.name: h.weights_bytes for h in booked().holdings}
+        assert asleep.get("tiny", 0) == 0
+        calls, real_empty, real_load = [0], torch.empty, weights.load_weights
+
+        def empty(*args: Any, **kwargs: Any) -> torch.Tensor:  # the stash's device allocations
+            calls[0] += 1
+            if calls[0] == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 KiB (injected)")
+            return real_empty(*args, **kwargs)
+
+        def load(model: Any, *args: Any, **kwargs: Any) -> None:  # level 2: fails after loading some weights
+            real_load(model, *args, **kwargs)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected, after the load)")
+
+        if level == 1:
+            monkeypatch.setattr(torch, "empty", empty)
+        else:
+            monkeypatch.setattr("elastikv.serving.engine.load_weights", load)
+        with pytest.raises(
+            ElastikvError, match=r"waking failed bringing the weights back .*out of memory.*still asleep"
+        ):
+            engine.wake_up()
+        monkeypatch.undo()
+        assert engine.sleeping == level
+        assert sum(p.numel() for p in engine.model.parameters()) == 0  # nothing of the weights kept
+        assert {h.name: h.weights_bytes for h in booked().holdings}.get("tiny", 0) == 0  # the ledger as asleep
+        assert engine.stash.asleep if level == 1 else True
+        engine.wake_up()
+        assert engine.sleeping == 0 and asyncio.run(_ask(engine, PROMPTS[0]))[0] == before
+        assert {h.name: h.weights_bytes for h in booked().holdings}["tiny"] > 0
+    finally:
+        engine.close()
+
+
 def test_a_sleep_that_finds_the_stash_still_pinning_waits_a_bounded_time(
     engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -44,7 +44,7 @@ from elastikv.errors import ConfigError, ElastikvError, EngineDied
 from elastikv.serving import attention as attention_impl
 from elastikv.serving.footprint import START_ROOM_WAIT_S, Footprint
 from elastikv.serving.kv_size import kv_bytes_per_token
-from elastikv.serving.weights import WeightStash, over_budget
+from elastikv.serving.weights import WeightStash, load_weights, over_budget
 
 log = logging.getLogger("elastikv")
 
@@ -331,8 +331,7 @@ class Engine:
                 assert self.stash is not None
                 self.stash.free_device()
             elif used == 2:
-                for p in self.model.parameters():
-                    p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+                self._weights_off()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self.footprint.drop()  # the weights are off the device
@@ -349,11 +348,17 @@ class Engine:
             t0 = time.perf_counter()
             self.footprint.book()  # before the weights come back (LimitExceeded: no room; it stays asleep)
             copying = self._asleep == 1 and self.stash is not None and self.stash.asleep
-            if self._asleep == 2:
-                self._reload_weights()
-            elif copying:
-                assert self.stash is not None
-                self.stash.wake(sync=False)  # copies in flight while the manager starts (it runs no model yet)
+            try:
+                if self._asleep == 2:
+                    load_weights(self.model, self.path, self.device, name=self.name)
+                elif copying:
+                    assert self.stash is not None
+                    self.stash.wake(sync=False)  # copies in flight while the manager starts (it runs no model yet)
+            except Exception as exc:  # a driver out-of-memory, a bad file: asleep as before, holding no more
+                self._weights_off()
+                self.footprint.drop()
+                raise ElastikvError(f"{self.name}: waking failed bringing the weights back ({exc}); still asleep, "
+                                    "holding only what it held asleep: the next wake tries again") from exc  # fmt: skip
             try:
                 self._start()
             except EngineDied as exc:
@@ -367,28 +372,18 @@ class Engine:
             self.wakes += 1
             return {"sleeping": 0, "seconds": time.perf_counter() - t0}
 
+    def _weights_off(self) -> None:
+        """Every parameter an empty tensor on the device (level 2 asleep; a failed wake's partial load undone)."""
+        for p in self.model.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _await_weights(self, _module: Any, _args: Any) -> None:
         """Before each forward: with ``wake_early`` its stream waits on the GPU for the wake's copies, so that the
         first request is scheduled and launched while they run (no wait after they are done)."""
         if self.wake_early and self.stash is not None:
             self.stash.await_copies()
-
-    def _reload_weights(self) -> None:
-        from safetensors.torch import load_file
-
-        by_name = dict(self.model.named_parameters())
-        loaded: set[str] = set()
-        for f in sorted(self.path.glob("*.safetensors")):
-            for key, tensor in load_file(str(f), device=str(self.device)).items():
-                p = by_name.get(key)
-                if p is not None:
-                    p.data = tensor.to(p.dtype)
-                    loaded.add(key)
-        missing = set(by_name) - loaded
-        for key in missing:  # tied weights share a tensor with a loaded one
-            tied = self.model.get_parameter(key)
-            if tied.numel() == 0:
-                raise ElastikvError(f"waking {self.name}: weight {key} is not in {self.path}'s files")
 
     def _watch_manager(self, loop: asyncio.AbstractEventLoop) -> None:
         """While requests wait for tokens, check once a second that transformers' batching thread lives; if it

@@ -23,7 +23,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
-from elastikv.errors import ConfigError, EngineDied
+from elastikv.errors import ConfigError, ElastikvError, EngineDied
 from elastikv.serving import requests
 from elastikv.serving.engine import Asleep, Engine
 
@@ -233,7 +233,7 @@ def create_app(
         check_control(request)
         try:
             return await asyncio.get_running_loop().run_in_executor(None, engine.wake_up)
-        except EngineDied as exc:
+        except ElastikvError as exc:  # died waking, no room for the weights, the weights not brought back
             raise HTTPException(503, str(exc)) from None
 
     @app.get("/metrics")

@@ -52,6 +52,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,6 +155,24 @@ def _pieces(slots: list[_Slot], sizes: dict[torch.dtype, int], chunk_bytes: int)
                 lo = start
         out.append(_Piece(dtype, lo, n))
     return out
+
+
+def load_weights(model: torch.nn.Module, path: Path, device: torch.device, *, name: str) -> None:
+    """Every parameter of ``model`` read again from ``path``'s safetensors files onto ``device`` (the wake after
+    sleep level 2). A parameter neither in the files nor tied to one that is is an error naming it."""
+    from safetensors.torch import load_file
+
+    by_name = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for f in sorted(path.glob("*.safetensors")):
+        for key, tensor in load_file(str(f), device=str(device)).items():
+            p = by_name.get(key)
+            if p is not None:
+                p.data = tensor.to(p.dtype)
+                loaded.add(key)
+    for key in set(by_name) - loaded:  # tied weights share a tensor with a loaded one
+        if model.get_parameter(key).numel() == 0:
+            raise ElastikvError(f"waking {name}: weight {key} is not in {path}'s files")
 
 
 def _cudart() -> Any:
