@@ -252,6 +252,45 @@ def test_the_benchmark_serves_each_mode_with_vllm(tmp_path: Path) -> None:
         assert run["modes"][mode]["all"]["completed"] == run["requests"], run["modes"][mode]["all"]
     assert run["modes"]["elastic"]["peak_kv_bytes"] <= report["plan"]["kv_budget"]
     assert "elastic_over_static" in run
+    for mode in ("static", "elastic"):  # vLLM's own counts of this trace, every request in them
+        counted = run["modes"][mode]["engine_counts"]
+        assert sorted(counted) == sorted(report["plan"]["models"]), counted
+        assert sum(c["requests"] for c in counted.values()) == run["requests"], counted
+        assert all(c["queue_s"] >= 0 and c["prefill_s"] > 0 for c in counted.values()), counted
+    assert "Where TTFT went, by vLLM's own counts" in next(out.glob("multi-model-*.md")).read_text()
+
+
+def test_vllms_counters_are_read_per_trace_from_a_prometheus_exposition() -> None:
+    """engine_metrics: vLLM's preemption counter and its queue and prefill histograms (written here by
+    prometheus_client, as vLLM writes them, one label set per engine), summed over label sets; a trace's share is
+    the difference of two readings; elastikv's gauges apart; an engine without them gives no counts."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from elastikv.bench import engine_metrics
+
+    registry = CollectorRegistry()
+    labels = ["model_name", "engine"]
+    preempted = Counter("vllm:num_preemptions", "preemptions", labels, registry=registry)
+    queue = Histogram("vllm:request_queue_time_seconds", "queue", labels, registry=registry)
+    prefill = Histogram("vllm:request_prefill_time_seconds", "prefill", labels, registry=registry)
+    mapped = Gauge("elastikv_kv_pages_mapped_total", "pages", ["model"], registry=registry)
+    mapped.labels("a").set(7)
+
+    def serve(n: int, queued_s: float, engine: str) -> None:
+        for _ in range(n):
+            queue.labels("a", engine).observe(queued_s)
+            prefill.labels("a", engine).observe(0.05)
+
+    serve(2, 0.5, "0")
+    before = {"a": engine_metrics.parse(generate_latest(registry).decode())}
+    serve(3, 1.0, "0")
+    serve(1, 2.0, "1")
+    preempted.labels("a", "1").inc(4)
+    after = {"a": engine_metrics.parse(generate_latest(registry).decode()), "asleep": {}}
+    share = engine_metrics.counts(before, after)
+    assert share == {"a": {"requests": 4.0, "preemptions": 4.0, "queue_s": pytest.approx(5.0 / 4),
+                           "prefill_s": pytest.approx(0.05)}}  # fmt: skip
+    assert engine_metrics.gauges(after) == {"a": {"kv_pages_mapped_total": 7.0}, "asleep": {}}
 
 
 def test_a_mode_that_fails_is_a_result_and_the_other_modes_still_run(tmp_path: Path) -> None:

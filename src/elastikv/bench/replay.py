@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from elastikv.bench import engine_metrics
 from elastikv.bench.workload import Arrival, Outcome, replay
 from elastikv.config import format_bytes
 from elastikv.errors import Interrupted
@@ -34,6 +35,7 @@ class Replayed:
     samples: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (seconds since its start, held)
     seconds: float = 0.0  # from the first send to the last answer
     engine_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> its elastikv_* figures
+    engine_counts: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> vLLM's, this trace's share
 
 
 Held = Callable[[Any], dict[str, int]]  # the Router -> bytes of KV each model holds now
@@ -152,6 +154,7 @@ async def _replay_one(
     stall_s: float | None,
 ) -> Replayed:
     result = Replayed(outcomes=[])
+    before = await engine_metrics.read(router)
     stop = threading.Event()
     t0 = time.monotonic()
 
@@ -182,26 +185,7 @@ async def _replay_one(
         stop.set()
         sampler.join()
     result.seconds = time.monotonic() - t0
-    result.engine_metrics = await _engine_metrics(router)
+    after = await engine_metrics.read(router)
+    result.engine_metrics = engine_metrics.gauges(after)
+    result.engine_counts = engine_metrics.counts(before, after)
     return result
-
-
-async def _engine_metrics(router: Any) -> dict[str, dict[str, float]]:
-    """Each engine's own ``elastikv_*`` gauges (e.g. time its allocator spent in the driver), read from its
-    /metrics; an engine that does not answer (asleep, another engine kind) gives nothing."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, dict[str, float]] = {}
-    async with httpx.AsyncClient(timeout=5.0) as client:
-        for name, model in router.models.items():
-            try:
-                text = (await client.get(f"{model.url}/metrics")).text
-            except httpx.HTTPError:
-                continue
-            out[name] = {
-                family.name.removeprefix("elastikv_"): family.samples[0].value
-                for family in text_string_to_metric_families(text)
-                if family.type == "gauge" and family.name.startswith("elastikv_") and family.samples
-            }
-    return out

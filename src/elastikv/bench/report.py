@@ -167,6 +167,15 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {rate:g} | {name} | {g.get('caller_map_seconds', 0):.3f} | "
                          f"{g.get('background_map_seconds', 0):.3f} | {g.get('unmap_seconds', 0):.3f} | "
                          f"{maps:.0f} ({by_caller:.0f}) |")  # fmt: skip
+    counted = [(run["rate"], mode, name, c) for run in report["runs"] for mode in run_modes(report, run)
+               for name, c in run["modes"][mode].get("engine_counts", {}).items()]  # fmt: skip
+    if counted:
+        lines += ["", "Where TTFT went, by vLLM's own counts (means over this rate's requests; queue: waiting to be "
+                  "scheduled, for KV memory or for compute):", "",
+                  "| peak rate | mode | model | requests | queue mean (ms) | prefill mean (ms) | preemptions |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {rate:g} | {mode} | {name} | {c['requests']:.0f} | {_ms(c['queue_s'])} | {_ms(c['prefill_s'])} | "
+                  f"{c['preemptions']:.0f} |" for rate, mode, name, c in counted]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -36,6 +36,8 @@ class ModeResult:
     memory: list[tuple[float, dict[str, int]]]  # (seconds, KV bytes each model held), sampled
     engine_metrics: dict[str, dict[str, float]]  # cumulative per engine since its start (driver time...)
     errors: dict[str, int] = dataclasses.field(default_factory=dict)  # why requests failed: the 5 most common
+    # vLLM's own counts for this trace per model: preemptions, mean queue and prefill seconds (engine_metrics.py)
+    engine_counts: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, r: Replayed, models: Sequence[str]) -> ModeResult:
@@ -53,6 +55,7 @@ class ModeResult:
             memory=[(round(t, 2), h) for t, h in r.samples],
             engine_metrics=r.engine_metrics,
             errors=dict(Counter(_why(o) for o in r.outcomes if not o.ok).most_common(5)),
+            engine_counts=r.engine_counts,
         )
 
     def as_json(self) -> dict[str, Any]:
