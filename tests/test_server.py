@@ -286,3 +286,57 @@ def test_a_flood_over_the_limit_all_completes_through_the_server(tmp_path: Path)
     assert [r["usage"]["completion_tokens"] for r in replies] == [32] * 24
     assert len({r["choices"][0]["text"] for r in replies}) == 1  # same prompt, greedy: the same answer
     assert stats.pages_mapped_total * stats.page_bytes <= 6 * 2**20  # never more than the limit
+
+
+def test_a_wake_the_budget_cannot_take_is_a_503_naming_it_and_the_engine_stays_asleep(tmp_path: Path) -> None:
+    """Another process books the device budget while the engine sleeps: POST /wake_up answers 503 with the
+    ledger's reason (what the router takes as 'not now': the model stays asleep, the next request tries again),
+    the engine is still asleep and books no weights; once the memory comes free, the same wake goes ahead."""
+    import httpx
+    import torch
+    import uvicorn
+
+    from elastikv.bench.models import make_model
+    from elastikv.config import Settings
+    from elastikv.instance import open_holding
+    from elastikv.ledger import summaries
+    from elastikv.serving.engine import Engine
+    from elastikv.serving.server import create_app
+
+    settings = Settings.from_env({"ELASTIKV_HOST_MEMORY": "1GiB", "ELASTIKV_RESERVE": "2MiB",
+                                  "ELASTIKV_LEDGER_DIR": str(tmp_path / "ledger"), "ELASTIKV_BOOK_WEIGHTS": "on",
+                                  "ELASTIKV_DEVICE_BUDGET": "24MiB"})  # fmt: skip
+    engine = Engine(make_model(tmp_path / "tiny", size="tiny"), name="tiny", settings=settings, device="cpu",
+                    dtype="float32")  # fmt: skip
+    hog = open_holding(torch.device("cpu"), settings, name="hog")
+    assert hog is not None
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+
+    def weights_booked() -> int:
+        (summary,) = summaries(tmp_path / "ledger")
+        return sum(h.weights_bytes for h in summary.holdings if h.name == "tiny")
+
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert weights_booked() > 0
+        assert httpx.post(f"{base}/sleep", params={"level": 2}, timeout=60).json()["sleeping"] == 2
+        hog.book(weights=22 * 1024**2)  # what is left of the budget cannot take the tiny model's weights
+        refused = httpx.post(f"{base}/wake_up", timeout=60)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["type"] == "wake_refused" and "budget" in refused.text, refused.text
+        print("\nrefused:", refused.json()["error"]["message"])
+        assert httpx.get(f"{base}/is_sleeping").json()["is_sleeping"] is True and weights_booked() == 0
+        hog.drop()
+        assert httpx.post(f"{base}/wake_up", timeout=60).status_code == 200 and weights_booked() > 0
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        hog.close()
+        engine.close()

@@ -229,12 +229,14 @@ def create_app(
             raise HTTPException(400, str(exc)) from None
 
     @app.post("/wake_up")
-    async def wake_up(request: Request) -> dict[str, Any]:
+    async def wake_up(request: Request) -> Any:
         check_control(request)
         try:
             return await asyncio.get_running_loop().run_in_executor(None, engine.wake_up)
-        except ElastikvError as exc:  # died waking, no room for the weights, the weights not brought back
+        except EngineDied as exc:
             raise HTTPException(503, str(exc)) from None
+        except ElastikvError as exc:  # no room for the weights, or they did not come back: still asleep, try later
+            return JSONResponse({"error": {"message": str(exc), "type": "wake_refused"}}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
