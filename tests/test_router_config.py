@@ -714,3 +714,7 @@ def test_vllm_sleep_levels_on_a_machine_without_a_gpu_say_to_stop_instead(
     assert "--enable-sleep-mode" not in launch.launch(dataclasses.replace(spec, sleep_level="stop"), 8000).argv
     monkeypatch.setattr(launch, "GPU_NODES", (str(tmp_path / "m"),))  # a device node that is there
     assert "--enable-sleep-mode" in launch.launch(spec, 8000).argv
+    # vLLM's level 2 discards the weights' contents and its wake does not bring them back: after such a wake the
+    # router reloads them through vLLM's dev-mode RPC (tests/test_vllm_gpu_serving.py runs it on a GPU)
+    assert launch.launch(spec, 8000).reload == ("POST", "/collective_rpc", {"method": "reload_weights"})
+    assert launch.launch(dataclasses.replace(spec, engine="elastikv"), 8000).reload is None  # reloads itself

@@ -358,8 +358,9 @@ def test_elastikv_serve_runs_two_vllm_models_that_sleep_when_idle_and_wake_on_de
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     spec = {"engine": "vllm", "model": str(model), "idle": "4s", "sleep_level": 1, "args": SERVE_ARGS}
+    # m2 sleeps at level 2: vLLM discards its weights, and the router reloads them after the wake (launch.reload)
     config = {"listen": f"127.0.0.1:{port}", "admin_token": "t",
-              "models": [{"name": "m1", **spec}, {"name": "m2", **spec}]}  # fmt: skip
+              "models": [{"name": "m1", **spec}, {"name": "m2", **spec, "sleep_level": 2}]}  # fmt: skip
     (tmp_path / "router.yaml").write_text(yaml.safe_dump(config))
     env = _env(tmp_path, elastic=False)
     cmd = [sys.executable, "-m", "elastikv.cli", "serve", str(tmp_path / "router.yaml"), "--log-dir", str(tmp_path)]
@@ -397,12 +398,12 @@ def test_elastikv_serve_runs_two_vllm_models_that_sleep_when_idle_and_wake_on_de
         router.terminate()
         router.wait(timeout=120)
     assert first["m1"] == first["m2"], "two servers of one model answer alike"
-    assert second == first and woken == first["m1"][0], "the same answers after sleep and wake"
+    assert second == first and woken == first["m1"][0], "the same answers after sleep (levels 1 and 2) and wake"
     assert all(m["wakes"] >= 1 for m in models.values()), models
     assert asleep_free - awake_free > 3 * GiB, asleep_free - awake_free  # both 1B models' weights (2 x 2.0 GiB)
     assert rows and all(v <= 2 * 64 * MiB for v in rows.values()), rows  # asleep: no KV but the null block's page
     print(
-        f"\nelastikv serve, two vLLM models (1B, bf16, sleep level 1): answers equal before and after sleep; both "
-        f"asleep freed {(asleep_free - awake_free) / GiB:.2f} GiB (KV mapped asleep: "
+        f"\nelastikv serve, two vLLM models (1B, bf16, sleep levels 1 and 2): answers equal before and after sleep; "
+        f"both asleep freed {(asleep_free - awake_free) / GiB:.2f} GiB (KV mapped asleep: "
         f"{ {k: round(v / MiB) for k, v in rows.items()} } MiB); wake to first answer {wake_to_answer:.2f} s"
     )

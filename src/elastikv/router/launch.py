@@ -8,9 +8,10 @@ the router needs no engine changes either. Sleep and wake are HTTP calls to the 
 engine      sleep                                  wake
 ==========  =====================================  ==========================================================
 elastikv    ``POST /sleep?level=N``                ``POST /wake_up``
-vllm        ``POST /sleep?level=N`` (the router    ``POST /wake_up``
-            adds ``--enable-sleep-mode`` and
-            ``VLLM_SERVER_DEV_MODE=1``; CUDA only)
+vllm        ``POST /sleep?level=N`` (the router    ``POST /wake_up``; after a level 2 sleep also ``POST
+            adds ``--enable-sleep-mode`` and       /collective_rpc {"method": "reload_weights"}``: vLLM's
+            ``VLLM_SERVER_DEV_MODE=1``; CUDA only) level 2 discards the weights' contents and its wake maps
+                                                   their memory back without them (its own docs: reload)
 sglang      ``POST /release_memory_occupation``    ``POST /resume_memory_occupation`` (elastikv gives the KV
             (every KV page goes back to the        cache back at release and maps it on demand after resume;
             device; weights stay resident)         no ``--enable-memory-saver``, which needs CUDA's
@@ -43,6 +44,8 @@ class Launch:
     env: dict[str, str]
     sleep: tuple[str, str] | None  # (method, path with "{level}") to put it to sleep; None: only "stop" can
     wake: tuple[str, str] | None
+    # After a wake from level 2, where the engine does not reload its weights itself: (method, path, JSON body)
+    reload: tuple[str, str, dict[str, str]] | None = None
 
 
 def launch(spec: ModelSpec, port: int, *, host: str = "127.0.0.1") -> Launch:
@@ -53,6 +56,7 @@ def launch(spec: ModelSpec, port: int, *, host: str = "127.0.0.1") -> Launch:
         env["ELASTIKV"] = "1"
     level = spec.sleep_level
     sleep = wake = None
+    reload: tuple[str, str, dict[str, str]] | None = None
     model = spec.model or ""
     if spec.engine == "elastikv":
         argv = [sys.executable, "-m", "elastikv.cli", "engine", "--model", model, "--name", spec.name]
@@ -72,6 +76,7 @@ def launch(spec: ModelSpec, port: int, *, host: str = "127.0.0.1") -> Launch:
             argv.append("--enable-sleep-mode")
             env["VLLM_SERVER_DEV_MODE"] = "1"  # vLLM serves /sleep and /wake_up only in its dev mode
             sleep, wake = ("POST", "/sleep?level={level}"), ("POST", "/wake_up")
+            reload = ("POST", "/collective_rpc", {"method": "reload_weights"})  # from the model's files
     elif spec.engine == "sglang":
         argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model]
         argv += ["--served-model-name", spec.name, "--host", host, "--port", str(port)]
@@ -82,7 +87,7 @@ def launch(spec: ModelSpec, port: int, *, host: str = "127.0.0.1") -> Launch:
     else:
         fields = {"{port}": str(port), "{host}": host, "{model}": model, "{name}": spec.name}
         argv = [_fill(part, fields) for part in spec.command or ()]
-    return Launch(argv=argv + list(spec.args), env=env, sleep=sleep, wake=wake)
+    return Launch(argv=argv + list(spec.args), env=env, sleep=sleep, wake=wake, reload=reload)
 
 
 def _fill(part: str, fields: dict[str, str]) -> str:

@@ -416,6 +416,9 @@ class ManagedModel:
         t0 = time.monotonic()
         try:
             await self._call(*self.launch.wake)
+            if self.sleep_level_now == "2" and self.launch.reload is not None:
+                method, path, body = self.launch.reload  # (vLLM) its weights back from the model's files
+                await self._call(method, path, body)
         except asyncio.CancelledError:
             # The request that woke it went away: asleep as far as we know (waking an awake engine is harmless),
             # so the next request wakes it again; never left WAKING.
@@ -456,9 +459,9 @@ class ManagedModel:
             what = "sleep" if asleep else "wake"
             log.warning("%s: could not note the %s in the ledger: %s", self.spec.name, what, exc)
 
-    async def _call(self, method: str, path: str) -> httpx.Response:
+    async def _call(self, method: str, path: str, body: dict[str, str] | None = None) -> httpx.Response:
         token = self._proc.control_token if self._proc is not None else ""
-        r = await self.client.request(method, self.url + path, json={}, timeout=self.spec.start_timeout_s,
+        r = await self.client.request(method, self.url + path, json=body or {}, timeout=self.spec.start_timeout_s,
                                       headers={"Authorization": f"Bearer {token}"})  # fmt: skip
         if r.status_code >= 400:
             raise Unavailable(f"{self.spec.name}: {method} {path} answered {r.status_code}: {r.text[:500]}")
