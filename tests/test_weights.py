@@ -22,6 +22,7 @@ from tests.tiny_models import build_tiny_llama  # noqa: E402
 
 from elastikv.config import Settings  # noqa: E402
 from elastikv.errors import ElastikvError  # noqa: E402
+from elastikv.memory import host  # noqa: E402
 from elastikv.serving import weights  # noqa: E402
 from elastikv.serving.weights import ALIGN, StashUnavailable, WeightStash, over_budget  # noqa: E402
 
@@ -184,7 +185,7 @@ def test_pinning_that_would_leave_the_host_short_is_refused(monkeypatch: pytest.
     """Other engines' pinned weights are not in MemAvailable: a stash that would leave less than HOST_RESERVE of
     the host available is refused, with the reason, and the engine then sleeps at level 2."""
     model = torch.nn.Linear(1024, 1024)
-    monkeypatch.setattr(weights, "available_memory", lambda: 4 * 1024**2)  # the host as another engine left it
+    monkeypatch.setattr(host, "available_memory", lambda: 4 * 1024**2)  # the host as other engines left it
     stash = WeightStash(model, CPU)
     stash.start()
     assert not stash.wait(30)
@@ -393,6 +394,45 @@ def test_vllm_first_sleep_warm_up_keeps_to_the_pin_budget(caplog: pytest.LogCapt
     assert pinned.warm_pinned_cache([], small) == 0.0
     off = Settings.from_env({"ELASTIKV_PIN_BUDGET": "0"})
     assert pinned.warm_pinned_cache([4096], off) == 0.0
+
+
+def test_vllm_first_sleep_warm_up_never_pins_past_what_the_host_has(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every vLLM engine on a host pins its weights' host copy at start: ten 8B engines want 150 GiB, and the H200
+    machine has 128. Within the budget but past what the host has available (less HOST_RESERVE), nothing is
+    pinned and the log says why and what follows (a level 2 sleep needs no host memory)."""
+    from elastikv.engines.vllm import pinned
+
+    monkeypatch.setattr(host, "available_memory", lambda: 6 * 1024**3)  # what ten engines' pinning left
+    within = Settings.from_env({"ELASTIKV_PIN_BUDGET": "100%"})
+    with caplog.at_level("WARNING", logger="elastikv"):
+        assert pinned.warm_pinned_cache([15 * 1024**3], within) == 0.0
+    assert "not made at start: pinning 15 GiB would leave 0 B of host memory available" in caplog.text
+    assert "level 2" in caplog.text
+
+
+def test_a_vllm_level_1_sleep_the_host_cannot_pin_is_refused_whole_with_the_way_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checked in every worker before vLLM offloads anything: refused while the host cannot pin the weights' copy
+    (what was warmed at start counts as pinned), let through once it can; once let through, later sleeps pin
+    nothing more (torch's cache keeps the blocks), so they are let through even on a host that filled up since."""
+    from elastikv.engines.vllm import pinned
+
+    gib = 1024**3
+    monkeypatch.setattr(pinned, "_ready", 0)
+    monkeypatch.setattr(host, "physical_memory", lambda: 32 * gib)  # 5% kept: 1.6 GiB
+    monkeypatch.setattr(host, "available_memory", lambda: 8 * gib)
+    assert "would leave 0 B of host memory available" in (pinned.level_1_refusal([8 * gib, 7 * gib]) or "")
+    monkeypatch.setattr(pinned, "_ready", 10 * gib)  # warmed at start: only 5 GiB more to pin, which fits
+    assert pinned.level_1_refusal([8 * gib, 7 * gib]) is None
+    monkeypatch.setattr(host, "available_memory", lambda: 0)  # the host filled up since: nothing more to pin
+    assert pinned.level_1_refusal([8 * gib, 7 * gib]) is None
+    monkeypatch.setattr(pinned, "_ready", 0)
+    with pytest.raises(ElastikvError, match=r"sleep level 1 .*host memory.*sleep_level: 2"):
+        monkeypatch.setattr(pinned, "weight_allocations", lambda: [gib])
+        pinned.check_level_1()
 
 
 @pytest.mark.gpu

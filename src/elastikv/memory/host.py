@@ -96,6 +96,22 @@ def available_memory() -> int:
     return _meminfo()["MemAvailable"]
 
 
+HOST_RESERVE = 0.05  # of the host's physical memory: pinning that would leave less available is refused
+
+
+def pin_refusal(nbytes: int) -> str | None:
+    """Why pinning ``nbytes`` of host memory now would leave the host short, or None. Pinned (page-locked) memory
+    of every process, other engines' sleeping weights included, is not in MemAvailable and cannot be swapped out:
+    pinning past what is available less ``HOST_RESERVE`` of the machine invites the kernel's out-of-memory killer
+    (ten 8B engines pinning 15 GiB each want 150 GiB; the H200 machine has 128)."""
+    available = available_memory()
+    if nbytes <= available - int(physical_memory() * HOST_RESERVE):
+        return None
+    left = format_bytes(max(0, available - nbytes))
+    return (f"pinning {format_bytes(nbytes)} would leave {left} of host memory available, less than "
+            f"{HOST_RESERVE:.0%} of it (other engines' sleeping weights are pinned too)")  # fmt: skip
+
+
 def _machine_id() -> str:
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:

@@ -59,12 +59,11 @@ import torch
 
 from elastikv.config import Settings, format_bytes
 from elastikv.errors import ElastikvError
-from elastikv.instance import available_memory, physical_memory
+from elastikv.instance import physical_memory, pin_refusal
 
 log = logging.getLogger("elastikv")
 
 ALIGN = 512  # bytes: each slot starts at a multiple, as PyTorch's CUDA allocator aligns its blocks
-HOST_RESERVE = 0.05  # of the host's physical memory: pinning that would leave less available is refused
 CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, as PyTorch registers memory
 
 
@@ -255,13 +254,9 @@ class WeightStash:
                 return
             t0 = time.perf_counter()
             try:
-                need, avail = self.nbytes, available_memory()
-                keep = int(physical_memory() * HOST_RESERVE)
-                if need > avail - keep:
-                    raise StashUnavailable(f"pinning {format_bytes(need)} for the weights would leave "
-                                           f"{format_bytes(max(0, avail - need))} of host memory available, less "
-                                           f"than {HOST_RESERVE:.0%} of it (other engines' sleeping weights are "
-                                           "pinned too)")  # fmt: skip
+                refusal = pin_refusal(self.nbytes)
+                if refusal is not None:
+                    raise StashUnavailable(f"{refusal}: the weights' host buffer is not made")
                 if self.device.type == "cuda":
                     torch.cuda.set_device(self.device)
                 for dtype, n in self._sizes.items():

@@ -148,12 +148,15 @@ def _wrap_shutdown(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_sleep(original: Callable[..., Any]) -> Callable[..., Any]:
     """vLLM's sleep (level >= 1) clears the prefix cache, so every block is back in the allocator; then the
     allocator goes idle: every empty page is unmapped and no reserve is kept until the next request allocates.
+    A level 1 sleep whose host copy the host cannot pin is refused first, in every worker (``pinned.py``).
     (vLLM's own sleep offloads or drops the weights; the KV cache is elastikv's, not in vLLM's memory pool.)"""
 
     def sleep(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
         level = int(kwargs.get("level", args[0] if args else 1))
         inst = getattr(self, "_elastikv", None)
+        if inst is not None and level == 1:  # the host copy must fit: refused whole here, never half way in vLLM
+            self.collective_rpc(pinned.check_level_1)
+        result = original(self, *args, **kwargs)
         if inst is None or level < 1:
             return result
         if isinstance(result, concurrent.futures.Future):  # it sleeps once in-flight requests are done
