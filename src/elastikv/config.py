@@ -157,6 +157,11 @@ class Settings:
     vllm_overlap_wake: str = "off"
 
     @property
+    def wake_chunk_bytes(self) -> int:
+        """``ELASTIKV_WAKE_CHUNK`` in bytes, or 0 (a wake brings each dtype's weights back in one allocation)."""
+        return 0 if self.wake_chunk is None else self.wake_chunk.resolve(0)
+
+    @property
     def min_chunk_bytes(self) -> int | None:
         """``ELASTIKV_CHUNK`` in bytes, or None (spaces keep their default chunk)."""
         return None if self.chunk is None else self.chunk.resolve(0)

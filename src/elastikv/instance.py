@@ -23,7 +23,7 @@ from elastikv.errors import ConfigError, LedgerError, LimitExceeded
 from elastikv.ledger import Ledger
 from elastikv.ledger_rows import DeviceSummary
 from elastikv.memory import MemoryBackend, open_backend, physical_memory
-from elastikv.memory.host import HOST_RESERVE, available_memory, pin_refusal
+from elastikv.memory.host import available_memory, pin_refusal
 from elastikv.memory.usage import other_bytes, resident_bytes
 from elastikv.page_plan import PagePlan
 from elastikv.space import KVGeometry, KVSpace, Pages
@@ -32,9 +32,9 @@ log = logging.getLogger("elastikv")
 
 # Engine adapters reach memory only through this module (the design's rule: space and allocator below it are the
 # only users of ``memory/``); the backend type and the host's memory figures are re-exported for them.
-__all__ = ["HOST_RESERVE", "Booked", "DeviceFacts", "Holding", "Instance", "MemoryBackend", "available_memory",
-           "backend_for", "book", "host_memory", "ledger_for", "open_holding", "open_instance", "other_bytes",
-           "physical_memory", "pin_refusal", "resident_bytes", "weight_bytes"]  # fmt: skip
+__all__ = ["Booked", "DeviceFacts", "Holding", "Instance", "MemoryBackend", "available_memory", "backend_for", "book",
+           "host_memory", "ledger_for", "open_holding", "open_instance", "other_bytes", "physical_memory",
+           "pin_refusal", "resident_bytes", "weight_bytes"]  # fmt: skip
 
 
 def backend_for(device: torch.device, settings: Settings, *, holder: str) -> MemoryBackend:

@@ -122,6 +122,11 @@ class DeviceSummary:
         """Everything booked against the budget: KV mapped plus weights and other memory."""
         return self.mapped_bytes + sum(h.held_bytes for h in self.holdings)
 
+    @property
+    def unbooked_bytes(self) -> int:
+        """The budget less everything booked against it (negative where a lowered budget is overrun)."""
+        return self.budget_bytes - self.held_bytes
+
     def holding_of(self, name: str) -> HoldingRow | None:
         return next((h for h in self.holdings if h.name == name), None)
 

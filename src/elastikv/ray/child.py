@@ -176,4 +176,4 @@ class ChildRouter:
             return None
         s = found[0]
         return {"budget_bytes": s.budget_bytes, "held_bytes": s.held_bytes,
-                "free_bytes": max(0, s.budget_bytes - s.held_bytes)}  # fmt: skip
+                "free_bytes": max(0, s.unbooked_bytes)}  # fmt: skip

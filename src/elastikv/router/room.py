@@ -129,7 +129,7 @@ class Room:
             need = None if summary is None else self.wake_need(model, summary)
             if summary is None or need is None:
                 return False  # no ledger yet, or nothing booked besides KV: nothing to count (KV grows elastically)
-            free = summary.budget_bytes - summary.held_bytes
+            free = summary.unbooked_bytes
             if free >= need:
                 return True
             victim = self.pick(exclude=model)
@@ -176,15 +176,14 @@ class Room:
     async def _sleep_ahead(self, idle_s: float) -> None:
         """``make_room_ahead``'s rounds; the room's lock held."""
         while (victim := self.pick(exclude=None, idle_s=idle_s)) is not None:
-            short: list[tuple[int, ManagedModel]] = []
+            waiting, most = None, 0  # the asleep model short of the most room
             for m in [m for m in self.models.values() if m.state is State.ASLEEP]:
                 summary = await self._summary(m)
                 need = None if summary is None else self.wake_need(m, summary)
-                if summary is not None and need is not None and need > summary.budget_bytes - summary.held_bytes:
-                    short.append((need, m))
-            if not short:
+                if summary is not None and need is not None and need > summary.unbooked_bytes and need > most:
+                    waiting, most = m, need
+            if waiting is None:
                 return
-            waiting = max(short, key=lambda s: s[0])[1]
             log.info("%s: put to sleep ahead of a wake of %s (idle %.0f s)", victim.spec.name,
                      waiting.spec.name, victim.idle_for())  # fmt: skip
             self.evictions[(victim.spec.name, "room ahead")] += 1

@@ -163,8 +163,7 @@ class Engine:
         self.no_stash: str | None = None  # why a level 1 sleep is done as level 2, when it always is
         if self.device.type == "cuda" if stash_weights is None else stash_weights:
             try:
-                chunk = self.settings.wake_chunk.resolve(0) if self.settings.wake_chunk is not None else 0
-                stash = WeightStash(self.model, self.device, chunk_bytes=chunk)
+                stash = WeightStash(self.model, self.device, chunk_bytes=self.settings.wake_chunk_bytes)
                 self.no_stash = over_budget(stash.nbytes, self.settings)
             except ElastikvError as exc:  # a layout it cannot keep
                 self.no_stash = str(exc)
@@ -356,6 +355,8 @@ class Engine:
                     self.stash.wake(sync=False)  # copies in flight while the manager starts (it runs no model yet)
             except Exception as exc:  # a driver out-of-memory, a bad file: asleep as before, holding no more
                 self._weights_off()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 self.footprint.drop()
                 raise ElastikvError(f"{self.name}: waking failed bringing the weights back ({exc}); still asleep, "
                                     "holding only what it held asleep: the next wake tries again") from exc  # fmt: skip
@@ -376,8 +377,6 @@ class Engine:
         """Every parameter an empty tensor on the device (level 2 asleep; a failed wake's partial load undone)."""
         for p in self.model.parameters():
             p.data = torch.empty(0, dtype=p.dtype, device=self.device)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def _await_weights(self, _module: Any, _args: Any) -> None:
         """Before each forward: with ``wake_early`` its stream waits on the GPU for the wake's copies, so that the
