@@ -116,6 +116,7 @@ def test_a_trace_replays_in_either_order_and_is_placed_by_its_peak_rate(tmp_path
     lo, hi = light["ci95"]
     assert lo <= report["light_mean_ttft_elastic_over_static"] <= hi
     assert light["per_run"] == [run["elastic_over_static"]["ttft_mean"]]
+    assert light["decode_ratio"] == pytest.approx(1 / run["elastic_over_static"]["tpot_mean"])
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,5 +1,5 @@
 """The multi-model benchmark's headline figures, from its runs: ratios of mode to baseline, the rate from which
-static queues, the best peak, and the light-load ratio pooled over repeats with a paired bootstrap interval.
+static queues, the best peak, and the light-load ratios (TTFT, decode speed) pooled over repeats with a paired bootstrap interval.
 
 Reads the report's JSON shape (a fresh run's, or older results files merged by ``--merge``), so that every
 results file gives its figures the same way.
@@ -46,7 +46,19 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         )
     report["light"] = pooled([r for r in runs if r["rate"] == runs[0]["rate"]])
     report["light_mean_ttft_elastic_over_static"] = report["light"]["ttft_mean_ratio"]
+    report["light_decode_elastic_over_static"] = report["light"]["decode_ratio"]
     return report
+
+
+def decode_ratio(runs: list[dict[str, Any]]) -> float:
+    """Elastic's decode speed over static's (static's mean TPOT over elastic's), pooled over ``runs`` with each
+    run's mean weighted by the requests it completed: above 1, elastic decodes faster."""
+
+    def tpot(mode: str) -> float:
+        n = [run["modes"][mode]["all"]["completed"] for run in runs]
+        return sum(k * run["modes"][mode]["all"]["tpot_mean"] for k, run in zip(n, runs, strict=True)) / max(sum(n), 1)
+
+    return ratio(tpot("static"), tpot("elastic"))
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -63,7 +75,7 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
         static = sum(k * run["modes"]["static"]["all"]["ttft_mean"] for k, run in zip(n, runs, strict=True))
         elastic = sum(k * run["modes"]["elastic"]["all"]["ttft_mean"] for k, run in zip(n, runs, strict=True))
         return {"runs": len(runs), "requests": sum(n), "ttft_mean_ratio": ratio(elastic, static), "ci95": None,
-                "per_run": per_run}  # fmt: skip
+                "per_run": per_run, "decode_ratio": decode_ratio(runs)}  # fmt: skip
     pairs = [(s, e) for ss, es in kept for s, e in zip(ss, es, strict=True) if s is not None and e is not None]
     rng = random.Random(0)
     ratios = []
@@ -73,4 +85,5 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ratios.sort()
     ci = [ratios[int(0.025 * BOOTSTRAP)], ratios[int(0.975 * BOOTSTRAP) - 1]] if pairs else None
     mean_ratio = ratio(sum(e for _, e in pairs), sum(s for s, _ in pairs))
-    return {"runs": len(runs), "requests": len(pairs), "ttft_mean_ratio": mean_ratio, "ci95": ci, "per_run": per_run}
+    return {"runs": len(runs), "requests": len(pairs), "ttft_mean_ratio": mean_ratio, "ci95": ci, "per_run": per_run,
+            "decode_ratio": decode_ratio(runs)}  # fmt: skip
