@@ -159,8 +159,8 @@ def test_room_ahead_puts_an_idle_model_to_sleep_before_the_next_wake_needs_it(tm
     port = free_port()
     models = [{"name": n, "model": f"./{n}", "idle": "never", "args": ["--dtype", "float32"],
                **({"start": "asleep"} if n == "b" else {})} for n in ("a", "b")]  # fmt: skip
-    # A 2 MiB reserve: the room a wake needs counts it (room.kv_floor), so it also covers the page of null blocks
-    # every engine maps at start, which the router does not know of.
+    # A 2 MiB reserve: the room a wake needs counts it (room.kv_floor; and the page of null blocks every engine maps
+    # at start, once the router has seen the model awake and idle).
     env = _engine_env(budget, tmp_path / "ledger") | {"ELASTIKV_RESERVE": "2MiB"}
     config = {"listen": f"127.0.0.1:{port}", "admin_token": TOKEN, "room_ahead": "0.5s", "env": env,
               "models": models}  # fmt: skip
@@ -261,6 +261,42 @@ def _keeper_and_waking(client: httpx.AsyncClient, tmp_path: Path) -> tuple[Manag
     keeper.state = State.STARTING
     keeper.state = State.AWAKE
     return keeper, waking
+
+
+def test_a_wakes_kv_floor_is_what_the_model_mapped_when_last_seen_awake_and_idle(tmp_path: Path) -> None:
+    """Room for a wake counts the KV an engine maps as soon as it is up: its reserve, and the page of null blocks
+    it maps at start, whose size the router cannot know (it loads no model). Learned from the ledger: what the
+    model mapped when last seen awake with nothing in flight; the configured reserve until then, and a busy
+    model's mapping (its requests' KV) teaches nothing."""
+    import asyncio
+
+    from elastikv.config import Size
+    from elastikv.ledger import Ledger
+    from elastikv.router.room import Room
+
+    ledger = Ledger("fleet-test", total_bytes=100 * MIB, directory=tmp_path / "ledger", budget=Size(nbytes=20 * MIB))
+    ledger.add("keeper", engine="elastikv", limit=20 * MIB, capacity=20 * MIB)
+
+    async def run() -> None:
+        async with httpx.AsyncClient() as client:
+            keeper, waking = _keeper_and_waking(client, tmp_path)
+            room = Room({"keeper": keeper, "waking": waking}, lambda m: ledger.summary())
+            assert room.kv_floor(keeper, ledger.summary().total_bytes) == MIB  # not yet seen: the reserve (1 MiB)
+            ledger.book("keeper", 5 * MIB)  # a request's KV, the reserve and the null page
+            keeper.active = 1
+            room.learn(ledger.summary())
+            assert room.kv_floor(keeper, ledger.summary().total_bytes) == MIB  # busy: nothing learned
+            ledger.release("keeper", 2 * MIB)  # the request ended; 3 MiB stay mapped (reserve + null page)
+            keeper.active = 0
+            room.learn(ledger.summary())
+            assert room.kv_floor(keeper, ledger.summary().total_bytes) == 3 * MIB
+            room.footprint["keeper"] = 4 * MIB
+            assert room.wake_need(keeper, ledger.summary()) == 7 * MIB  # footprint + the learned floor
+
+    try:
+        asyncio.run(run())
+    finally:
+        ledger.close()
 
 
 def test_no_room_is_a_clear_refusal_within_the_start_timeout_and_leaves_the_room_free(tmp_path: Path) -> None:

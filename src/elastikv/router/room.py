@@ -59,6 +59,7 @@ class Room:
         self.summary_of = summary_of
         self.lock = asyncio.Lock()
         self.footprint: dict[str, int] = {}  # bytes a model held besides KV when last seen awake
+        self.idle_kv: dict[str, int] = {}  # KV a model mapped when last seen awake with no request in flight
         self.evictions: Counter[tuple[str, str]] = Counter()  # (model put to sleep, reason) -> count
 
     def estimate(self, model: ManagedModel) -> int:
@@ -68,22 +69,30 @@ class Room:
             return 0
         return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
-    @staticmethod
-    def kv_floor(model: ManagedModel, total_bytes: int) -> int:
+    def kv_floor(self, model: ManagedModel, total_bytes: int) -> int:
         """The KV an engine maps as soon as it is up: its reserve of free blocks (``ELASTIKV_RESERVE``, 256 MiB
-        unless set), which it keeps beside whatever its requests use. Room for a wake is its footprint plus this;
-        without it, a fleet of engines that each keep a reserve fills the budget and the next start is refused."""
+        unless set), which it keeps beside whatever its requests use, and the page of null blocks it maps at start
+        (its size depends on the model, which the router does not load: learned instead, as what the engine mapped
+        when last seen awake and idle). Room for a wake is its footprint plus this; without it, a fleet of engines
+        that each keep a reserve fills the budget and the next start is refused."""
         if model.spec.engine == "command":
             return 0  # elastikv is not active in it
         env = {k: v for k, v in model.launch.env.items() if k == "ELASTIKV_RESERVE"}  # read as the engine reads it
-        return Settings.from_env(env).reserve.resolve(total_bytes)
+        return max(Settings.from_env(env).reserve.resolve(total_bytes), self.idle_kv.get(model.spec.name, 0))
 
     def learn(self, summary: DeviceSummary) -> None:
-        """Note each of our awake models' holdings (weights + other) as its footprint for the next wake. An asleep
-        engine books only what it still holds (its context: no weights), which says nothing of its next wake."""
+        """Note each of our awake models' holdings (weights + other) as its footprint for the next wake, and the KV
+        it maps while idle as its floor. An asleep engine books only what it still holds (its context: no weights),
+        which says nothing of its next wake."""
         for h in summary.holdings:
             if h.name in self.models and h.weights_bytes > 0:
                 self.footprint[h.name] = h.held_bytes
+        for row in summary.instances:
+            m = self.models.get(row.name)
+            if m is not None and m.state is State.AWAKE and m.active == 0:
+                # Idle: what it maps is its null blocks' page and its reserve (or more, not yet given back: that
+                # overcounts the next wake's need, it never undercounts it). The latest sample wins.
+                self.idle_kv[row.name] = row.mapped_bytes
 
     def wake_need(self, model: ManagedModel, summary: DeviceSummary) -> int | None:
         """Bytes ``model``'s wake (or start) adds to what is booked: its footprint less what it holds booked
