@@ -137,22 +137,24 @@ def test_a_capacity_is_rounded_down_to_whole_pages(geometry: KVGeometry, layout:
     granularities,
     st.integers(2**28, 2**40),
     st.booleans(),
+    min_chunks,
 )
 def test_the_capacity_vllm_is_told_gives_a_block_count_of_whole_pages_of_its_space(
-    page: int, layers: int, align: int, gran: int, total: int, block_outermost: bool
+    page: int, layers: int, align: int, gran: int, total: int, block_outermost: bool, min_chunk: int | None
 ) -> None:
     """The contract between vLLM's worker (``_capacity``: the capacity plan) and ``open_space`` (the space's plan
     for the block count vLLM derives from it): vLLM divides the capacity by its block size, and that count must be
-    whole pages of the space, or ``open_space`` refuses it."""
+    whole pages of the space, or ``open_space`` refuses it. A per-layer plan takes ``ELASTIKV_CHUNK`` in both."""
     if block_outermost:  # one flattened block of every layer, padded to the alignment
         unit = -(-page * layers // align) * align
         geometry, layout = KVGeometry(1, (unit,), torch.uint8, buffers_per_layer=1), "interleaved"
-        target = max(1, gran // page)
+        target, min_chunk = max(1, gran // page), None
     else:  # a range per layer
         unit = page * layers
         geometry, layout, target = KVGeometry(layers, (page,), torch.uint8, buffers_per_layer=1), "per-layer", None
     try:
-        capacity = PagePlan.for_capacity(geometry, layout, gran, capacity_bytes=total, target_blocks=target)  # type: ignore[arg-type]
+        capacity = PagePlan.for_capacity(geometry, layout, gran, capacity_bytes=total, target_blocks=target,  # type: ignore[arg-type]
+                                         min_chunk_bytes=min_chunk)  # fmt: skip
     except ConfigError as exc:
         assert "badly" in str(exc) or "cannot hold one page" in str(exc), exc
         assume(False)
@@ -160,7 +162,8 @@ def test_the_capacity_vllm_is_told_gives_a_block_count_of_whole_pages_of_its_spa
     check_invariants(capacity)
     vllm_blocks = capacity.capacity_bytes // unit
     assume(vllm_blocks > 1)  # block 0 is vLLM's null block
-    space = PagePlan.for_blocks(geometry, layout, gran, num_blocks=vllm_blocks, null_blocks=1)  # type: ignore[arg-type]
+    space = PagePlan.for_blocks(geometry, layout, gran, num_blocks=vllm_blocks, null_blocks=1,  # type: ignore[arg-type]
+                                min_chunk_bytes=min_chunk)  # fmt: skip
     assert space.num_blocks == vllm_blocks, "open_space would refuse vLLM's plan"
     assert capacity.blocks_per_page % space.blocks_per_page == 0
 

@@ -70,11 +70,15 @@ def _check_identical(engine: Engine, expected: Any) -> None:
 def test_greedy_output_identical_with_engine_and_worker_in_one_process(
     model: Path, tmp_path: Path, static: Any
 ) -> None:
-    with Engine(model, engine_env(tmp_path, elastic=True, multiprocess=False)) as engine:
+    """Also with ``ELASTIKV_CHUNK``: a per-layer plan's pages are that many bytes in each layer (fewer mappings a
+    request), and vLLM's block count still fills whole pages of them."""
+    with Engine(model, engine_env(tmp_path, elastic=True, multiprocess=False, ELASTIKV_CHUNK="8MiB")) as engine:
         assert engine.wait_ready()["elastic"] is True
         _check_identical(engine, static)
         log = "\n".join(engine.log)
     assert "elastikv active: engine=vllm 0.3" in log, log
+    (space,) = [line for line in engine.log if "KV space:" in line]
+    assert "per-layer KV space: 2 layers" in space and "= 16 MiB" in space, space  # 8 MiB in each layer (default 2)
 
 
 def test_greedy_output_identical_with_worker_in_its_own_process(model: Path, tmp_path: Path, static: Any) -> None:

@@ -85,6 +85,13 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     )
 
 
+def _settings_line(report: dict[str, Any]) -> list[str]:
+    """The elastikv settings the engines inherited from the benchmark's environment (e.g. ``ELASTIKV_CHUNK``),
+    as one line, or none."""
+    env = {k: v for k, v in report.get("environment", {}).items() if k != "ELASTIKV_COMMIT"}
+    return ["", "Settings from the environment: " + ", ".join(f"`{k}={v}`" for k, v in env.items())] if env else []
+
+
 def _light_text(light: dict[str, Any]) -> str:
     ci = light["ci95"]
     interval = f", 95% interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
@@ -104,6 +111,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"requests of {p['prompt_tokens']} prompt + {p['output_tokens']} output tokens, {p['duration']:g} s of trace "
         f"per rate (peaks {p['peak_width']:g} s wide, base rate {p['base_rate']:g}/s), attention "
         f"{report.get('attention', 'sdpa')} in every mode. Why: {report['why']}.",
+        *_settings_line(report),
         "",
         "| peak rate (req/s) | mode | completed | TTFT mean (ms) | p50 | p99 | TPOT mean (ms) | output tok/s | "
         "prompt tok/s | KV peak |",
