@@ -265,9 +265,9 @@ def _keeper_and_waking(client: httpx.AsyncClient, tmp_path: Path) -> tuple[Manag
 
 def test_a_wakes_kv_floor_is_what_the_model_mapped_when_last_seen_awake_and_idle(tmp_path: Path) -> None:
     """Room for a wake counts the KV an engine maps as soon as it is up: its reserve, and the page of null blocks
-    it maps at start, whose size the router cannot know (it loads no model). Learned from the ledger: what the
-    model mapped when last seen awake with nothing in flight; the configured reserve until then, and a busy
-    model's mapping (its requests' KV) teaches nothing."""
+    it maps at start, whose size the router cannot know (it loads no model). Learned from the ledger: the least
+    the model was seen mapping awake with nothing in flight (more, later, is a cached prefix kept mapped, which
+    the next sleep drops); the configured reserve until then, and a busy model's mapping teaches nothing."""
     import asyncio
 
     from elastikv.config import Size
@@ -288,6 +288,9 @@ def test_a_wakes_kv_floor_is_what_the_model_mapped_when_last_seen_awake_and_idle
             assert room.kv_floor(keeper, ledger.summary().total_bytes) == MIB  # busy: nothing learned
             ledger.release("keeper", 2 * MIB)  # the request ended; 3 MiB stay mapped (reserve + null page)
             keeper.active = 0
+            room.learn(ledger.summary())
+            assert room.kv_floor(keeper, ledger.summary().total_bytes) == 3 * MIB
+            ledger.book("keeper", 2 * MIB)  # idle again, a cached prefix kept mapped: not the floor
             room.learn(ledger.summary())
             assert room.kv_floor(keeper, ledger.summary().total_bytes) == 3 * MIB
             room.footprint["keeper"] = 4 * MIB

@@ -59,7 +59,7 @@ class Room:
         self.summary_of = summary_of
         self.lock = asyncio.Lock()
         self.footprint: dict[str, int] = {}  # bytes a model held besides KV when last seen awake
-        self.idle_kv: dict[str, int] = {}  # KV a model mapped when last seen awake with no request in flight
+        self.idle_kv: dict[str, int] = {}  # the least KV a model was seen mapping awake with no request in flight
         self.evictions: Counter[tuple[str, str]] = Counter()  # (model put to sleep, reason) -> count
 
     def estimate(self, model: ManagedModel) -> int:
@@ -72,8 +72,8 @@ class Room:
     def kv_floor(self, model: ManagedModel, total_bytes: int) -> int:
         """The KV an engine maps as soon as it is up: its reserve of free blocks (``ELASTIKV_RESERVE``, 256 MiB
         unless set), which it keeps beside whatever its requests use, and the page of null blocks it maps at start
-        (its size depends on the model, which the router does not load: learned instead, as what the engine mapped
-        when last seen awake and idle). Room for a wake is its footprint plus this; without it, a fleet of engines
+        (its size depends on the model, which the router does not load: learned instead, as the least the engine
+        was seen mapping awake and idle). Room for a wake is its footprint plus this; without it, a fleet of engines
         that each keep a reserve fills the budget and the next start is refused."""
         if model.spec.engine == "command":
             return 0  # elastikv is not active in it
@@ -90,9 +90,11 @@ class Room:
         for row in summary.instances:
             m = self.models.get(row.name)
             if m is not None and m.state is State.AWAKE and m.active == 0:
-                # Idle: what it maps is its null blocks' page and its reserve (or more, not yet given back: that
-                # overcounts the next wake's need, it never undercounts it). The latest sample wins.
-                self.idle_kv[row.name] = row.mapped_bytes
+                # Idle, it maps its null blocks' page and its reserve, and more while freed blocks keep a cached
+                # prefix (up to ELASTIKV_PREFIX_CACHE, gone with the next sleep): the least sample is the floor. One
+                # taken before the reserve filled is below it, and kv_floor's max with the reserve covers that.
+                seen = self.idle_kv.get(row.name)
+                self.idle_kv[row.name] = row.mapped_bytes if seen is None else min(seen, row.mapped_bytes)
 
     def wake_need(self, model: ManagedModel, summary: DeviceSummary) -> int | None:
         """Bytes ``model``'s wake (or start) adds to what is booked: its footprint less what it holds booked
