@@ -1,5 +1,6 @@
 """The multi-model benchmark's headline figures, from its runs: ratios of mode to baseline, the rate from which
-static queues, the best peak, and the light-load ratios (TTFT, decode speed) pooled over repeats with a paired bootstrap interval.
+static queues, the best peak, and the light-load ratios (TTFT, decode speed) pooled over repeats, TTFT's with a
+paired bootstrap interval.
 
 Reads the report's JSON shape (a fresh run's, or older results files merged by ``--merge``), so that every
 results file gives its figures the same way.
@@ -55,8 +56,9 @@ def decode_ratio(runs: list[dict[str, Any]]) -> float:
     run's mean weighted by the requests it completed: above 1, elastic decodes faster."""
 
     def tpot(mode: str) -> float:
-        n = [run["modes"][mode]["all"]["completed"] for run in runs]
-        return sum(k * run["modes"][mode]["all"]["tpot_mean"] for k, run in zip(n, runs, strict=True)) / max(sum(n), 1)
+        n = [int(run["modes"][mode]["all"]["completed"]) for run in runs]
+        total = sum(k * float(run["modes"][mode]["all"]["tpot_mean"]) for k, run in zip(n, runs, strict=True))
+        return total / max(sum(n), 1)
 
     return ratio(tpot("static"), tpot("elastic"))
 
