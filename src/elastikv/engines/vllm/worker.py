@@ -101,12 +101,13 @@ def _worker_backend(device: torch.device) -> _WorkerCache:
     return _worker
 
 
-def _min_chunk() -> int | None:
-    """``ELASTIKV_CHUNK`` for a per-layer plan (vLLM 0.26's layout), else None: one granule in each layer. A page
-    maps one chunk in every layer, and the driver's cost is per mapping, not per byte, so larger chunks map a
-    request's KV in fewer calls (an 8B model: 32 mappings a page; 2 MiB chunks hold 512 tokens). Not applied to a
-    block-outermost plan, whose flattened space sizes its pages differently (``kv_unified.py``)."""
-    return Settings.from_env().min_chunk_bytes
+def _min_chunk(layout: str) -> int | None:
+    """``ELASTIKV_CHUNK`` for a per-layer plan (vLLM 0.26's layout), else None (the default chunk): the one rule for
+    both plans of a worker, its capacity and its space. A page maps one chunk in every layer, and the driver's cost
+    is per mapping, not per byte, so larger chunks map a request's KV in fewer calls (an 8B model: 32 mappings a
+    page; 2 MiB chunks hold 512 tokens). Not for a block-outermost plan, whose flattened space sizes its pages
+    differently (``kv_unified.py``)."""
+    return Settings.from_env().min_chunk_bytes if layout == "per-layer" else None
 
 
 def _block_outermost(layout: Any) -> bool:
@@ -149,7 +150,8 @@ def _capacity(worker: Any) -> int:
         )
     else:  # one contiguous range per layer: a page is one chunk in each
         geometry = KVGeometry(layers, (page,), torch.uint8, buffers_per_layer=1)
-        plan = PagePlan.for_capacity(geometry, "per-layer", gran, capacity_bytes=total, min_chunk_bytes=_min_chunk())
+        plan = PagePlan.for_capacity(geometry, "per-layer", gran, capacity_bytes=total,
+                                    min_chunk_bytes=_min_chunk("per-layer"))  # fmt: skip
     capacity, block = plan.capacity_bytes, plan.geometry.group_bytes
     log.debug("capacity %s (%d blocks of %s)", format_bytes(capacity), plan.num_blocks, block)
     return capacity
@@ -209,9 +211,8 @@ def take_space(device: torch.device, make: Callable[[MemoryBackend], KVSpace]) -
 def open_space(backend: MemoryBackend, geometry: KVGeometry, layout: str, num_blocks: int) -> KVSpace:
     """The scratch-backed space for vLLM's plan: exactly ``num_blocks`` blocks (vLLM's block 0, its null block,
     mapped for good), which must fill whole pages."""
-    min_chunk = _min_chunk() if layout == "per-layer" else None  # as _capacity planned it
     plan = PagePlan.for_blocks(geometry, layout, backend.granularity, num_blocks=num_blocks, null_blocks=1,  # type: ignore[arg-type]
-                               min_chunk_bytes=min_chunk)  # fmt: skip
+                               min_chunk_bytes=_min_chunk(layout))  # fmt: skip
     if plan.num_blocks != num_blocks:
         raise UnsupportedEngine(
             f"vLLM planned {num_blocks} blocks, not a whole number of {plan.blocks_per_page}-block pages; elastikv "
