@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,21 @@ def timed_ask(engine: Any, prompt: list[int]) -> tuple[list[int], float, float]:
     return tokens, first - t0, end - t0
 
 
+def wake_watching_syncs(engine: Any, watch: bool) -> tuple[dict[str, Any], list[str]]:
+    """``engine.wake_up()``; with ``watch``, also where it synchronized with the device (file:line of each call
+    PyTorch flags, from any thread: the batching thread starts inside the wake)."""
+    if not watch:
+        return engine.wake_up(), []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            woke = engine.wake_up()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return woke, sorted({f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+
+
 def _variant(text: str) -> tuple[str, int, bool]:
     """``CHUNK/EARLY`` -> (its name, bytes per wake allocation (0: one per dtype), early)."""
     from elastikv.config import parse_size
@@ -123,7 +139,9 @@ def _variant_row(name: str, rows: list[dict[str, Any]], base: list[dict[str, Any
     wake = statistics.median(r["wake_s"] for r in rows)
     first = statistics.median(r["wake_to_first_token_s"] for r in rows)
     base_first = statistics.median(r["wake_to_first_token_s"] for r in base)
-    return (f"| {name} | {rows[0]['pieces']} | {wake:.3f} | {first:.3f} | {first / floor:.2f}x | "
+    phases = " / ".join(f"{statistics.median(r['wake'].get(k, float('nan')) for r in rows):.3f}"
+                        for k in ("weights_s", "start_s", "copies_wait_s"))  # fmt: skip
+    return (f"| {name} | {rows[0]['pieces']} | {wake:.3f} | {phases} | {first:.3f} | {first / floor:.2f}x | "
             f"{first / base_first:.3f} | {all(r['same_answer'] for r in rows)} |")  # fmt: skip
 
 
@@ -140,6 +158,9 @@ def main() -> None:
                          "CHUNK the most bytes per device allocation (ELASTIKV_WAKE_CHUNK; whole: one per dtype), "
                          "EARLY on/off (ELASTIKV_WAKE_EARLY); e.g. whole/off,1GiB/off,1GiB/on")  # fmt: skip
     ap.add_argument("--model-dir", default=None, help="reuse a model made earlier")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="record where a wake synchronizes with the device (torch.cuda.set_sync_debug_mode): what "
+                         "keeps an early wake from returning before its copies end")  # fmt: skip
     args = ap.parse_args()
     device = torch.cuda.get_device_name() if gpu else "CPU (host backend)"
     level = 1
@@ -210,13 +231,13 @@ def main() -> None:
                     kv_asleep = engine.instance.allocator.stats().mapped_bytes if engine.instance is not None else 0
                     released = free1 - free0 if gpu else (kv - kv_asleep) + (weights - weights_asleep)  # CPU: counted
                 t0 = time.perf_counter()
-                woke = engine.wake_up()
+                woke, syncs = wake_watching_syncs(engine, args.sync_debug and gpu)
                 t1 = time.perf_counter()
                 after, first, end = asyncio.run(ask(engine, prompt))
                 identical = identical and after == before
                 row = {"variant": name, "pieces": stash.pieces, "sleep": slept, "wake": woke, "wake_s": woke["seconds"],
                        "wake_to_first_token_s": first - t0, "wake_to_answer_s": end - t0, "ttft_s": first - t1,
-                       "answer_s": end - t1, "same_answer": after == before}  # fmt: skip
+                       "answer_s": end - t1, "same_answer": after == before, "syncs": syncs}  # fmt: skip
                 mine.append(row)
                 if name == variants[0][0]:
                     cycles.append(row)
@@ -260,10 +281,15 @@ def main() -> None:
         "",
         f"Wake variants ({args.sleeps} cycles each, medians; the first is the baseline and the table above):",
         "",
-        "| wake (chunk/early) | allocations | wake_up (s) | wake to first token (s) | / floor | / baseline | same |",
-        "|---|---|---|---|---|---|---|",
+        "| wake (chunk/early) | allocations | wake_up (s) | weights / start / copies waited (s) "
+        "| wake to first token (s) | / floor | / baseline | same |",
+        "|---|---|---|---|---|---|---|---|",
         *(_variant_row(name, rows, by_variant[variants[0][0]], floor) for name, rows in by_variant.items()),
     ]
+    if args.sync_debug:
+        lines += ["", "Where each wake_up synchronized with the device (--sync-debug; file:line, every cycle's):", ""]
+        lines += [f"- {name}: {', '.join(sorted({s for r in rows for s in r['syncs']})) or 'nowhere'}"
+                  for name, rows in by_variant.items()]  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
     save("engine", device, {"env": environment(device), "base_tok_s": base, "elastic_tok_s": elastic,
