@@ -15,10 +15,12 @@ given (:data:`options`) and every cache built and not yet closed (:func:`caches`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -162,7 +164,8 @@ class ElasticCacheMixin(_PagedAttentionCache):  # type: ignore[misc]
         asked = cb.num_blocks
         cb.num_blocks = 1  # transformers builds a one-block cache; it is re-pointed below
         try:
-            super().__init__(config, cb, device, distributed_helper, tp_plan, dtype)
+            with _sizing_without_device_sync():
+                super().__init__(config, cb, device, distributed_helper, tp_plan, dtype)
         finally:
             cb.num_blocks = asked
         if self.num_groups != 1 or self.num_sliding_attention_groups:
@@ -237,6 +240,34 @@ def cache_class() -> type:
         _block_manager_class = ElasticBlockManager
 
     return ElasticCache
+
+
+_sizing_lock = threading.Lock()  # one cache at a time swaps transformers' sizing function
+
+
+@contextlib.contextmanager
+def _sizing_without_device_sync() -> Iterator[None]:
+    """While transformers' paged cache is built, its free-memory figure without ``empty_cache`` and
+    ``synchronize``. transformers sizes a cache from that figure (``PagedAttentionMemoryHandler``); elastikv sizes
+    its own (a one-block cache, re-pointed at the instance's space), so the figure is unused, but the synchronize
+    would make an early wake (``ELASTIKV_WAKE_EARLY``) wait here, on the batching thread, for every weight copy."""
+    if not torch.cuda.is_available():  # nothing to wait for (transformers' CPU path neither synchronizes)
+        yield
+        return
+    from transformers.generation.continuous_batching import cache as tf_cache
+
+    def breakdown() -> tuple[torch.device, int, int, int]:  # (device, total, reserved, allocated), as transformers'
+        device = torch.device("cuda")
+        free, total = torch.cuda.mem_get_info(device)  # cudaMemGetInfo: no wait on any stream
+        return device, total, torch.cuda.memory_reserved(device), total - free
+
+    with _sizing_lock:
+        original = tf_cache.get_device_and_memory_breakdown
+        tf_cache.get_device_and_memory_breakdown = breakdown
+        try:
+            yield
+        finally:
+            tf_cache.get_device_and_memory_breakdown = original
 
 
 def _open_when_room(open_: Callable[[], Instance]) -> Instance:
