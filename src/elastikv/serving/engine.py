@@ -169,7 +169,7 @@ class Engine:
                 self.no_stash = str(exc)
             if self.no_stash is None:
                 self.stash = stash  # pinned once the engine serves (below); the first sleep waits (PIN_WAIT_S)
-                self.model.register_forward_pre_hook(self._await_weights)  # (ELASTIKV_WAKE_EARLY)
+                self.model.register_forward_pre_hook(self._await_weights)  # every forward after a wake's copies
             else:
                 log.warning("%s: %s: sleep level 1 will be level 2 (weights reloaded from %s at wake)",
                             self.name, self.no_stash, self.path)  # fmt: skip
@@ -385,9 +385,11 @@ class Engine:
             p.data = torch.empty(0, dtype=p.dtype, device=self.device)
 
     def _await_weights(self, _module: Any, _args: Any) -> None:
-        """Before each forward: with ``wake_early`` its stream waits on the GPU for the wake's copies, so that the
-        first request is scheduled and launched while they run (no wait after they are done)."""
-        if self.wake_early and self.stash is not None:
+        """Before each forward, its stream waits on the GPU for the last wake's copies (they run on the stash's
+        own stream): with ``wake_early`` the first request is scheduled and launched while they run, and in any
+        mode a forward the batching thread runs as it starts reads the weights, not what the copies will
+        overwrite. The host does not wait; a wait on copies long done costs nothing measurable."""
+        if self.stash is not None:
             self.stash.await_copies()
 
     def _watch_manager(self, loop: asyncio.AbstractEventLoop) -> None:

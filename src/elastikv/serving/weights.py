@@ -32,8 +32,11 @@ Invariants:
   were reloaded from files, it copies parameter by parameter into the same slots;
 - from :meth:`WeightStash.free_device` to :meth:`WeightStash.wake` every parameter is an empty tensor on the
   device and the host buffers hold the only copy of the weights;
-- after a wake on CUDA, a stream that ran :meth:`WeightStash.await_copies` reads the weights only after the
-  wake's copies (the engine's ``ELASTIKV_WAKE_EARLY`` takes requests before they end on that basis).
+- a wake's copies run on the stash's own stream, so that nothing else the engine queues waits behind them (a
+  ``.item()`` on the default stream while the batching thread starts would otherwise wait for all 15 GiB); a
+  stream that ran :meth:`WeightStash.await_copies` reads the weights only after them (the engine's
+  ``ELASTIKV_WAKE_EARLY`` takes requests before they end on that basis), and :meth:`WeightStash.copy_out` runs
+  it first, so a sleep straight after a wake copies out what the wake copied in.
 
 Module buffers (``register_buffer``: rotary frequencies and the like) are not moved: they are small and stay.
 
@@ -211,6 +214,7 @@ class WeightStash:
         self._pinned: list[int] = []  # addresses registered with CUDA
         self._live: list[int] = []  # after wake: each piece's device buffer address
         self._copied: Any = None  # after a wake on CUDA: an event recorded behind its copies (await_copies)
+        self._copy_stream: Any = None  # on CUDA, made at the first wake: where a wake's copies run
         self.set_chunk(chunk_bytes)  # the pieces a wake brings back
         self._lock = threading.Lock()
         self._done = threading.Event()  # prepare finished, made or failed
@@ -318,6 +322,7 @@ class WeightStash:
             raise StashUnavailable(self.why_not())
         if self.asleep:
             raise ElastikvError("the weights are stashed already (wake before stashing again)")
+        self.await_copies()  # a sleep straight after an early wake: read what the wake's copies wrote
         whole = self._device_buffers()
         if whole is not None:  # after a wake from the stash: one copy per piece
             for piece, flat in zip(self._pieces, whole, strict=True):
@@ -347,21 +352,31 @@ class WeightStash:
 
     def wake(self, *, sync: bool = True) -> None:
         """Bring the weights back: one device allocation and one copy per piece, each copy queued before the next
-        piece is allocated, every parameter re-pointed at its slot. With ``sync=False`` the copies may still run on
-        return (stream-ordered): call :meth:`synchronize` before any other stream reads the weights."""
+        piece is allocated, every parameter re-pointed at its slot. The copies run on the stash's stream; with
+        ``sync=False`` they may still run on return: a stream reads the weights after :meth:`await_copies`, or
+        after :meth:`synchronize`."""
         if not self.asleep:
             raise ElastikvError("the weights are not stashed")
+        stream = None
+        if self.device.type == "cuda":
+            if self._copy_stream is None:
+                self._copy_stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+            stream = self._copy_stream
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # after what was queued before the wake
         device: list[torch.Tensor] = []
         for piece in self._pieces:
             flat = torch.empty(piece.hi - piece.lo, dtype=piece.dtype, device=self.device)
-            flat.copy_(self._host[piece.dtype][piece.lo : piece.hi], non_blocking=True)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                flat.copy_(self._host[piece.dtype][piece.lo : piece.hi], non_blocking=True)
+            if stream is not None:
+                flat.record_stream(stream)  # freed early (a failed wake), its memory waits for the copy
             device.append(flat)
         for s, i in zip(self._slots, self._piece_of, strict=True):
             s.param.data = device[i].as_strided(s.shape, s.stride, s.at - self._pieces[i].lo)
         self._live = [flat.untyped_storage().data_ptr() for flat in device]
-        if self.device.type == "cuda":
+        if stream is not None:
             self._copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._copied.record(torch.cuda.current_stream(self.device))  # behind the copies, on their stream
+            self._copied.record(stream)  # behind the copies
         self.asleep = False
         if sync:
             self.synchronize()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import threading
 import time
@@ -254,7 +255,7 @@ def _sizing_without_device_sync() -> Iterator[None]:
     if not torch.cuda.is_available():  # nothing to wait for (transformers' CPU path neither synchronizes)
         yield
         return
-    from transformers.generation.continuous_batching import cache as tf_cache
+    tf_cache: Any = importlib.import_module("transformers.generation.continuous_batching.cache")
 
     def breakdown() -> tuple[torch.device, int, int, int]:  # (device, total, reserved, allocated), as transformers'
         device = torch.device("cuda")
