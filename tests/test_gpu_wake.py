@@ -116,3 +116,29 @@ def test_sleep_and_wake_through_pinned_buffers_answer_the_same(tmp_path: Path, w
         assert max(w for _, _, w, _ in rows) < 1.0
     finally:
         engine.close()
+
+
+def test_a_wake_copies_on_its_own_stream_and_a_forward_or_a_sleep_after_it_reads_the_copied_weights() -> None:
+    """The stash's copy stream: right after ``wake(sync=False)`` the caller's stream has nothing queued (what the
+    engine's batching thread queues as it starts, such as transformers' ``set_tp_seed`` ``.item()``, does not wait
+    for 1 GiB of copies), yet a stream that ran ``await_copies`` reads the weights as they were, and a sleep
+    straight after the wake copies out the weights, not what the copies had not yet written."""
+    from elastikv.serving.weights import WeightStash
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16384, 32768, bias=False, dtype=torch.bfloat16, device="cuda")  # 1 GiB
+    want = model.weight.detach().clone()
+    stash = WeightStash(model, torch.device("cuda"))
+    stash.prepare()
+    assert stash.ready, stash.why_not()
+    try:
+        stash.stash()
+        for _ in range(2):
+            stash.wake(sync=False)
+            assert torch.cuda.current_stream().query(), "the wake's copies were queued on the caller's stream"
+            stash.stash()  # a sleep straight after the wake, nothing waited for by the caller
+        stash.wake(sync=False)
+        stash.await_copies()
+        assert torch.equal(model.weight, want)  # read on the caller's stream, after the copies
+    finally:
+        stash.close()
