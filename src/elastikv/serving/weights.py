@@ -387,8 +387,12 @@ class WeightStash:
         no-op off CUDA, after the copies were waited for, and while a CUDA graph is being captured (the warm-up
         forward before a capture has waited on the same stream)."""
         copied = self._copied
-        if copied is not None and not torch.cuda.is_current_stream_capturing():
-            torch.cuda.current_stream(self.device).wait_event(copied)
+        if copied is None or torch.cuda.is_current_stream_capturing():
+            return
+        if copied.query():  # done: no stream need wait again (each forward calls this; after a wake, nothing to do)
+            self._copied = None
+            return
+        torch.cuda.current_stream(self.device).wait_event(copied)
 
     def set_chunk(self, chunk_bytes: int) -> None:
         """Cut the buffers into pieces of at most ``chunk_bytes`` from the next wake on (0: one per dtype). Awake,
@@ -401,6 +405,7 @@ class WeightStash:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self._copied = None  # the wake's copies are done: await_copies has nothing to wait for
 
     def _device_buffers(self) -> list[torch.Tensor] | None:
         """Each piece's whole device buffer, if every parameter is still the view :meth:`wake` made; else None."""
