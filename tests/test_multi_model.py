@@ -99,7 +99,8 @@ def test_a_trace_replays_in_either_order_and_is_placed_by_its_peak_rate(tmp_path
     save_trace(trace, tmp_path / "trace.jsonl")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "elastikv.cli", "bench", "multi-model", "--models", "2", "--trace",
-           str(tmp_path / "trace.jsonl"), "--elastic-first", "--out", str(out)]  # fmt: skip
+           str(tmp_path / "trace.jsonl"), "--elastic-first", "--modes", f"static,elastic,{VARIANT}", "--out",
+           str(out)]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.index("elastic: done") < r.stdout.index("static: done")  # the order asked for
@@ -108,7 +109,7 @@ def test_a_trace_replays_in_either_order_and_is_placed_by_its_peak_rate(tmp_path
     assert report["plan"]["elastic_first"] is True
     (run,) = report["runs"]
     assert run["rate"] == peak_rate(trace, report["plan"]["peak_width"]) > 0
-    for mode in ("static", "elastic"):
+    for mode in ("static", "elastic", VARIANT):
         ttfts = run["modes"][mode]["ttft_by_request"]
         assert len(ttfts) == len(trace) and all(t is not None and t > 0 for t in ttfts), (mode, ttfts)
     light = report["light"]
@@ -117,7 +118,52 @@ def test_a_trace_replays_in_either_order_and_is_placed_by_its_peak_rate(tmp_path
     assert lo <= report["light_mean_ttft_elastic_over_static"] <= hi
     assert light["per_run"] == [run["elastic_over_static"]["ttft_mean"]]
     assert light["decode_ratio"] == pytest.approx(1 / run["elastic_over_static"]["tpot_mean"])
+    # The variant (the elastic mode with a setting of its own) is a mode beside the others, measured against the
+    # same static run: its own light-load figure, in the report too.
+    variant = report["light_by_mode"][VARIANT]
+    assert variant["requests"] == len(trace) and variant["per_run"] == [run[f"{VARIANT}_over_static"]["ttft_mean"]]
+    assert variant["ci95"][0] <= variant["ttft_mean_ratio"] <= variant["ci95"][1]
+    assert f"lightest rate: {VARIANT} mean TTFT / static" in path.with_suffix(".md").read_text()
     assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+VARIANT = "elastic@reserve=4MiB"  # the CPU preset's elastic engines keep no reserve; this one keeps 4 MiB
+
+
+def test_a_variant_is_the_elastic_mode_with_its_settings_checked_and_passed_to_its_engines(tmp_path: Path) -> None:
+    from elastikv.bench.modes import embedded_router_config
+    from elastikv.bench.plan import comparisons
+    from elastikv.bench.variants import base_mode, variant_env
+    from elastikv.bench.vllm import router_config
+
+    assert variant_env("elastic@chunk=8MiB@RESERVE=768MiB") == {"ELASTIKV_CHUNK": "8MiB", "ELASTIKV_RESERVE": "768MiB"}
+    assert base_mode("elastic-v2@chunk=8MiB") == "elastic-v2" and variant_env("kvcached") == {}
+    refused = {
+        "static@chunk=8MiB": "only elastic modes take settings",
+        "elastic@chunk": "not NAME=VALUE",
+        "elastic@chunk=lots": "chunk",
+        "elastic@device_budget=1GiB": "not a setting",
+        "elastic@colour=red": "use one of .*chunk",
+        "elastic@chunk=8MiB@chunk=4MiB": "set twice",
+    }
+    for bad, why in refused.items():
+        with pytest.raises(ConfigError, match=why):
+            variant_env(bad)
+        with pytest.raises(ConfigError):
+            BenchPlan(modes=("static", "elastic", bad))
+    with pytest.raises(ConfigError, match="the embedded engine runs static, elastic"):
+        BenchPlan(modes=("static", "elastic", "kvcached@chunk=8MiB"))
+    modes = ("static", "kvcached", "elastic", "elastic@chunk=8MiB")
+    assert BenchPlan(engine="vllm", modes=modes).modes == modes
+    assert ("elastic@chunk=8MiB", "kvcached") in comparisons(modes)
+    paths = {"m1": tmp_path, "m2": tmp_path}
+    for spec in router_config("elastic@chunk=8MiB", paths, share=1, budget=2 * 1024**3, env={}, dtype="bfloat16",
+                              max_model_len=4608, extra_args=(), start_timeout_s=1).models:  # fmt: skip
+        assert spec.engine == "vllm" and spec.env["ELASTIKV_CHUNK"] == "8MiB"
+        assert spec.env.get("VLLM_USE_V2_MODEL_RUNNER") == "0" and Settings.from_env(spec.env).book_weights == "off"
+    plan = BenchPlan(models=("a", "b"), kv_budget=64 * 1024**2, reserve=0)
+    for spec in embedded_router_config(VARIANT, plan, {"a": tmp_path, "b": tmp_path}, tmp_path, 64, 1024).models:
+        assert Settings.from_env(spec.env).reserve.resolve(0) == 4 * 1024**2  # the variant's, over the plan's
 
 
 def test_bad_options_are_refused_with_what_to_write() -> None:

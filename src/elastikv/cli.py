@@ -77,7 +77,7 @@ def bench() -> None:
 @click.option("--engine", type=click.Choice(["embedded", "vllm"]), default="embedded", show_default=True,
               help="Serve each model with elastikv's embedded engine or with vLLM's OpenAI server.")  # fmt: skip
 @click.option("--modes", default=None, help="Modes to run, e.g. static,kvcached,elastic (vllm also: elastic-v2; "
-              "default static,elastic).")  # fmt: skip
+              "default static,elastic); an elastic mode with settings of its own: elastic@chunk=8MiB.")  # fmt: skip
 @click.option("--workload", type=click.Choice(["long", "chat"]), default="long", show_default=True,
               help="long: every request --prompt-tokens + --output-tokens; chat: ShareGPT-like lengths.")  # fmt: skip
 @click.option("--vllm-arg", "vllm_args", multiple=True, help="A flag for every vLLM server (repeat; e.g. "

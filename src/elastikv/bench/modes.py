@@ -16,6 +16,7 @@ from rich.console import Console
 
 from elastikv.bench.plan import BenchPlan, GiB
 from elastikv.bench.replay import Held, embedded_config, held_kv
+from elastikv.bench.variants import base_mode, variant_env
 from elastikv.bench.vllm import KV_ONLY
 from elastikv.bench.workload import Arrival
 from elastikv.errors import ConfigError
@@ -74,7 +75,7 @@ def mode_setup(
     cfg = bench_vllm.router_config(mode, paths, share=share, budget=plan.kv_budget, env=env, dtype=plan.dtype,
                                    max_model_len=-(-(longest + 16) // 256) * 256, extra_args=plan.vllm_args,
                                    start_timeout_s=900.0)  # fmt: skip
-    if mode == "kvcached":
+    if base_mode(mode) == "kvcached":
         names = plan.models
 
         def kvcached_held(_router: Any) -> dict[str, int]:
@@ -97,7 +98,10 @@ def embedded_router_config(
     mode: str, plan: BenchPlan, paths: dict[str, Path], work: Path, third_tokens: int, per_token: int
 ) -> RouterConfig:
     """The router for one mode on elastikv's embedded engine: ``static`` gives each engine transformers' own cache
-    of a share, ``elastic`` lets them all share the budget through the ledger."""
+    of a share, ``elastic`` (and its variants, with their settings) lets them all share the budget through the
+    ledger."""
+    settings = variant_env(mode)
+    mode = base_mode(mode)
     share = plan.kv_budget // len(plan.models)
     env = {
         "ELASTIKV_LEDGER_DIR": str(work / "ledger"),  # the benchmark's own book: other elastikv users are left alone
@@ -109,6 +113,7 @@ def embedded_router_config(
         env["ELASTIKV_RESERVE"] = str(plan.reserve)
     if "ELASTIKV_HOST_MEMORY" not in os.environ:
         env["ELASTIKV_HOST_MEMORY"] = str(max(plan.kv_budget * 2, GiB))  # on a CPU: the pretend device
+    env.update(settings)
     models = {}
     for name in plan.models:
         args = ["--dtype", plan.dtype, "--max-batch-tokens", str(plan.max_batch_tokens), "--attention", plan.attention]

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Any
 
 from elastikv.bench.models import SIZES
+from elastikv.bench.variants import base_mode, variant_env
 from elastikv.bench.vllm import VLLM_MODES
 from elastikv.config import ATTENTIONS
 from elastikv.errors import ConfigError
@@ -19,10 +20,11 @@ MiB, GiB = 1024**2, 1024**3
 
 
 def comparisons(modes: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(mode, baseline) pairs reported as ratios: every other mode over static, and elastic modes over kvcached."""
+    """(mode, baseline) pairs reported as ratios: every other mode over static, and elastic modes (their variants
+    too, ``variants.py``) over kvcached."""
     pairs = [(m, "static") for m in modes if m != "static"]
     if "kvcached" in modes:
-        pairs += [(m, "kvcached") for m in modes if m.startswith("elastic")]
+        pairs += [(m, "kvcached") for m in modes if base_mode(m).startswith("elastic")]
     return pairs
 
 
@@ -47,7 +49,7 @@ class BenchPlan:
     trace: str | None = None  # replay this trace (JSON lines) instead of the rate sweep
     elastic_first: bool = False  # run the modes in reverse (runs in both orders cancel a drift of the GPU's speed)
     engine: str = "embedded"  # "embedded" (elastikv's own engine) or "vllm" (vLLM's OpenAI server; bench/vllm.py)
-    modes: tuple[str, ...] = MODES  # vllm also: "kvcached", "elastic-v2"; static and elastic always run
+    modes: tuple[str, ...] = MODES  # vllm also: "kvcached", "elastic-v2"; static and elastic always run; variants.py
     workload: str = "long"  # "long" (prompt_tokens + output_tokens each) or "chat" (ShareGPT-like lengths)
     vllm_args: tuple[str, ...] = ()  # more flags for every vLLM server, every mode
     timeout_s: float = 600.0  # per request
@@ -69,15 +71,18 @@ class BenchPlan:
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine {self.engine!r}: choose one of {', '.join(ENGINES)}")
         known = MODES if self.engine == "embedded" else VLLM_MODES
-        unknown = [m for m in self.modes if m not in known]
+        unknown = [m for m in self.modes if base_mode(m) not in known]
         if (
             unknown
             or "static" not in self.modes
             or "elastic" not in self.modes
             or len(set(self.modes)) < len(self.modes)
         ):
-            raise ConfigError(f"--modes {','.join(self.modes)}: the {self.engine} engine runs {', '.join(known)}; "
-                              "static and elastic are always among them, each once")  # fmt: skip
+            raise ConfigError(f"--modes {','.join(self.modes)}: the {self.engine} engine runs {', '.join(known)} "
+                              "(elastic ones also with settings, e.g. elastic@chunk=8MiB); static and elastic are "
+                              "always among them, each once")  # fmt: skip
+        for m in self.modes:
+            variant_env(m)  # a variant's settings, checked now (elastic@chunk=8MiB)
         if self.workload not in WORKLOADS:
             raise ConfigError(f"--workload {self.workload!r}: choose one of {', '.join(WORKLOADS)}")
 

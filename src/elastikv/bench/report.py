@@ -83,6 +83,9 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         f"is [bold]{report['light_mean_ttft_elastic_over_static']:.3f}x[/] static's ({_light_text(report['light'])}), "
         f"its decode speed [bold]{report['light_decode_elastic_over_static']:.3f}x[/] static's"
     )
+    for mode, light in report.get("light_by_mode", {}).items():
+        console.print(f"at the lightest, {mode} mean TTFT is [bold]{light['ttft_mean_ratio']:.3f}x[/] static's "
+                      f"({_light_text(light)}), its decode speed {light['decode_ratio']:.3f}x")  # fmt: skip
 
 
 def _settings_line(report: dict[str, Any]) -> list[str]:
@@ -142,6 +145,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"(target <= 1.03; {_light_text(report['light'])})",
         f"- lightest rate: elastic decode speed / static (static TPOT / elastic TPOT) = "
         f"**{report['light_decode_elastic_over_static']:.3f}** (target >= 0.98)",
+        *(
+            f"- lightest rate: {mode} mean TTFT / static = **{light['ttft_mean_ratio']:.3f}** "
+            f"({_light_text(light)}); decode speed / static **{light['decode_ratio']:.3f}**"
+            for mode, light in report.get("light_by_mode", {}).items()
+        ),
         *(
             [
                 f"- best peak rate: kvcached p99 TTFT / elastic p99 TTFT = "

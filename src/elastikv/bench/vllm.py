@@ -7,7 +7,8 @@ modes that differ only in who owns the KV memory (``elastikv bench multi-model -
   held by this process cuts down to the budget (kvcached has no budget across instances of its own);
 - ``elastic``: elastikv active (``engine: vllm``), the same budget shared through the ledger
   (``ELASTIKV_DEVICE_BUDGET``), the same ballast;
-- ``elastic-v2``: as ``elastic``, on vLLM 0.26's default Model Runner V2 (the others run V1, which kvcached needs).
+- ``elastic-v2``: as ``elastic``, on vLLM 0.26's default Model Runner V2 (the others run V1, which kvcached needs);
+- either elastic mode with elastikv settings of its own (``elastic@chunk=8MiB``, ``variants.py``).
 
 Every mode runs the same vLLM flags: the model's dtype, no prefix caching (the trace's prompts share nothing, and a
 cache of finished requests would hold memory the other models need), weights resident (no sleep).
@@ -26,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from elastikv.bench.variants import base_mode, variant_env
 from elastikv.config import format_bytes
 from elastikv.errors import ConfigError
 from elastikv.router.config import ModelSpec, RouterConfig
@@ -63,6 +65,8 @@ def router_config(
     """The router's config for ``mode``: one vLLM server per ``name -> model dir``."""
     from elastikv.router.router import free_port
 
+    settings = variant_env(mode)  # elastic@chunk=8MiB: the elastic mode with ELASTIKV_CHUNK=8MiB
+    mode = base_mode(mode)
     if mode not in VLLM_MODES:
         raise ConfigError(f"mode {mode!r}: the vLLM benchmark runs {', '.join(VLLM_MODES)}")
     args = ["--dtype", dtype, "--max-model-len", str(max_model_len), "--no-enable-prefix-caching",
@@ -87,6 +91,7 @@ def router_config(
         else:
             menv["ELASTIKV_DEVICE_BUDGET"] = str(budget)
             menv.update(KV_ONLY)
+            menv.update(settings)
         engine = "vllm" if mode.startswith("elastic") else "command"
         command = tuple(sys.executable if p == "{python}" else p for p in SERVER) if engine == "command" else None
         specs.append(
