@@ -156,11 +156,13 @@ def test_a_wake_in_pieces_gives_the_same_model_each_piece_within_the_chunk(tmp_p
 
 def test_the_wake_settings_are_read_and_checked() -> None:
     assert Settings.from_env({"ELASTIKV_WAKE_CHUNK": "1GiB"}).wake_chunk.resolve(0) == 2**30  # type: ignore[union-attr]
-    assert Settings.from_env({}).wake_chunk is None
+    assert Settings.from_env({}).wake_chunk_bytes == 2**30  # the default since the H100 run of 2026-12-07
+    assert Settings.from_env({"ELASTIKV_WAKE_CHUNK": "0"}).wake_chunk_bytes == 0  # one piece per dtype
     with pytest.raises(ElastikvError, match="ELASTIKV_WAKE_CHUNK"):
         Settings.from_env({"ELASTIKV_WAKE_CHUNK": "10%"})
     assert Settings.from_env({"ELASTIKV_WAKE_EARLY": "on"}).wake_early == "on"
-    assert Settings.from_env({}).wake_early == "off"
+    assert Settings.from_env({}).wake_early == "on"  # the default since the H100 run of 2026-12-07
+    assert Settings.from_env({"ELASTIKV_WAKE_EARLY": "off"}).wake_early == "off"
     with pytest.raises(ElastikvError, match="ELASTIKV_WAKE_EARLY"):
         Settings.from_env({"ELASTIKV_WAKE_EARLY": "yes"})
 
