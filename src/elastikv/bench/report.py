@@ -208,8 +208,9 @@ def plot(path: Path, report: dict[str, Any]) -> None:
     plan, device, runs = report["plan"], report["device"], report["runs"]
     models, budget = plan["models"], plan["kv_budget"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
+    others = iter(["tab:olive", "tab:cyan", "tab:brown", "tab:pink", "tab:gray"])  # variants (elastic@chunk=8MiB)
     for mode in modes_of(report):  # a rate run more than once: each run a point, the line their mean
-        color = COLORS.get(mode, "tab:gray")
+        color = COLORS.get(mode) or next(others, "tab:gray")
         ran = [r for r in runs if mode in r["modes"]]  # a merged sweep: some runs may lack a mode
         if all(math.isnan(r["modes"][mode]["all"]["ttft_mean"]) for r in ran):
             continue  # a mode that failed, or answered nothing: nothing to draw (the tables say why)
