@@ -6,7 +6,8 @@ named without its ``ELASTIKV_`` prefix, any case) and is checked as elastikv wou
 treats a variant as a mode of its own (its own row, its ratio to static and kvcached, its light-load figure), so
 that two settings are compared against one static run on one GPU, not across commands.
 
-The benchmark owns a few variables (the shared budget, the ledger, the engines' names): a variant may not set them.
+The benchmark owns a few variables (the shared budget, the ledger, the engines' names, and weight booking, off in
+every elastic mode so that the budget is KV's as static's shares are): a variant may not set them.
 """
 
 from __future__ import annotations
