@@ -92,8 +92,14 @@ def train_tokenizer(vocab_size: int) -> Any:
     return tok
 
 
-def make_model(path: str | Path, *, arch: str = "llama", size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight ``arch`` model of ``size`` with a trained tokenizer to ``path``; return it."""
+def make_model(
+    path: str | Path, *, arch: str = "llama", size: str = "tiny", seed: int = 0, draw_on: str = "cpu"
+) -> Path:
+    """Write a random-weight ``arch`` model of ``size`` with a trained tokenizer to ``path``; return it.
+
+    ``draw_on="cuda"`` draws the random weights on the GPU (the same seed gives other weights than on the CPU): an
+    8B's 8e9 draws take ~45 s of one CPU core and well under a second there, which a fresh GPU machine with a
+    30-minute budget feels (scripts/gpu-plan). Only a caller with no other use for a CUDA context should ask."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -138,7 +144,7 @@ def make_model(path: str | Path, *, arch: str = "llama", size: str = "tiny", see
         meta_model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
         shapes = {name: tuple(p.shape) for name, p in meta_model.state_dict().items()}
     dtype = getattr(torch, s.dtype)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=draw_on).manual_seed(seed)
     shard: dict[str, torch.Tensor] = {}
     shard_bytes, index, n = 0, {}, 0
     limit = 2 * 1024**3
@@ -146,8 +152,8 @@ def make_model(path: str | Path, *, arch: str = "llama", size: str = "tiny", see
         if len(shape) == 1:  # norms
             t = torch.ones(shape, dtype=dtype)
         else:  # large enough that greedy decoding does not collapse to one token
-            t = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.08 if size == "tiny" else 0.02, generator=gen)
-            t = t.to(dtype)
+            t = torch.empty(shape, dtype=torch.float32, device=draw_on)
+            t = t.normal_(0.0, 0.08 if size == "tiny" else 0.02, generator=gen).to(dtype).cpu()
         nbytes = t.numel() * t.element_size()
         if shard and shard_bytes + nbytes > limit:
             n += 1
@@ -172,13 +178,13 @@ def _total_bytes(shapes: dict[str, tuple[int, ...]], dtype: Any) -> int:
     return int(sum(math.prod(s) for s in shapes.values()) * dtype.itemsize)
 
 
-def make_model_once(path: str | Path, *, size: str, seed: int = 0) -> bool:
+def make_model_once(path: str | Path, *, size: str, seed: int = 0, draw_on: str = "cpu") -> bool:
     """Make ``path`` with :func:`make_model` unless a complete one is there already (a ``DONE`` marker, written
     last, so that a run killed while writing weights makes it again); True if it was made now. Benchmarks keep
     their random model this way between runs (``--model-cache``, ``.models/`` on the GPU machine)."""
     path = Path(path)
     if (path / "DONE").is_file():
         return False
-    make_model(path, size=size, seed=seed)
+    make_model(path, size=size, seed=seed, draw_on=draw_on)
     (path / "DONE").write_text("")
     return True
