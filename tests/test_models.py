@@ -40,3 +40,22 @@ def test_make_model_writes_a_loadable_model_with_a_trained_tokenizer(tmp_path: P
 def test_make_model_rejects_an_unknown_size(tmp_path: Path) -> None:
     out = _make_model(str(tmp_path / "m"), "--size", "huge")
     assert out.returncode == 2 and "huge" in out.stderr
+
+
+@pytest.mark.gpu
+def test_weights_drawn_on_the_gpu_are_the_same_model_on_the_cpu(tmp_path: Path) -> None:
+    """gpu-plan draws the 8B's weights on the GPU (draw_on='cuda'); what it writes is an ordinary CPU model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from elastikv.bench.models import make_model
+
+    on_gpu = make_model(tmp_path / "g", size="tiny", draw_on="cuda")
+    on_cpu = make_model(tmp_path / "c", size="tiny")
+    g, c = load_file(str(on_gpu / "model.safetensors")), load_file(str(on_cpu / "model.safetensors"))
+    assert g.keys() == c.keys()
+    for name, t in g.items():
+        assert t.device.type == "cpu" and t.dtype == c[name].dtype and t.shape == c[name].shape
+        if t.dim() > 1:  # drawn: another generator, so other values of the same spread
+            assert not torch.equal(t, c[name])
+            assert abs(t.float().std().item() - c[name].float().std().item()) < 0.01
