@@ -87,7 +87,9 @@ def test_the_benchmark_runs_both_modes_over_the_rates_and_a_split_sweep_merges(t
     (md,) = (tmp_path / "mixed").glob("multi-model-sweep-*.md")
     assert "| 30 | elastic-v2 |" in md.read_text() and "| 2 | elastic-v2 |" not in md.read_text()
     assert mixed["peak_p99_ttft_static_over_elastic"] == report["peak_p99_ttft_static_over_elastic"]
-    no_elastic = dict(report, plan=dict(report["plan"], modes=["static", "kvcached"]))
+    # A run whose elastic mode never ran (a partial report: stopped during elastic) cannot join.
+    runs = [dict(run, modes={m: f for m, f in run["modes"].items() if m != "elastic"}) for run in report["runs"]]
+    no_elastic = dict(report, runs=runs, partial={"why": "stopped", "done": ["static"], "left": ["elastic"]})
     (tmp_path / "no-elastic.json").write_text(json.dumps(no_elastic))
     with pytest.raises(ConfigError, match="without both static and elastic"):
         merge_reports([path, tmp_path / "no-elastic.json"])
@@ -390,3 +392,57 @@ def test_a_failed_modes_summary_keeps_each_engines_first_error_however_long_the_
     why = "EngineStartFailed: " + "".join(engine.format(i, first) for i in range(3)) + end
     short = failure_summary(why)
     assert short.count(first) == 1 and short.endswith(end) and len(short) < 800
+
+
+def test_a_run_stopped_by_a_signal_keeps_the_modes_it_finished(tmp_path: Path) -> None:
+    """On 2026-12-08 a device's time limit ended a vLLM run during its fourth mode and the three modes it had
+    finished were lost with it (the report was written only at the end). Each finished mode's figures are now saved
+    as they come, and a SIGTERM during a mode saves them once more, naming the mode it stopped, before exit 130."""
+    import signal
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "elastikv.cli", "bench", "multi-model", "--models", "1", "--rates", "4",
+           "--duration", "3", "--peak-width", "1", "--modes", "static,elastic", "--out", str(out),
+           "--model-cache", str(tmp_path / "models")]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the static figures in the log at once; then elastic's trace is sent
+            seen.append(line)
+            if line.startswith("elastic: rate 4"):
+                (partial,) = out.glob("multi-model-*.json")  # saved after static, before elastic started
+                assert json.loads(partial.read_text())["partial"]["left"] == ["elastic"]
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    log = "".join(seen) + rest
+    assert proc.returncode == 130, log[-3000:]
+    assert any(line.startswith("static, rate 4: ") and " completed, TTFT mean " in line for line in seen), log
+    report = json.loads(next(out.glob("multi-model-*.json")).read_text())
+    assert report["partial"] == {"why": "stopped by a signal during elastic", "done": ["static"], "left": ["elastic"]}
+    (run,) = report["runs"]
+    assert list(run["modes"]) == ["static"] and run["modes"]["static"]["all"]["completed"] == run["requests"] > 0
+    md = next(out.glob("multi-model-*.md")).read_text()
+    assert "**partial report** (stopped by a signal during elastic): modes done static; left elastic" in md
+    assert not list(out.glob("multi-model-*.png")), "the PNG comes with the whole report only"
+
+
+def test_a_report_so_far_that_cannot_be_saved_does_not_stop_the_run() -> None:
+    """The copy kept after each mode is a safeguard: a fault in it (here a full disk) is printed, not raised."""
+    from rich.console import Console
+
+    from elastikv.bench.multi_model import _save_partial
+
+    def full_disk(report: dict[str, Any]) -> None:
+        raise OSError(28, "No space left on device")
+
+    console = Console(record=True, width=200)
+    _save_partial(full_disk, lambda why: {"partial": {"why": why}}, "running", console)
+    assert "the report so far was not saved: OSError: [Errno 28] No space left on device" in console.export_text()
+    saved: list[dict[str, Any]] = []
+    _save_partial(saved.append, lambda why: {"partial": {"why": why}}, "running", console)
+    assert saved == [{"partial": {"why": "running"}}]

@@ -32,12 +32,13 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
             diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
             raise ConfigError(f"{p}: another plan or device than {paths[0]} ({', '.join(diff) or 'device'}); "
                               "merge runs of one plan only")  # fmt: skip
-    for p, r in zip(paths, reports, strict=True):
-        if not {"static", "elastic"} <= set(r["plan"].get("modes", ("static", "elastic"))):
+    for p, r in zip(paths, reports, strict=True):  # a partial report (a run cut short) joins if both ran
+        if not all({"static", "elastic"} <= set(run["modes"]) for run in r["runs"]):
             raise ConfigError(f"{p}: a run without both static and elastic modes cannot join a sweep (its headline "
                               "figures compare them)")  # fmt: skip
     merged = dict(first)
     merged["runs"] = [run for r in reports for run in r["runs"]]
+    merged.pop("partial", None)  # each run says which modes it has
     modes = list(dict.fromkeys(m for r in reports for m in r["plan"].get("modes", ("static", "elastic"))))
     merged["plan"] = dict(first["plan"], rates=sorted(run["rate"] for run in merged["runs"]), modes=modes)
     merged["merged_from"] = [{"file": Path(p).name, "date": r["date"], "commit": r["commit"], "command": r["command"]}

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ from elastikv.bench.modes import mode_setup, model_dirs
 from elastikv.bench.plan import BenchPlan
 from elastikv.bench.replay import Replayed, replay_through_router
 from elastikv.bench.report import failure_summary, plot, print_report, results_stem, save
-from elastikv.bench.results import RunResult
+from elastikv.bench.results import ModeResult, RunResult
 from elastikv.bench.stats import summarize
 from elastikv.bench.workload import (
     STALL_S,
@@ -53,14 +55,24 @@ from elastikv.bench.workload import (
     save_trace,
 )
 from elastikv.config import format_bytes
-from elastikv.errors import ConfigError, EngineDied, EngineStartFailed
+from elastikv.errors import ConfigError, EngineDied, EngineStartFailed, Interrupted
 from elastikv.serving.kv_size import kv_bytes_per_token
 
 
 def run_bench(
-    plan: BenchPlan, *, png: Path, console: Console | None = None, model_cache: Path | None = None
+    plan: BenchPlan,
+    *,
+    png: Path,
+    console: Console | None = None,
+    model_cache: Path | None = None,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run every mode over the sweep; return the report (JSON-ready) and write the PNG to ``png``."""
+    """Run every mode over the sweep; return the report (JSON-ready) and write the PNG to ``png``.
+
+    ``checkpoint`` is given the report of the modes done so far (``partial`` says which are left) after each mode
+    but the last, and once more if a signal stops the run (then :class:`Interrupted` is raised again): a run cut
+    short by a device's time limit keeps what its finished modes measured (on 2026-12-08 one lost three modes'
+    figures to a kill during its fourth)."""
     console = console or Console()
     work = Path(tempfile.mkdtemp(prefix="elastikv-bench-"))
     device = _device_label()
@@ -102,6 +114,8 @@ def run_bench(
             console.print(f"{mode}: rate {rates[i]} req/s at the peak, {len(traces[i])} requests")
 
         setup = mode_setup(mode, plan, paths, work, traces, third_tokens, per_token)
+        partial = functools.partial(_partial, plan, device, rates, traces, results, states, failed, third_tokens,
+                                    per_token)  # fmt: skip
         try:
             results[mode], states[mode] = asyncio.run(
                 replay_through_router(
@@ -116,6 +130,9 @@ def run_bench(
                     stall_s=STALL_S,  # engines are up before the trace: two minutes without a token is a stall
                 )
             )
+        except Interrupted:
+            _save_partial(checkpoint, partial, f"stopped by a signal during {mode}", console)
+            raise
         except (EngineStartFailed, EngineDied, OSError, TimeoutError, ConfigError) as exc:
             # A mode that fails is a result, not the end of the run: every request of it counts as failed, with why.
             reason = f"{type(exc).__name__}: {exc}"
@@ -125,10 +142,15 @@ def run_bench(
                              for t in traces]  # fmt: skip
             states[mode] = {}
         console.print(f"{mode}: done in {time.monotonic() - t0:.0f} s")
-    runs = [RunResult.of(rate, traces[i], {m: results[m][i] for m in plan.modes}, plan.models)
-            for i, rate in enumerate(rates)]  # fmt: skip
-    report = _report(plan, device, runs, states, third_tokens, per_token)
-    report["failed_modes"] = failed
+        for rate, replayed in zip(rates, results[mode], strict=True):  # the figures in the log as soon as they exist
+            s = ModeResult.of(replayed, plan.models).all
+            ms = {k: f"{s[k] * 1e3:.0f}" for k in ("ttft_mean", "ttft_p50", "ttft_p99", "tpot_mean")}
+            console.print(f"{mode}, rate {rate:g}: {s['completed']}/{s['requests']} completed, TTFT mean "
+                          f"{ms['ttft_mean']} ms, p50 {ms['ttft_p50']}, p99 {ms['ttft_p99']}, TPOT mean "
+                          f"{ms['tpot_mean']} ms")  # fmt: skip
+        if len(results) < len(plan.modes):
+            _save_partial(checkpoint, partial, "running", console)
+    report = _partial(plan, device, rates, traces, results, states, failed, third_tokens, per_token, "")
     print_report(console, report)
     plot(png, report)
     report["png"] = str(png)
@@ -137,10 +159,52 @@ def run_bench(
 
 def run_and_save(plan: BenchPlan, out: Path, *, model_cache: Path | None = None) -> dict[str, Any]:
     """Run the benchmark and write ``multi-model-<device>-<time>.{json,md,png}`` under ``out`` (and under
-    ``$OUT/results`` when the device tool runs it)."""
+    ``$OUT/results`` when the device tool runs it); after each mode, the JSON and Markdown of the modes done."""
     stem = results_stem(out, _device_label())
-    report = run_bench(plan, png=stem.with_suffix(".png"), model_cache=model_cache)
+    report = run_bench(
+        plan, png=stem.with_suffix(".png"), model_cache=model_cache, checkpoint=lambda part: save(stem, part)
+    )
     save(stem, report)
+    return report
+
+
+def _save_partial(
+    checkpoint: Callable[[dict[str, Any]], None] | None,
+    partial: Callable[[str], dict[str, Any]],
+    why: str,
+    console: Console,
+) -> None:
+    """Give ``checkpoint`` the report so far. A copy kept in case the run is cut short must never be what cuts it
+    short: whatever goes wrong in it is printed, and the run goes on (the whole report is written at the end)."""
+    if checkpoint is None:
+        return
+    try:
+        checkpoint(partial(why))
+    except Exception as exc:  # any: see the docstring
+        console.print(f"[yellow]the report so far was not saved[/]: {type(exc).__name__}: {exc}")
+
+
+def _partial(
+    plan: BenchPlan,
+    device: str,
+    rates: tuple[float, ...],
+    traces: list[list[Arrival]],
+    results: dict[str, list[Replayed]],
+    states: dict[str, Any],
+    failed: dict[str, str],
+    third_tokens: int,
+    per_token: int,
+    why: str,
+) -> dict[str, Any]:
+    """The report of the modes in ``results`` (all of them: the final report; fewer: ``partial`` says why and
+    which are left, and the headline figures wait for static and elastic both)."""
+    done = tuple(m for m in plan.modes if m in results)
+    runs = [RunResult.of(rate, traces[i], {m: results[m][i] for m in done}, plan.models)
+            for i, rate in enumerate(rates)]  # fmt: skip
+    report = _report(plan, device, runs, states, third_tokens, per_token)  # the plan asked for; runs say what ran
+    report["failed_modes"] = failed
+    if len(done) < len(plan.modes):
+        report["partial"] = {"why": why, "done": list(done), "left": [m for m in plan.modes if m not in done]}
     return report
 
 
@@ -184,7 +248,8 @@ def _report(
         "runs": [run.as_json() for run in runs],
         "models": states,
     }
-    return summarize(report)
+    ran = {m for run in runs for m in run.modes}
+    return summarize(report) if {"static", "elastic"} <= ran else report  # partial: the headline needs both
 
 
 def _why(plan: BenchPlan) -> str:

@@ -22,7 +22,7 @@ MiB, GiB = 1024**2, 1024**3
 def comparisons(modes: tuple[str, ...]) -> list[tuple[str, str]]:
     """(mode, baseline) pairs reported as ratios: every other mode over static, and elastic modes (their variants
     too, ``variants.py``) over kvcached."""
-    pairs = [(m, "static") for m in modes if m != "static"]
+    pairs = [(m, "static") for m in modes if m != "static"] if "static" in modes else []  # (a partial run's)
     if "kvcached" in modes:
         pairs += [(m, "kvcached") for m in modes if base_mode(m).startswith("elastic")]
     return pairs

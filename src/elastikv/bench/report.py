@@ -136,8 +136,29 @@ def markdown(report: dict[str, Any]) -> str:
             r = run[key]
             lines.append(f"| {run['rate']:g} | {mode} / {base} | {r['ttft_mean']:.3f} | {r['ttft_p50']:.3f} | "
                          f"{r['ttft_p99']:.3f} | {r['tpot_mean']:.3f} |")  # fmt: skip
-    lines += [
-        "",
+    lines += ["", *_headline(report), *(f"- **{mode} failed**: {failure_summary(why)}"
+                                         for mode, why in report.get("failed_modes", {}).items()),
+              *(f"- {line}" for line in request_failures(report)), "", "Per model:", "",
+              "| peak rate | model | mode | completed | TTFT mean (ms) | p99 | KV peak |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for run in report["runs"]:
+        for name in p["models"]:
+            for mode in run_modes(report, run):
+                m = run["modes"][mode]
+                s = m["models"][name]
+                lines.append(f"| {run['rate']:g} | {name} | {mode} | {s['completed']}/{s['requests']} | "
+                             f"{_ms(s['ttft_mean'])} | {_ms(s['ttft_p99'])} | "
+                             f"{format_bytes(m['peak_kv_bytes_per_model'][name])} |")  # fmt: skip
+    return "\n".join([*lines, *_engine_tables(report)]) + "\n"
+
+
+def _headline(report: dict[str, Any]) -> list[str]:
+    """The headline figures' lines; for a partial report (modes left to run), which those are instead."""
+    if "partial" in report:
+        part = report["partial"]
+        done, left = ", ".join(part["done"]) or "none", ", ".join(part["left"])
+        return [f"- **partial report** ({part['why'] or 'running'}): modes done {done}; left {left}"]
+    return [
         f"- static queues from: {report['static_queues_from_rate']} req/s ({report['queueing_rule']})",
         f"- best peak rate ({report['best_peak_rate']:g} req/s): static p99 TTFT / elastic p99 TTFT = "
         f"**{report['peak_p99_ttft_static_over_elastic']:.2f}** (target >= 5)",
@@ -158,24 +179,14 @@ def markdown(report: dict[str, Any]) -> str:
             if "peak_p99_ttft_kvcached_over_elastic" in report
             else []
         ),
-        *(f"- **{mode} failed**: {failure_summary(why)}" for mode, why in report.get("failed_modes", {}).items()),
-        *(f"- {line}" for line in request_failures(report)),
-        "",
-        "Per model:",
-        "",
-        "| peak rate | model | mode | completed | TTFT mean (ms) | p99 | KV peak |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for run in report["runs"]:
-        for name in p["models"]:
-            for mode in run_modes(report, run):
-                m = run["modes"][mode]
-                s = m["models"][name]
-                lines.append(f"| {run['rate']:g} | {name} | {mode} | {s['completed']}/{s['requests']} | "
-                             f"{_ms(s['ttft_mean'])} | {_ms(s['ttft_p99'])} | "
-                             f"{format_bytes(m['peak_kv_bytes_per_model'][name])} |")  # fmt: skip
+
+
+def _engine_tables(report: dict[str, Any]) -> list[str]:
+    """The elastic engines' driver time and vLLM's own counts, where the report has them."""
+    lines: list[str] = []
     driver = [(run["rate"], name, f) for run in report["runs"]
-              for name, f in run["modes"]["elastic"].get("engine_metrics", {}).items() if f]  # fmt: skip
+              for name, f in run["modes"].get("elastic", {}).get("engine_metrics", {}).items() if f]  # fmt: skip
     if driver:
         lines += ["", "Elastic engines' allocators in the driver (cumulative since the engine started, seconds):", "",
                   "| after rate | model | caller map | background map | unmap | pages mapped (by caller) |",
@@ -195,7 +206,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|"]  # fmt: skip
         lines += [f"| {rate:g} | {mode} | {name} | {c['requests']:.0f} | {_ms(c['queue_s'])} | {_ms(c['prefill_s'])} | "
                   f"{c['preemptions']:.0f} |" for rate, mode, name, c in counted]  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(path: Path, report: dict[str, Any]) -> None:
@@ -285,9 +296,10 @@ def save(stem: Path, report: dict[str, Any]) -> None:
     ``$OUT/results`` when the device tool runs it."""
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
+    written = [suffix for suffix in (".json", ".md", ".png") if stem.with_suffix(suffix).exists()]  # partial: no PNG
     if os.environ.get("OUT"):
         dest = Path(os.environ["OUT"], "results")
         dest.mkdir(parents=True, exist_ok=True)
-        for suffix in (".json", ".md", ".png"):
+        for suffix in written:
             shutil.copy(stem.with_suffix(suffix), dest)
-    Console().print(f"wrote {stem}.json, .md and .png")
+    Console().print(f"wrote {stem}{', '.join(written)}" + (" (partial)" if "partial" in report else ""))
