@@ -114,8 +114,8 @@ def run_bench(
             console.print(f"{mode}: rate {rates[i]} req/s at the peak, {len(traces[i])} requests")
 
         setup = mode_setup(mode, plan, paths, work, traces, third_tokens, per_token)
-        partial = functools.partial(_partial, plan, device, rates, traces, results, states, failed, third_tokens,
-                                    per_token)  # fmt: skip
+        so_far = functools.partial(_report_so_far, plan, device, rates, traces, results, states, failed, third_tokens,
+                                   per_token)  # fmt: skip
         try:
             results[mode], states[mode] = asyncio.run(
                 replay_through_router(
@@ -131,7 +131,7 @@ def run_bench(
                 )
             )
         except Interrupted:
-            _save_partial(checkpoint, partial, f"stopped by a signal during {mode}", console)
+            _save_partial(checkpoint, so_far, f"stopped by a signal during {mode}", console)
             raise
         except (EngineStartFailed, EngineDied, OSError, TimeoutError, ConfigError) as exc:
             # A mode that fails is a result, not the end of the run: every request of it counts as failed, with why.
@@ -149,8 +149,8 @@ def run_bench(
                           f"{ms['ttft_mean']} ms, p50 {ms['ttft_p50']}, p99 {ms['ttft_p99']}, TPOT mean "
                           f"{ms['tpot_mean']} ms")  # fmt: skip
         if len(results) < len(plan.modes):
-            _save_partial(checkpoint, partial, "running", console)
-    report = _partial(plan, device, rates, traces, results, states, failed, third_tokens, per_token, "")
+            _save_partial(checkpoint, so_far, "running", console)
+    report = _report_so_far(plan, device, rates, traces, results, states, failed, third_tokens, per_token, "")
     print_report(console, report)
     plot(png, report)
     report["png"] = str(png)
@@ -170,7 +170,7 @@ def run_and_save(plan: BenchPlan, out: Path, *, model_cache: Path | None = None)
 
 def _save_partial(
     checkpoint: Callable[[dict[str, Any]], None] | None,
-    partial: Callable[[str], dict[str, Any]],
+    so_far: Callable[[str], dict[str, Any]],
     why: str,
     console: Console,
 ) -> None:
@@ -179,12 +179,12 @@ def _save_partial(
     if checkpoint is None:
         return
     try:
-        checkpoint(partial(why))
+        checkpoint(so_far(why))
     except Exception as exc:  # any: see the docstring
         console.print(f"[yellow]the report so far was not saved[/]: {type(exc).__name__}: {exc}")
 
 
-def _partial(
+def _report_so_far(
     plan: BenchPlan,
     device: str,
     rates: tuple[float, ...],
