@@ -150,7 +150,7 @@ def run_bench(
                           f"{ms['tpot_mean']} ms")  # fmt: skip
         if len(results) < len(plan.modes):
             _save_partial(checkpoint, so_far, "running", console)
-    report = _report_so_far(plan, device, rates, traces, results, states, failed, third_tokens, per_token, "")
+    report = _report_so_far(plan, device, rates, traces, results, states, failed, third_tokens, per_token)
     print_report(console, report)
     plot(png, report)
     report["png"] = str(png)
@@ -194,9 +194,9 @@ def _report_so_far(
     failed: dict[str, str],
     third_tokens: int,
     per_token: int,
-    why: str,
+    why: str = "",
 ) -> dict[str, Any]:
-    """The report of the modes in ``results`` (all of them: the final report; fewer: ``partial`` says why and
+    """The report of the modes in ``results`` (all of them: the final report; fewer: ``partial`` says ``why`` and
     which are left, and the headline figures wait for static and elastic both)."""
     done = tuple(m for m in plan.modes if m in results)
     runs = [RunResult.of(rate, traces[i], {m: results[m][i] for m in done}, plan.models)

@@ -157,7 +157,7 @@ def _headline(report: dict[str, Any]) -> list[str]:
     if "partial" in report:
         part = report["partial"]
         done, left = ", ".join(part["done"]) or "none", ", ".join(part["left"])
-        return [f"- **partial report** ({part['why'] or 'running'}): modes done {done}; left {left}"]
+        return [f"- **partial report** ({part['why']}): modes done {done}; left {left}"]
     return [
         f"- static queues from: {report['static_queues_from_rate']} req/s ({report['queueing_rule']})",
         f"- best peak rate ({report['best_peak_rate']:g} req/s): static p99 TTFT / elastic p99 TTFT = "
